@@ -1,0 +1,1159 @@
+#!/usr/bin/env python
+"""Scream: fine-tune Whisper on TPU pods (or one CPU) with JAX.
+
+One script, read top to bottom:
+  arguments -> data -> model -> checkpoints in and out -> sharding -> steps -> evaluation
+  -> checkpointing -> main.
+
+The same command runs unchanged on every host of a pod. Each host streams its own share of the
+data, decodes audio on its CPU cores and ships raw waveforms; log-mel features, the model, the
+loss and greedy decoding all run inside jitted, sharded functions on the devices. The Whisper
+model is our own Flax port and matches transformers' PyTorch `WhisperForConditionalGeneration`
+to float32 rounding; the trained model is exported in transformers' format.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import queue
+import re
+import signal
+import string
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# --- arguments ---
+
+
+class ConfigError(ValueError):
+    """A misconfiguration: main() prints it as one paragraph and exits with status 2."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local directory of a Whisper checkpoint to fine-tune."}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config (hub id or directory) to train from scratch; random init, seeded."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    feature_extractor_name: str | None = field(default=None, metadata={"help": "Feature extractor, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights stay float32)."})
+    scan_layers: bool = field(default=False, metadata={"help": "nn.scan over layers: much faster compiles for deep models."})
+    remat: str = field(default="none", metadata={"help": "Rematerialise layers: none, full, or dots (save matmul outputs)."})
+    dropout: float | None = field(default=None, metadata={"help": "Override the config's dropout."})
+    attention_dropout: float | None = field(default=None, metadata={"help": "Override the config's attention_dropout."})
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype {self.dtype!r} is not supported: use float32 or bfloat16.")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"--remat {self.remat!r} is not supported: use none, full or dots.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="demo_data/data",
+        metadata={"help": "Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset config name(s), comma-separated."})
+    dataset_probabilities: str | None = field(
+        default=None, metadata={"help": "Sampling probabilities when mixing datasets, e.g. 0.7,0.3."}
+    )
+    train_split_name: str = field(default="train", metadata={"help": "Training split; 'a+b' joins splits."})
+    eval_split_name: str = field(default="validation", metadata={"help": "Evaluation split; 'a+b' joins splits."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it first."})
+    audio_column_name: str = field(default="audio", metadata={"help": "Column holding the audio."})
+    text_column_name: str = field(default="text", metadata={"help": "Column holding the transcript."})
+    id_column_name: str = field(default="id", metadata={"help": "Column with example ids, logged with predictions if present."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (per epoch)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    language: str = field(default="no", metadata={"help": "Language code or name, e.g. no or norwegian."})
+    task: str = field(default="transcribe", metadata={"help": "transcribe or translate."})
+    do_lower_case: bool = field(default=False, metadata={"help": "Lower-case transcripts before tokenizing."})
+    do_remove_punctuation: bool = field(default=False, metadata={"help": "Strip punctuation from transcripts."})
+    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop clips shorter than this."})
+    max_duration_in_seconds: float = field(default=30.0, metadata={"help": "Drop clips longer than this."})
+    max_label_length: int = field(default=128, metadata={"help": "Label tokens per example; longer labels are dropped."})
+    shuffle_buffer_size: int = field(default=500, metadata={"help": "Examples in the shuffle buffer (0: no shuffling)."})
+    preprocessing_num_workers: int = field(default=4, metadata={"help": "Threads decoding audio on each host."})
+    prefetch_batches: int = field(default=4, metadata={"help": "Batches prepared ahead of the device."})
+    host_log_mel: bool = field(
+        default=False, metadata={"help": "Compute log-mel on the host with WhisperFeatureExtractor (for comparison)."}
+    )
+
+    def __post_init__(self):
+        if self.task not in ("transcribe", "translate"):
+            raise ConfigError(f"--task {self.task!r} is not supported: use transcribe or translate.")
+        if self.max_label_length < 1:
+            raise ConfigError("--max_label_length must be at least 1.")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="demo_output", metadata={"help": "Where checkpoints, logs and the model go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output dir without checkpoints."})
+    do_train: bool = field(default=False, metadata={"help": "Train."})
+    do_eval: bool = field(default=False, metadata={"help": "Evaluate every --eval_steps and at the end."})
+    train_batch_size: int | None = field(default=None, metadata={"help": "Global training batch, over all hosts."})
+    per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Hugging Face spelling: global batch = this x number of devices."}
+    )
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Global evaluation batch (default: training batch)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step, inside the step."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate at --lr_reference_batch_size."})
+    lr_scaling: str = field(default="none", metadata={"help": "Scale the LR with the batch: none, linear or sqrt."})
+    lr_reference_batch_size: int | None = field(
+        default=None, metadata={"help": "Global batch at which --learning_rate applies (needed with --lr_scaling)."}
+    )
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, constant or constant_with_warmup."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps."})
+    num_train_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (not on biases or LayerNorm)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: no clipping)."})
+    label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing."})
+    seed: int = field(default=0, metadata={"help": "Seed for init, dropout and shuffling."})
+    logging_steps: int = field(default=10, metadata={"help": "Write train metrics every this many steps."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every this many steps (default: at the end)."})
+    save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every this many steps (default: --eval_steps)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    resume_from_checkpoint: bool = field(default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."})
+    predict_with_generate: bool = field(default=False, metadata={"help": "Greedy-decode in eval and compute WER/CER."})
+    generation_max_length: int | None = field(default=None, metadata={"help": "New tokens per decode (default: max_label_length)."})
+    log_max_eval_predictions: int | None = field(default=None, metadata={"help": "Predictions written per eval (default: all)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, 'tensorboard,wandb' or none."})
+    wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity."})
+    run_name: str | None = field(default=None, metadata={"help": "Run name for logs (default: output_dir's name)."})
+    run_description: str | None = field(default=None, metadata={"help": "Free text stored with the run."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model after each eval and at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to push to."})
+    hub_private_repo: bool = field(default=True, metadata={"help": "Create the hub repository private."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
+    dry_run_topology: str | None = field(
+        default=None, metadata={"help": "With --dry_run: compile for a TPU slice (v4-8, v4-32, v4-64) from any machine."}
+    )
+
+    def __post_init__(self):
+        if self.lr_scheduler_type not in ("linear", "constant", "constant_with_warmup"):
+            raise ConfigError(
+                f"--lr_scheduler_type {self.lr_scheduler_type!r} is not supported: use linear, constant or constant_with_warmup."
+            )
+        if self.lr_scaling not in ("none", "linear", "sqrt"):
+            raise ConfigError(f"--lr_scaling {self.lr_scaling!r} is not supported: use none, linear or sqrt.")
+        if self.lr_scaling != "none" and not self.lr_reference_batch_size:
+            raise ConfigError("--lr_scaling needs --lr_reference_batch_size: the global batch that --learning_rate is for.")
+        if self.warmup_steps > self.num_train_steps:
+            raise ConfigError(f"--warmup_steps {self.warmup_steps} exceeds --num_train_steps {self.num_train_steps}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError("--gradient_accumulation_steps must be at least 1.")
+        if self.eval_steps is None:
+            self.eval_steps = self.num_train_steps
+        if self.save_steps is None:
+            self.save_steps = self.eval_steps
+        if self.run_name is None:
+            self.run_name = Path(self.output_dir).name
+
+
+@dataclass
+class DistributedArguments:
+    coordinator_address: str | None = field(
+        default=None, metadata={"help": "host:port of process 0, off TPU pods (TPU pods find it themselves)."}
+    )
+    num_processes: int | None = field(default=None, metadata={"help": "Number of processes, with --coordinator_address."})
+    process_id: int | None = field(default=None, metadata={"help": "This process's index, with --coordinator_address."})
+    fsdp_size: int = field(default=1, metadata={"help": "Devices that shard parameters and optimizer state (1: pure data parallel)."})
+    distributed_timeout_s: int = field(default=300, metadata={"help": "Give up when a peer process stops answering."})
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, DistributedArguments)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Flags to the four argument groups. Unknown flags are an argparse error (exit status 2)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ARGUMENT_GROUPS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def effective_learning_rate(args: TrainingArguments, global_batch_size: int) -> float:
+    """--learning_rate scaled from --lr_reference_batch_size to the actual global batch."""
+    if args.lr_scaling == "none":
+        return args.learning_rate
+    ratio = global_batch_size / args.lr_reference_batch_size
+    return args.learning_rate * (ratio if args.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits over hosts, devices and micro-batches."""
+
+    global_batch_size: int
+    per_host_batch_size: int
+    per_device_batch_size: int
+    micro_batch_size: int  # global examples in one accumulation micro-batch
+    eval_batch_size: int
+    per_host_eval_batch_size: int
+
+
+def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) -> BatchPlan:
+    """Derive and check the batch split; errors say which numbers to change."""
+    if args.train_batch_size is None and args.per_device_train_batch_size is None:
+        raise ConfigError("Set the global batch with --train_batch_size (or --per_device_train_batch_size).")
+    global_batch = args.train_batch_size or args.per_device_train_batch_size * num_devices
+    if args.train_batch_size and args.per_device_train_batch_size:
+        if args.per_device_train_batch_size * num_devices != args.train_batch_size:
+            raise ConfigError(
+                f"--train_batch_size {args.train_batch_size} != --per_device_train_batch_size "
+                f"{args.per_device_train_batch_size} x {num_devices} devices: set only one of them."
+            )
+    accumulation = args.gradient_accumulation_steps
+    if global_batch % (num_devices * accumulation):
+        raise ConfigError(
+            f"--train_batch_size {global_batch} must be divisible by {num_devices} devices x "
+            f"--gradient_accumulation_steps {accumulation} = {num_devices * accumulation}: "
+            f"use a multiple of {num_devices * accumulation} (e.g. {max(1, global_batch // (num_devices * accumulation)) * num_devices * accumulation})."
+        )
+    eval_batch = args.eval_batch_size or global_batch
+    if eval_batch % num_devices:
+        raise ConfigError(
+            f"--eval_batch_size {eval_batch} must be divisible by the {num_devices} devices: use a multiple of {num_devices}."
+        )
+    return BatchPlan(
+        global_batch_size=global_batch,
+        per_host_batch_size=global_batch // num_processes,
+        per_device_batch_size=global_batch // num_devices,
+        micro_batch_size=global_batch // accumulation,
+        eval_batch_size=eval_batch,
+        per_host_eval_batch_size=eval_batch // num_processes,
+    )
+
+
+# --- data ---
+# Hosts do only what needs a CPU: read rows, decode audio, resample, tokenize, pad to fixed
+# shapes. Log-mel features are computed on the device inside the jitted steps (see log_mel).
+
+SKIP_REASONS = (
+    "undecodable", "empty_audio", "non_finite_audio", "too_short", "too_long", "empty_text", "too_many_tokens",
+)
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """What turns a transcript into label tokens."""
+
+    do_lower_case: bool
+    do_remove_punctuation: bool
+    max_label_length: int
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    sampling_rate: int
+    n_samples: int  # fixed waveform length of a batch row: the feature extractor's chunk
+    min_duration_s: float
+    max_duration_s: float
+
+
+def decode_audio(audio: dict, sampling_rate: int) -> np.ndarray:
+    """Bytes or a path (as `Audio(decode=False)` yields them) -> mono float32 at `sampling_rate`."""
+    import soundfile
+    import soxr
+
+    source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
+    if source is None:
+        raise ValueError("audio has neither bytes nor path")
+    samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)  # downmix to mono
+    if rate != sampling_rate and len(samples):
+        samples = soxr.resample(samples, rate, sampling_rate).astype(np.float32)
+    return samples
+
+
+def normalise_transcript(text: str, settings: TextSettings) -> str:
+    if settings.do_lower_case:
+        text = text.lower()
+    if settings.do_remove_punctuation:
+        text = text.translate(str.maketrans("", "", string.punctuation))
+        text = " ".join(text.split())
+    return text.strip()
+
+
+def prepare_example(row: dict, *, audio_column: str, text_column: str, id_column: str, tokenizer,
+                    audio_settings: AudioSettings, text_settings: TextSettings):
+    """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data."""
+    try:
+        audio = decode_audio(row[audio_column], audio_settings.sampling_rate)
+    except Exception:  # any undecodable file is one counted skip, never a crash
+        return None, "undecodable"
+    if audio.size == 0:
+        return None, "empty_audio"
+    if not np.isfinite(audio).all():
+        return None, "non_finite_audio"
+    duration_s = audio.size / audio_settings.sampling_rate
+    if duration_s < audio_settings.min_duration_s:
+        return None, "too_short"
+    if duration_s > audio_settings.max_duration_s:
+        return None, "too_long"
+    text = normalise_transcript(row.get(text_column) or "", text_settings)
+    if not text:
+        return None, "empty_text"
+    # <|startoftranscript|><|lang|><|task|><|notimestamps|> text <|endoftext|>; the model reads all
+    # but the last token and predicts all but the first.
+    tokens = tokenizer(text).input_ids
+    if len(tokens) - 1 > text_settings.max_label_length:
+        return None, "too_many_tokens"
+    example_id = row.get(id_column)
+    return {"audio": audio[: audio_settings.n_samples], "tokens": np.asarray(tokens, np.int32),
+            "id": "" if example_id is None else str(example_id), "text": text}, None
+
+
+def collate(examples: list[dict], *, batch_size: int, n_samples: int, max_label_length: int,
+            pad_token_id: int) -> dict[str, np.ndarray]:
+    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are masked."""
+    audio = np.zeros((batch_size, n_samples), np.float32)
+    labels = np.full((batch_size, max_label_length), -100, np.int32)
+    decoder_input_ids = np.full((batch_size, max_label_length), pad_token_id, np.int32)
+    example_mask = np.zeros((batch_size,), np.int32)
+    for row, example in enumerate(examples):
+        audio[row, : len(example["audio"])] = example["audio"]
+        tokens = example["tokens"]
+        labels[row, : len(tokens) - 1] = tokens[1:]
+        decoder_input_ids[row, : len(tokens) - 1] = tokens[:-1]
+        example_mask[row] = 1
+    return {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids, "example_mask": example_mask}
+
+
+def split_names(spec: str) -> list[str]:
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def load_source(data_args: DataArguments, split: str, *, process_index: int, process_count: int,
+                seed: int, shuffle: bool, epoch: int, max_samples: int | None):
+    """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict."""
+    import datasets
+
+    names = split_names(data_args.dataset_name)
+    configs = split_names(data_args.dataset_config_name or "") or [None] * len(names)
+    if len(configs) != len(names):
+        raise ConfigError(f"--dataset_config_name has {len(configs)} entries for {len(names)} datasets in --dataset_name.")
+    sources = []
+    for name, config in zip(names, configs):
+        try:
+            source = datasets.load_dataset(name, config, split=split, streaming=True)
+        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise ConfigError(f"--dataset_name {name!r} could not be found ({error}). Give a hub id or a local directory.") from None
+        except ValueError as error:
+            if "split" in str(error).lower():
+                raise ConfigError(f"Split {split!r} not in --dataset_name {name!r}: {error}. Set --train_split_name / --eval_split_name.") from None
+            raise
+        columns = list(source.column_names or [])
+        for flag, column in (("--audio_column_name", data_args.audio_column_name),
+                             ("--text_column_name", data_args.text_column_name)):
+            if column not in columns:
+                raise ConfigError(f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}.")
+        source = source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
+        keep = [c for c in (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name) if c in columns]
+        sources.append(source.select_columns(keep))
+    if len(sources) > 1:
+        probabilities = [float(p) for p in split_names(data_args.dataset_probabilities or "")] or None
+        if probabilities and len(probabilities) != len(sources):
+            raise ConfigError(f"--dataset_probabilities has {len(probabilities)} values for {len(sources)} datasets.")
+        source = datasets.interleave_datasets(sources, probabilities=probabilities, seed=seed,
+                                              stopping_strategy="all_exhausted")
+    else:
+        source = sources[0]
+    if max_samples is not None:
+        source = source.take(max_samples)
+    if process_count > 1:
+        if source.num_shards % process_count:
+            warn(f"{split}: {source.num_shards} shards do not divide over {process_count} hosts, so every host "
+                 "reads all data and keeps 1 in {process_count} rows; reshard the dataset for faster loading.")
+        source = datasets.distributed.split_dataset_by_node(source, rank=process_index, world_size=process_count)
+    if shuffle and data_args.shuffle_buffer_size > 0:
+        source = source.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    source.set_epoch(epoch)
+    return source
+
+
+class SpeechBatches:
+    """This host's stream of fixed-shape batches with a state a checkpoint can store.
+
+    A reader thread pulls rows (remembering the source's state after each row), a thread pool
+    decodes them in order, and finished batches wait in a bounded queue. The state of a batch is
+    the source state after its last row, so a restored iterator continues with the next batch.
+    With a shuffle buffer, the buffer's contents are not in the state (datasets' limitation): after
+    a resume, the order continues from a freshly filled buffer.
+    """
+
+    def __init__(self, make_source, prepare, *, batch_size: int, collate_fn, repeat: bool, num_workers: int,
+                 prefetch_batches: int, state: dict | None = None):
+        self.make_source = make_source  # epoch -> IterableDataset
+        self.prepare = prepare
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.repeat = repeat
+        self.num_workers = max(1, num_workers)
+        self.prefetch_batches = max(1, prefetch_batches)
+        state = state or {}
+        self.epoch = state.get("epoch", 0)
+        self.source_state = state.get("source")
+        self.skipped = collections.Counter(state.get("skipped", {}))
+        self.examples_read = state.get("examples_read", 0)
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    def state_dict(self) -> dict:
+        """State after the last batch handed out (JSON-serialisable)."""
+        return {"epoch": self.epoch, "source": self.source_state, "skipped": dict(self.skipped),
+                "examples_read": self.examples_read}
+
+    def _rows(self):
+        """(row, epoch, source state after the row), epoch after epoch when repeating."""
+        epoch, state = self.epoch, self.source_state
+        while True:
+            source = self.make_source(epoch)
+            if state is not None:
+                source.load_state_dict(state)
+            produced = False
+            for row in source:
+                produced = True
+                yield row, epoch, source.state_dict()
+            if not self.repeat:
+                return
+            if not produced and state is None:
+                raise ConfigError("The training split is empty: check --dataset_name and --train_split_name.")
+            epoch, state = epoch + 1, None
+
+    def _produce(self):
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+                pending = collections.deque()
+                examples, skipped, batch_state = [], collections.Counter(), None
+                rows = self._rows()
+                exhausted = False
+                while not self._stop.is_set():
+                    while not exhausted and len(pending) < 2 * self.num_workers + self.batch_size:
+                        try:
+                            row, epoch, state = next(rows)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        pending.append((pool.submit(self.prepare, row), epoch, state))
+                    if not pending:
+                        break
+                    future, epoch, state = pending.popleft()
+                    example, reason = future.result()
+                    batch_state = (epoch, state)
+                    if reason:
+                        skipped[reason] += 1
+                    else:
+                        examples.append(example)
+                    if len(examples) == self.batch_size:
+                        self._put((examples, skipped, batch_state))
+                        examples, skipped = [], collections.Counter()
+                if examples or skipped:
+                    self._put((examples, skipped, batch_state))
+            self._put(None)
+        except BaseException as error:  # surfaced on the consuming thread
+            self._put(error)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        self._queue = queue.Queue(maxsize=self.prefetch_batches)
+        self._stop.clear()
+        thread = threading.Thread(target=self._produce, daemon=True, name="speech-batches")
+        thread.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                examples, skipped, (epoch, state) = item
+                self.skipped.update(skipped)
+                self.epoch, self.source_state = epoch, state
+                self.examples_read += len(examples) + sum(skipped.values())
+                if examples:
+                    yield self.collate_fn(examples), examples
+        finally:
+            self._stop.set()
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
+    """Whisper's log-mel spectrogram on the device: (batch, samples) -> (batch, n_mels, samples // hop).
+
+    The same arithmetic as transformers' WhisperFeatureExtractor: centred STFT with reflect
+    padding and a periodic Hann window, power spectrum, slaney mel filters, log10 clamped at
+    1e-10, the last frame dropped, floor at (max - 8) per example, then (x + 4) / 4.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+    num_frames = 1 + (padded.shape[1] - n_fft) // hop_length
+    frame_starts = jnp.arange(num_frames)[:, None] * hop_length
+    window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n_fft) / n_fft)  # periodic Hann
+    frames = padded[:, frame_starts + jnp.arange(n_fft)[None, :]] * window  # (B, frames, n_fft)
+    power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2  # (B, frames, n_fft // 2 + 1)
+    mel = jnp.matmul(power, mel_filters, precision=jax.lax.Precision.HIGHEST)  # (B, frames, n_mels)
+    log_spec = jnp.log10(jnp.maximum(mel, 1e-10))[:, :-1]
+    log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
+    return ((log_spec + 4.0) / 4.0).transpose(0, 2, 1)
+
+
+# --- model ---
+# Whisper in flax.linen, parameter for parameter the same model as transformers'
+# WhisperForConditionalGeneration (pre-LayerNorm blocks, eps 1e-5, exact-erf GELU, k_proj without
+# bias, queries scaled by head_dim**-0.5, output projection tied to the token embedding).
+# Parameters stay float32; `dtype` is the compute dtype; logits and the loss are float32.
+
+import jax  # noqa: E402  (the data section above must import without JAX for worker processes)
+import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import optax  # noqa: E402
+
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which transformers' Whisper uses
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    """The parts of a WhisperConfig the model reads (hashable, so it can be a module field)."""
+
+    vocab_size: int
+    num_mel_bins: int
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_layers: int
+    decoder_attention_heads: int
+    decoder_ffn_dim: int
+    max_source_positions: int
+    max_target_positions: int
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, config) -> "WhisperDims":
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(config, name) for name in names})
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's fixed encoder positions (as transformers computes them, in float32)."""
+    log_timescale_increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-log_timescale_increment * np.arange(channels // 2, dtype=np.float32))
+    scaled_time = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+    return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
+
+
+def attention(query, key, value, *, mask=None, is_causal=False, dropout_rate=0.0, dropout_rng=None):
+    """Scaled dot-product attention over (batch, time, heads, head_dim).
+
+    Goes through jax.nn.dot_product_attention (fused kernels on GPU/TPU) unless attention dropout
+    is active, which that API does not offer.
+    """
+    scale = query.shape[-1] ** -0.5
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=is_causal)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+    if is_causal:
+        causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with transformers' projection names; methods for cached decoding."""
+
+    d_model: int
+    num_heads: int
+    dropout_rate: float
+    init_std: float
+    dtype: Any
+    deterministic: bool
+
+    def setup(self):
+        dense = functools.partial(nn.Dense, self.d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                                  kernel_init=nn.initializers.normal(self.init_std))
+        self.q_proj = dense()
+        self.k_proj = dense(use_bias=False)
+        self.v_proj = dense()
+        self.out_proj = dense()
+
+    def heads(self, x):  # (B, T, d_model) -> (B, T, heads, head_dim)
+        return x.reshape(x.shape[:2] + (self.num_heads, self.d_model // self.num_heads))
+
+    def query(self, x):
+        return self.heads(self.q_proj(x))
+
+    def key_value(self, x):
+        return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+
+    def attend(self, query, key, value, *, mask=None, is_causal=False):
+        rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
+        out = attention(query, key, value, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate, dropout_rng=rng)
+        return self.out_proj(out.reshape(out.shape[:2] + (self.d_model,)))
+
+    def __call__(self, x, source=None, *, is_causal=False):
+        key, value = self.key_value(x if source is None else source)
+        return self.attend(self.query(x), key, value, is_causal=is_causal)
+
+
+def feed_forward(x, ffn_dim: int, dims: WhisperDims, dtype, deterministic: bool):
+    """fc1 -> activation -> dropout -> fc2, as submodules of the calling layer (transformers' names)."""
+    dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32,
+                              kernel_init=nn.initializers.normal(dims.init_std))
+    x = ACTIVATIONS[dims.activation_function](dense(ffn_dim, name="fc1")(x))
+    x = nn.Dropout(dims.activation_dropout)(x, deterministic=deterministic)
+    return dense(dims.d_model, name="fc2")(x)
+
+
+def layer_norm(name: str, dtype):
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class EncoderLayer(nn.Module):
+    dims: WhisperDims
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, hidden, _unused=None):  # (B, S, d) -> (B, S, d); scan-shaped signature
+        d = self.dims
+        drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
+        attn = Attention(d.d_model, d.encoder_attention_heads, d.attention_dropout, d.init_std, self.dtype,
+                         self.deterministic, name="self_attn")
+        hidden = hidden + drop(attn(layer_norm("self_attn_layer_norm", self.dtype)(hidden)))
+        x = layer_norm("final_layer_norm", self.dtype)(hidden)
+        hidden = hidden + drop(feed_forward(x, d.encoder_ffn_dim, d, self.dtype, self.deterministic))
+        return hidden, None
+
+
+class DecoderLayer(nn.Module):
+    """A decoder block. With `cache` (this layer's keys/values), it decodes incrementally:
+    new keys/values are written at `position`; cross-attention keys/values are computed when
+    `encoder_hidden` is given (the prompt step) and read from the cache otherwise."""
+
+    dims: WhisperDims
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, hidden, encoder_hidden, cache, position):
+        d = self.dims
+        drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
+        attention_args = (d.d_model, d.decoder_attention_heads, d.attention_dropout, d.init_std, self.dtype, self.deterministic)
+        self_attn = Attention(*attention_args, name="self_attn")
+        cross_attn = Attention(*attention_args, name="encoder_attn")
+
+        x = layer_norm("self_attn_layer_norm", self.dtype)(hidden)
+        query, key, value = self_attn.query(x), *self_attn.key_value(x)
+        if cache is None:
+            out = self_attn.attend(query, key, value, is_causal=True)
+        else:
+            key = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], key.astype(cache["self_k"].dtype), position, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], value.astype(cache["self_v"].dtype), position, axis=1)
+            query_positions = position + jnp.arange(x.shape[1])
+            visible = jnp.arange(key.shape[1])[None, :] <= query_positions[:, None]  # (T_new, T_cache)
+            out = self_attn.attend(query, key, value, mask=visible[None, None])
+        hidden = hidden + drop(out)
+
+        x = layer_norm("encoder_attn_layer_norm", self.dtype)(hidden)
+        if encoder_hidden is not None:
+            cross_key, cross_value = cross_attn.key_value(encoder_hidden)
+        else:
+            cross_key, cross_value = cache["cross_k"], cache["cross_v"]
+        hidden = hidden + drop(cross_attn.attend(cross_attn.query(x), cross_key, cross_value))
+
+        x = layer_norm("final_layer_norm", self.dtype)(hidden)
+        hidden = hidden + drop(feed_forward(x, d.decoder_ffn_dim, d, self.dtype, self.deterministic))
+        new_cache = None if cache is None else {"self_k": key, "self_v": value, "cross_k": cross_key, "cross_v": cross_value}
+        return hidden, new_cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_of_layers(layer_cls, *, num_layers: int, scan: bool, remat: str, in_axes, name: str, **kwargs):
+    """Layers named `layers_{i}`, or one `layers` scanned over a leading layer axis."""
+    if remat != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: None})
+        return [scanned(name=name, **kwargs)]
+    return [layer_cls(name=f"{name}_{i}", **kwargs) for i in range(num_layers)]
+
+
+class Encoder(nn.Module):
+    dims: WhisperDims
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_features, train: bool = False):  # (B, n_mels, 2S) -> (B, S, d)
+        d = self.dims
+        conv = functools.partial(nn.Conv, d.d_model, kernel_size=(3,), padding=((1, 1),), dtype=self.dtype,
+                                 param_dtype=jnp.float32, kernel_init=nn.initializers.normal(d.init_std))
+        gelu = ACTIVATIONS["gelu"]  # the stem always uses exact GELU, whatever the config says
+        x = input_features.transpose(0, 2, 1).astype(self.dtype)  # (B, 2S, n_mels)
+        x = gelu(conv(name="conv1")(x))
+        x = gelu(conv(strides=(2,), name="conv2")(x))  # (B, S, d)
+        embed_positions = nn.Embed(d.max_source_positions, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                                   embedding_init=lambda *_: jnp.asarray(sinusoids(d.max_source_positions, d.d_model)),
+                                   name="embed_positions")
+        x = x + jax.lax.stop_gradient(embed_positions(jnp.arange(d.max_source_positions)))  # fixed, not trained
+        x = nn.Dropout(d.dropout)(x, deterministic=not train)
+        layers = stack_of_layers(EncoderLayer, num_layers=d.encoder_layers, scan=self.scan_layers, remat=self.remat,
+                                 in_axes=(nn.broadcast,), name="layers", dims=d, dtype=self.dtype, deterministic=not train)
+        for layer in layers:
+            x, _ = layer(x, None)
+        return layer_norm("layer_norm", self.dtype)(x)
+
+
+class Decoder(nn.Module):
+    dims: WhisperDims
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, encoder_hidden, cache=None, position=0, train: bool = False):
+        """(B, T) ids -> (B, T, vocab) float32 logits, and the updated cache (or None)."""
+        d = self.dims
+        embed_tokens = nn.Embed(d.vocab_size, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                                embedding_init=nn.initializers.normal(d.init_std), name="embed_tokens")
+        embed_positions = nn.Embed(d.max_target_positions, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                                   embedding_init=nn.initializers.normal(d.init_std), name="embed_positions")
+        scale = math.sqrt(d.d_model) if d.scale_embedding else 1.0
+        positions = position + jnp.arange(input_ids.shape[1])
+        x = embed_tokens(input_ids) * scale + embed_positions(positions)[None]
+        x = nn.Dropout(d.dropout)(x, deterministic=not train)
+        layers = stack_of_layers(DecoderLayer, num_layers=d.decoder_layers, scan=self.scan_layers, remat=self.remat,
+                                 in_axes=(nn.broadcast, 0, nn.broadcast), name="layers", dims=d, dtype=self.dtype,
+                                 deterministic=not train)
+        if self.scan_layers:
+            x, new_cache = layers[0](x, encoder_hidden, cache, position)
+        else:
+            new_layer_caches = []
+            for i, layer in enumerate(layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, layer_cache = layer(x, encoder_hidden, layer_cache, position)
+                new_layer_caches.append(layer_cache)
+            new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layer_caches)
+        x = layer_norm("layer_norm", self.dtype)(x)
+        logits = embed_tokens.attend(x)  # tied output projection
+        return logits.astype(jnp.float32), new_cache
+
+
+class Whisper(nn.Module):
+    dims: WhisperDims
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def setup(self):
+        kwargs = dict(dims=self.dims, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat)
+        self.encoder = Encoder(**kwargs)
+        self.decoder = Decoder(**kwargs)
+
+    def __call__(self, input_features, decoder_input_ids, train: bool = False):
+        return self.decode(decoder_input_ids, self.encode(input_features, train=train), train=train)[0]
+
+    def encode(self, input_features, train: bool = False):
+        return self.encoder(input_features, train=train)
+
+    def decode(self, decoder_input_ids, encoder_hidden, cache=None, position=0, train: bool = False):
+        return self.decoder(decoder_input_ids, encoder_hidden, cache=cache, position=position, train=train)
+
+
+def build_model(config, *, dtype: str = "float32", scan_layers: bool = False, remat: str = "none") -> Whisper:
+    return Whisper(WhisperDims.from_config(config), dtype=jnp.dtype(dtype), scan_layers=scan_layers, remat=remat)
+
+
+def init_params(model: Whisper, rng):
+    """Random parameters as transformers initialises them (normal(init_std), zero biases)."""
+    d = model.dims
+    features = jnp.zeros((1, d.num_mel_bins, 2 * d.max_source_positions), jnp.float32)
+    return model.init({"params": rng}, features, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def empty_cache(dims: WhisperDims, batch_size: int, max_length: int, dtype) -> dict:
+    heads, head_dim = dims.decoder_attention_heads, dims.d_model // dims.decoder_attention_heads
+    self_shape = (dims.decoder_layers, batch_size, max_length, heads, head_dim)
+    cross_shape = (dims.decoder_layers, batch_size, dims.max_source_positions, heads, head_dim)
+    return {"self_k": jnp.zeros(self_shape, dtype), "self_v": jnp.zeros(self_shape, dtype),
+            "cross_k": jnp.zeros(cross_shape, dtype), "cross_v": jnp.zeros(cross_shape, dtype)}
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """Greedy decoding as transformers' generate(num_beams=1) does it for Whisper."""
+
+    prompt_ids: tuple[int, ...]  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+
+
+def generate(model: Whisper, params, input_features, settings: DecodingSettings):
+    """Greedy decoding with a key/value cache and static shapes (jit it with model and settings static).
+
+    Returns (B, len(prompt) + max_new_tokens) ids: the prompt, the generated tokens up to and
+    including <|endoftext|>, then pad. Stops early once every row has ended.
+    """
+    batch_size = input_features.shape[0]
+    prompt_length = len(settings.prompt_ids)
+    total_length = prompt_length + settings.max_new_tokens
+    if total_length > model.dims.max_target_positions:
+        raise ConfigError(f"prompt + --generation_max_length = {total_length} exceeds the model's "
+                          f"max_target_positions {model.dims.max_target_positions}.")
+    variables = {"params": params}
+    encoder_hidden = model.apply(variables, input_features, method=Whisper.encode)
+    cache = empty_cache(model.dims, batch_size, total_length, model.dtype)
+    prompt = jnp.broadcast_to(jnp.asarray(settings.prompt_ids, jnp.int32), (batch_size, prompt_length))
+    logits, cache = model.apply(variables, prompt, encoder_hidden, cache, 0, method=Whisper.decode)
+    tokens = jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt)
+    always = jnp.zeros(model.dims.vocab_size, bool).at[jnp.asarray(settings.suppress_tokens, jnp.int32)].set(
+        len(settings.suppress_tokens) > 0)
+    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(len(settings.begin_suppress_tokens) > 0)
+
+    def keep_going(carry):
+        _, _, _, position, done = carry
+        return (position < total_length) & ~done.all()
+
+    def step(carry):
+        tokens, cache, next_logits, position, done = carry
+        banned = jnp.where(position == prompt_length, at_begin, always)
+        next_token = jnp.argmax(jnp.where(banned, -jnp.inf, next_logits), axis=-1).astype(jnp.int32)
+        next_token = jnp.where(done, settings.pad_token_id, next_token)
+        done = done | (next_token == settings.eos_token_id)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], position, axis=1)
+        # The cache holds total_length positions; the last token's keys are never needed.
+        write_at = jnp.minimum(position, total_length - 1)
+        logits, cache = model.apply(variables, next_token[:, None], None, cache, write_at, method=Whisper.decode)
+        return tokens, cache, logits[:, -1], position + 1, done
+
+    carry = (tokens, cache, logits[:, -1], jnp.int32(prompt_length), jnp.zeros(batch_size, bool))
+    return jax.lax.while_loop(keep_going, step, carry)[0]
+
+
+# --- checkpoints in and out ---
+# Our parameter tree mirrors transformers' module names: `model.encoder.layers.3.fc1.weight` is
+# params["encoder"]["layers_3"]["fc1"]["kernel"] (transposed); with scan_layers the layers are
+# stacked under "layers" on a leading axis. proj_out is tied to the token embedding.
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "flax_model.msgpack")
+
+
+@dataclass
+class Pretrained:
+    """Everything a checkpoint directory holds. params is None when training from scratch."""
+
+    config: Any
+    params: dict | None
+    tokenizer: Any
+    feature_extractor: Any
+    generation_config: Any
+    source: str
+
+
+def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> Path:
+    """A local directory as is; a hub id through huggingface_hub (offline: from the local cache)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    import huggingface_hub
+
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.msgpack", "*.model"]
+    try:
+        directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=patterns))
+        if not any((directory / name).exists() for name in WEIGHT_FILES):  # old repos: PyTorch pickle only
+            directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir,
+                                                               allow_patterns=patterns + ["pytorch_model*.bin"]))
+    except Exception as error:
+        raise ConfigError(f"Model {name_or_path!r} is neither a local directory nor a reachable hub repository "
+                          f"({type(error).__name__}: {error}). Check --model_name_or_path / --config_name, the "
+                          "network, or HF_HUB_OFFLINE with a populated cache.") from None
+    return directory
+
+
+def read_torch_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    """PyTorch-named float32 numpy arrays from safetensors (single or sharded) or pytorch_model.bin."""
+    from safetensors import safe_open
+
+    def read_safetensors(path):
+        with safe_open(str(path), framework="flax") as f:  # the flax reader also understands bfloat16
+            return {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}
+
+    if (directory / "model.safetensors").exists():
+        return read_safetensors(directory / "model.safetensors")
+    if (directory / "model.safetensors.index.json").exists():
+        weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_safetensors(directory / shard))
+        return state
+    if (directory / "pytorch_model.bin").exists():
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError(f"{directory / 'pytorch_model.bin'} is a PyTorch pickle and reading it needs torch: "
+                              "pip install torch, or convert the checkpoint to safetensors.") from None
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {name: tensor.float().numpy() for name, tensor in state.items()}
+    raise ConfigError(f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}.")
+
+
+def torch_to_flax(state_dict: dict[str, np.ndarray]) -> dict:
+    """transformers' names and layouts -> our unstacked parameter tree."""
+    params: dict = {}
+    for name, weight in state_dict.items():
+        if name == "proj_out.weight":
+            continue  # tied to model.decoder.embed_tokens.weight
+        path = re.sub(r"\blayers\.(\d+)", r"layers_\1", name.removeprefix("model.")).split(".")
+        module, leaf = path[-2], path[-1]
+        if leaf == "weight":
+            if "layer_norm" in module:
+                leaf = "scale"
+            elif module.startswith("embed_"):
+                leaf = "embedding"
+            else:  # Linear (out, in) -> (in, out); Conv1d (out, in, k) -> (k, in, out)
+                leaf, weight = "kernel", weight.T if weight.ndim == 2 else weight.transpose(2, 1, 0)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf] = np.ascontiguousarray(weight)
+    return params
+
+
+def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
+    """Our unstacked parameter tree -> transformers' names and layouts (inverse of torch_to_flax)."""
+    state = {}
+    for path, weight in flatten_tree(params).items():
+        *modules, leaf = path
+        weight = np.asarray(weight, np.float32)
+        if leaf == "kernel":
+            weight = weight.T if weight.ndim == 2 else weight.transpose(2, 1, 0)
+        name = "model." + ".".join(modules + ["bias" if leaf == "bias" else "weight"])
+        state[re.sub(r"\blayers_(\d+)", r"layers.\1", name)] = np.ascontiguousarray(weight)
+    return state
+
+
+def read_old_flax_checkpoint(path: Path) -> dict:
+    """transformers-Flax's flax_model.msgpack (the 2023 Scream checkpoints) -> our unstacked tree."""
+    from flax.serialization import msgpack_restore
+
+    tree = msgpack_restore(path.read_bytes())
+    tree = tree.get("model", tree)
+
+    def convert(node):
+        if not isinstance(node, dict):
+            return np.asarray(node, np.float32)
+        out = {}
+        for key, value in node.items():
+            if key == "layers" and all(k.isdigit() for k in value):
+                out.update({f"layers_{k}": convert(v) for k, v in value.items()})
+            else:
+                out[key] = convert(value)
+        return out
+
+    return convert(tree)
+
+
+def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            flat.update(flatten_tree(dict(value), prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def unflatten_tree(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def stack_layers(params: dict, dims: WhisperDims) -> dict:
+    """layers_0..layers_{n-1} -> one `layers` subtree with a leading layer axis (for scan_layers)."""
+    out = {}
+    for part, num_layers in (("encoder", dims.encoder_layers), ("decoder", dims.decoder_layers)):
+        node = {k: v for k, v in params[part].items() if not k.startswith("layers_")}
+        node["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[part][f"layers_{i}"] for i in range(num_layers)])
+        out[part] = node
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of stack_layers; a tree without `layers` passes through."""
+    out = {}
+    for part, node in params.items():
+        node = dict(node)
+        if "layers" in node:
+            stacked = node.pop("layers")
+            num_layers = jax.tree.leaves(stacked)[0].shape[0]
+            for i in range(num_layers):
+                node[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+        out[part] = node
+    return out
+
+
+def check_parameter_tree(params: dict, expected: dict, source: str):
+    """Same names and shapes as the model's, or an error that lists the differences."""
+    got = {"/".join(k): np.shape(v) for k, v in flatten_tree(params).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in flatten_tree(expected).items()}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    mismatched = sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(got) & set(want) if got[k] != want[k])
+    if missing or unexpected or mismatched:
+        lines = [f"The weights in {source} do not fit the model config."]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                lines.append(f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise ConfigError("\n".join(lines))
+
+
+def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights: bool = True) -> Pretrained:
+    """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
+    config from a local directory or a hub id."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
+
+    directory = resolve_checkpoint_dir(name_or_path, cache_dir)
+    if not (directory / "config.json").exists():
+        raise ConfigError(f"{directory} has no config.json: is {name_or_path!r} a Whisper checkpoint?")
+    config = WhisperConfig.from_pretrained(directory)
+    params = None
+    if weights:
+        if (directory / "flax_model.msgpack").exists() and not any(
+                (directory / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
+            params = read_old_flax_checkpoint(directory / "flax_model.msgpack")
+        else:
+            params = torch_to_flax(read_torch_state_dict(directory))
+        model = build_model(config)
+        check_parameter_tree(params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory))
+    tokenizer = feature_extractor = generation_config = None
+    if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
+        tokenizer = WhisperTokenizer.from_pretrained(directory)
+    if (directory / "preprocessor_config.json").exists():
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
+    if (directory / "generation_config.json").exists():
+        generation_config = GenerationConfig.from_pretrained(directory)
+    return Pretrained(config, params, tokenizer, feature_extractor, generation_config, str(directory))
+
+
+def whisper_generation_config(tokenizer, config, language: str, task: str, base=None):
+    """A generation config that transformers' Whisper generate() and pipeline() accept as is."""
+    from transformers import GenerationConfig
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    vocab = tokenizer.get_vocab()
+    if not getattr(generation_config, "lang_to_id", None):
+        generation_config.lang_to_id = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
+    if not getattr(generation_config, "task_to_id", None):
+        generation_config.task_to_id = {t: vocab[f"<|{t}|>"] for t in ("transcribe", "translate")}
+    generation_config.no_timestamps_token_id = vocab["<|notimestamps|>"]
+    generation_config.is_multilingual = True
+    generation_config.decoder_start_token_id = config.decoder_start_token_id
+    generation_config.eos_token_id = config.eos_token_id
+    generation_config.pad_token_id = config.pad_token_id
+    generation_config.bos_token_id = config.bos_token_id
+    generation_config.max_length = config.max_target_positions
+    if getattr(generation_config, "begin_suppress_tokens", None) is None:
+        generation_config.begin_suppress_tokens = [vocab.get("Ġ", 220), config.eos_token_id]
+    generation_config.language = language_code(language)
+    generation_config.task = task
+    generation_config.forced_decoder_ids = None
+    generation_config._from_model_config = False  # otherwise transformers rebuilds it and loses lang_to_id
+    return generation_config
+
+
+def language_code(language: str) -> str:
+    """'no', 'norwegian' or '<|no|>' -> 'no'; anything else is a clear error."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    key = language.strip().lower().removeprefix("<|").removesuffix("|>")
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise ConfigError(f"--language {language!r} is not a Whisper language; use a code like 'no' or a name like "
+                      f"'norwegian' (known codes: {', '.join(sorted(LANGUAGES))}).")
+
+
+def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
+    """Write a directory that transformers' from_pretrained and pipeline() load unchanged."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    state = flax_to_torch(unstack_layers(host_params))
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    feature_extractor.save_pretrained(out_dir)
+    return out_dir

@@ -1157,3 +1157,831 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
     tokenizer.save_pretrained(out_dir)
     feature_extractor.save_pretrained(out_dir)
     return out_dir
+
+
+# --- sharding ---
+# One mesh: ("data", "fsdp"). Batches split over both axes; parameters and optimizer state are
+# sharded over "fsdp" along their largest divisible dimension (never the scanned layer axis),
+# replicated over "data". fsdp_size 1 is plain data parallelism. No pmap.
+
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp_size: int, devices=None):
+    devices = list(devices if devices is not None else jax.devices())
+    if fsdp_size < 1 or len(devices) % fsdp_size:
+        raise ConfigError(f"--fsdp_size {fsdp_size} must divide the {len(devices)} devices: use one of "
+                          f"{[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}.")
+    return jax.make_mesh((len(devices) // fsdp_size, fsdp_size), ("data", "fsdp"),
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, *, stacked: bool) -> P:
+    """Shard the largest dimension divisible by fsdp_size; replicate when none is."""
+    first = 1 if stacked else 0  # a scanned layer axis stays whole: scan slices it every iteration
+    candidates = [axis for axis in range(first, len(shape)) if shape[axis] % fsdp_size == 0]
+    if fsdp_size == 1 or not candidates:
+        return P()
+    axis = max(candidates, key=lambda a: shape[a])
+    return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+
+
+def state_shardings(abstract_tree, mesh):
+    """NamedShardings for parameters, optimizer state (same rule, so moments follow their
+    parameters) and scalars."""
+    fsdp_size = mesh.shape["fsdp"]
+
+    def leaf_sharding(path, leaf):
+        stacked = any(getattr(key, "key", None) == "layers" for key in path)
+        return NamedSharding(mesh, fsdp_partition_spec(tuple(leaf.shape), fsdp_size, stacked=stacked))
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def to_global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict:
+    """Each host's rows -> global arrays split over the mesh (host i's rows follow host i-1's)."""
+    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in host_batch.items()}
+
+
+# --- steps ---
+
+from flax import struct  # noqa: E402
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; each step folds in its step number
+
+
+def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_train_steps: int, kind: str):
+    """linear: 0 -> peak over warmup, then linear to 0 at num_train_steps. constant: peak from step 0.
+    constant_with_warmup: the warmup, then peak."""
+    if kind == "constant":
+        return optax.constant_schedule(peak_lr)
+    after = (optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps)) if kind == "linear"
+             else optax.constant_schedule(peak_lr))
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), after], [warmup_steps])
+
+
+def weight_decay_mask(params):
+    """Decay matrices and embeddings; not biases, LayerNorm, or the fixed encoder positions."""
+    def decays(path, _):
+        names = [getattr(key, "key", "") for key in path]
+        fixed = names[0] == "encoder" and "embed_positions" in names
+        return names[-1] in ("kernel", "embedding") and not fixed
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(args: TrainingArguments, schedule) -> optax.GradientTransformation:
+    adamw = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
+                        weight_decay=args.weight_decay, mask=weight_decay_mask)
+    if args.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw)
+    return adamw
+
+
+def token_losses(logits, labels, label_smoothing: float = 0.0):
+    """Per-token cross-entropy (float32) and the mask of real label tokens (labels != -100).
+
+    Label smoothing as PyTorch's CrossEntropyLoss does it: (1 - e) * nll + e * mean_v(-log p_v),
+    computed without a (batch, time, vocab) one-hot.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = labels != -100
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    losses = log_normaliser - label_logits
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normaliser - logits.mean(axis=-1))
+    return jnp.where(mask, losses, 0.0), mask
+
+
+def input_features_of(batch, mel_filters):
+    """Log-mel from the raw waveform on the device, unless the host already computed it."""
+    if "input_features" in batch:
+        return batch["input_features"]
+    return log_mel(batch["audio"], mel_filters)
+
+
+def train_step(state: TrainState, batch: dict, *, model: Whisper, optimizer, mel_filters, accumulation_steps: int,
+               label_smoothing: float, mesh=None):
+    """One optimizer step on the global batch: loss = sum of token losses / number of label tokens
+    over the whole batch, whatever the sharding or the number of micro-batches."""
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def summed_loss(params, micro_batch, rng):
+        features = input_features_of(micro_batch, mel_filters)
+        logits = model.apply({"params": params}, features, micro_batch["decoder_input_ids"], train=True,
+                             rngs={"dropout": rng})
+        losses, mask = token_losses(logits, micro_batch["labels"], label_smoothing)
+        return losses.sum(), mask.sum()
+
+    gradient_of = jax.value_and_grad(summed_loss, has_aux=True)
+    batch = {k: v for k, v in batch.items() if k != "example_mask"}
+    if accumulation_steps == 1:
+        (loss_sum, num_tokens), grads = gradient_of(state.params, batch, step_rng)
+    else:
+        # Micro-batch a takes rows a, a+A, a+2A...: every device keeps its own rows, no data moves.
+        def split(x):
+            x = x.reshape((x.shape[0] // accumulation_steps, accumulation_steps) + x.shape[1:]).swapaxes(0, 1)
+            if mesh is not None:
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+            return x
+
+        def accumulate(carry, inputs):
+            grads, loss_sum, num_tokens = carry
+            micro_batch, index = inputs
+            (micro_loss, micro_tokens), micro_grads = gradient_of(state.params, micro_batch,
+                                                                  jax.random.fold_in(step_rng, index))
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum, num_tokens), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.int32(0)),
+            (jax.tree.map(split, batch), jnp.arange(accumulation_steps)))
+    denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "num_tokens": num_tokens}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None):
+    """Summed token loss and token count of a batch (padded rows carry no labels), and with
+    `decoding` the greedy transcripts."""
+    features = input_features_of(batch, mel_filters)
+    logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
+    losses, mask = token_losses(logits, batch["labels"])
+    out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
+    if decoding is not None:
+        out["generated"] = generate(model, params, features, decoding)
+    return out
+
+
+# --- evaluation ---
+
+
+def transcription_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """WER and CER x100 as written and after Whisper's BasicTextNormalizer (jiwer).
+
+    Pairs whose reference is empty after normalising are left out of the normalised scores
+    (WER is undefined for them)."""
+    import jiwer
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    normalise = BasicTextNormalizer()
+    metrics = {}
+    for suffix, transform in (("", lambda s: s), ("_normalized", normalise)):
+        pairs = [(transform(r).strip(), transform(p).strip()) for r, p in zip(references, predictions)]
+        pairs = [(r, p) for r, p in pairs if r]
+        if not pairs:
+            continue
+        refs, preds = zip(*pairs)
+        metrics[f"wer{suffix}"] = 100.0 * jiwer.wer(list(refs), list(preds))
+        metrics[f"cer{suffix}"] = 100.0 * jiwer.cer(list(refs), list(preds))
+    return metrics
+
+
+def local_rows(array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, in the order the host supplied them."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def allgather_json(value) -> list:
+    """Every host's JSON-serialisable value, in process order, on every host."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: data.size] = data
+    everything = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(everything[i][: int(lengths[i][0])])) for i in range(jax.process_count())]
+
+
+def any_host(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
+
+
+# --- checkpointing and export ---
+# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
+# state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
+# hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
+
+
+def checkpoint_manager(output_dir: str, save_total_limit: int | None):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(Path(output_dir).absolute() / "checkpoints", options=options, item_names=("state", "meta"))
+
+
+def save_checkpoint(manager, step: int, state: TrainState, meta: dict):
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+
+
+def restore_checkpoint(manager, step: int, abstract_state):
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+
+def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict):
+    lines = ["---", f"base_model: {base_model}", "library_name: transformers", "pipeline_tag: automatic-speech-recognition",
+             "tags: [whisper, scream]", "---", "", f"# {Path(out_dir).name}", "",
+             f"Whisper fine-tuned with Scream from `{base_model}`.", "", "## Evaluation", ""]
+    lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
+    lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
+    (Path(out_dir) / "README.md").write_text("\n".join(lines))
+
+
+def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, message: str) -> threading.Thread:
+    """Upload the exported model (not the checkpoints) without holding up training."""
+    def upload():
+        try:
+            import huggingface_hub
+
+            api = huggingface_hub.HfApi()
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=message,
+                              ignore_patterns=["checkpoints/*", "tensorboard/*"])
+        except Exception as error:  # a failed upload must not kill a week-long run
+            warn(f"push to {repo_id} failed: {error}")
+
+    thread = threading.Thread(target=upload, daemon=False, name="push-to-hub")
+    thread.start()
+    return thread
+
+
+# --- main ---
+
+
+class TrainingStopped(RuntimeError):
+    """A run that must stop (non-finite loss): main() prints it and exits with status 1."""
+
+
+class RunLog:
+    """Process 0's metrics: OUTPUT_DIR/metrics.jsonl, TensorBoard, optionally Weights & Biases."""
+
+    def __init__(self, output_dir: str, report_to: str, config: dict, train: TrainingArguments, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        targets = set(split_names(report_to))
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        if "tensorboard" in targets:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        if "wandb" in targets:
+            import wandb
+
+            self.wandb = wandb.init(project=train.wandb_project, entity=train.wandb_entity, name=train.run_name,
+                                    notes=train.run_description, config=config, resume="allow")
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and self.tensorboard is not None:
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def text(self, step: int, tag: str, text: str):
+        if self.enabled and self.tensorboard is not None:
+            self.tensorboard.add_text(tag, text, step)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def initialise_distributed(dist: DistributedArguments):
+    """Join the other hosts: explicitly off TPU, by itself on a multi-host TPU slice."""
+    if dist.coordinator_address:
+        if dist.num_processes is None or dist.process_id is None:
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id.")
+        jax.distributed.initialize(dist.coordinator_address, num_processes=dist.num_processes,
+                                   process_id=dist.process_id, initialization_timeout=dist.distributed_timeout_s,
+                                   heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10))
+    elif len(split_names(os.environ.get("TPU_WORKER_HOSTNAMES", ""))) > 1:
+        jax.distributed.initialize()
+
+
+def tpu_topology_devices(name: str):
+    """The devices of a TPU v4 slice, for compile-only planning on any machine (needs libtpu)."""
+    topologies = {"v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4"}
+    if name not in topologies:
+        raise ConfigError(f"--dry_run_topology {name!r} is unknown; use one of {', '.join(topologies)}.")
+    from jax.experimental import topologies as jax_topologies
+
+    try:
+        topology = jax_topologies.get_topology_desc(platform="tpu", topology_name=topologies[name],
+                                                    chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
+                                                    num_slices=1)
+    except Exception as error:
+        raise ConfigError(f"--dry_run_topology needs libtpu (pip install 'jax[tpu]'): {error}") from None
+    return topology.devices
+
+
+TPU_V4_USABLE_BYTES = int(30.75 * 2**30)
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    analysis = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    memory = {name: int(getattr(analysis, name, 0) or 0) for name in fields}
+    memory["total_bytes"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] +
+                             memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
+    return memory
+
+
+def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sharding, n_mels: int | None = None):
+    shapes = {"audio": ((plan_rows, n_samples), jnp.float32), "labels": ((plan_rows, max_label_length), jnp.int32),
+              "decoder_input_ids": ((plan_rows, max_label_length), jnp.int32),
+              "example_mask": ((plan_rows,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def resolve_components(model_args: ModelArguments) -> Pretrained:
+    """Config, weights, tokenizer and feature extractor from --model_name_or_path, or a scratch
+    model from --config_name; --tokenizer_name / --feature_extractor_name override."""
+    if model_args.model_name_or_path:
+        components = load_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    elif model_args.config_name:
+        components = load_pretrained(model_args.config_name, cache_dir=model_args.cache_dir, weights=False)
+    else:
+        raise ConfigError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
+    if model_args.tokenizer_name:
+        components.tokenizer = load_pretrained(model_args.tokenizer_name, weights=False,
+                                               cache_dir=model_args.cache_dir).tokenizer
+    if model_args.feature_extractor_name:
+        components.feature_extractor = load_pretrained(model_args.feature_extractor_name, weights=False,
+                                                       cache_dir=model_args.cache_dir).feature_extractor
+    for what, flag in (("tokenizer", "--tokenizer_name"), ("feature_extractor", "--feature_extractor_name")):
+        if getattr(components, what) is None:
+            raise ConfigError(f"{components.source} has no {what.replace('_', ' ')}: give {flag}.")
+    for name, value in (("dropout", model_args.dropout), ("attention_dropout", model_args.attention_dropout)):
+        if value is not None:
+            setattr(components.config, name, value)
+    return components
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run(argv: list[str] | None = None) -> int:
+    model_args, data_args, train_args, dist_args = parse_arguments(argv)
+    if not (train_args.do_train or train_args.do_eval or train_args.dry_run):
+        raise ConfigError("Nothing to do: pass --do_train and/or --do_eval (or --dry_run).")
+    if not train_args.dry_run:
+        initialise_distributed(dist_args)
+    is_main = jax.process_index() == 0
+    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+    components = resolve_components(model_args)
+    config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
+    language = language_code(data_args.language)
+    try:
+        tokenizer.set_prefix_tokens(language=language, task=data_args.task, predict_timestamps=False)
+        prompt_ids = tuple(tokenizer.prefix_tokens)
+    except Exception as error:
+        raise ConfigError(f"The tokenizer cannot make the <|{language}|> <|{data_args.task}|> prefix ({error}); "
+                          "check --language and --tokenizer_name.") from None
+    generation_config = whisper_generation_config(tokenizer, config, language, data_args.task, components.generation_config)
+    decoding = DecodingSettings(
+        prompt_ids=prompt_ids, max_new_tokens=train_args.generation_max_length or data_args.max_label_length,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        suppress_tokens=tuple(generation_config.suppress_tokens or ()),
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()))
+
+    devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
+    num_processes = len({d.process_index for d in devices})
+    mesh = make_mesh(dist_args.fsdp_size, devices)
+    plan = plan_batches(train_args, len(devices), num_processes)
+    peak_lr = effective_learning_rate(train_args, plan.global_batch_size)
+    schedule = learning_rate_schedule(peak_lr, train_args.warmup_steps, train_args.num_train_steps,
+                                      train_args.lr_scheduler_type)
+    optimizer = make_optimizer(train_args, schedule)
+    model = build_model(config, dtype=model_args.dtype, scan_layers=model_args.scan_layers, remat=model_args.remat)
+    sampling_rate = feature_extractor.sampling_rate
+    n_samples = feature_extractor.n_samples
+    if n_samples // feature_extractor.hop_length != 2 * config.max_source_positions:
+        raise ConfigError(f"The feature extractor's {feature_extractor.chunk_length} s chunks give "
+                          f"{n_samples // feature_extractor.hop_length} mel frames but the model expects "
+                          f"{2 * config.max_source_positions}: use a matching --feature_extractor_name.")
+    mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
+
+    run_config = {
+        "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+        "training": dataclasses.asdict(train_args), "distributed": dataclasses.asdict(dist_args),
+        "resolved": {
+            "processes": num_processes, "devices": len(devices), "device_kind": devices[0].device_kind,
+            "mesh": dict(mesh.shape), **dataclasses.asdict(plan), "effective_learning_rate": peak_lr,
+            "language": language, "task": data_args.task, "prompt_ids": list(prompt_ids),
+            "total_train_examples": plan.global_batch_size * train_args.num_train_steps,
+            "audio_samples_per_example": n_samples, "sampling_rate": sampling_rate,
+        },
+    }
+
+    abstract_params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)),
+                                    abstract_params)
+    state_sharding = state_shardings(abstract_state, mesh)
+    data_sharding = batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
+                          accumulation_steps=train_args.gradient_accumulation_steps,
+                          label_smoothing=train_args.label_smoothing_factor, mesh=mesh),
+        in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+
+    if train_args.dry_run:
+        return dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, data_sharding,
+                       n_samples, data_args, train_args, devices)
+
+    # Output directory: resume, refuse, or start.
+    output_dir = Path(train_args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    has_checkpoints = checkpoints_dir.is_dir() and any(checkpoints_dir.iterdir())
+    if (output_dir.is_dir() and any(output_dir.iterdir()) and not has_checkpoints
+            and not train_args.overwrite_output_dir and train_args.do_train):
+        raise ConfigError(f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
+                          "choose another --output_dir, or pass --overwrite_output_dir.")
+    if has_checkpoints and train_args.do_train and not train_args.resume_from_checkpoint and not train_args.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
+                          "pass --overwrite_output_dir to start over, or resume.")
+    saved_config_path = output_dir / "scream_config.json"
+    if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
+        check_same_run(json.loads(saved_config_path.read_text()), run_config, saved_config_path)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        saved_config_path.write_text(json.dumps(run_config, indent=2, default=str))
+    say(json.dumps(run_config, indent=2, default=str))
+
+    # Train state: restored, pretrained or random; sharded from the start.
+    manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit) if train_args.do_train else None
+    restored_meta = None
+    latest = manager.latest_step() if (manager and train_args.resume_from_checkpoint and not train_args.overwrite_output_dir) else None
+    if latest is not None:
+        abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                              abstract_state, state_sharding)
+        state, restored_meta = restore_checkpoint(manager, latest, abstract_with_sharding)
+        if restored_meta["num_processes"] != jax.process_count():
+            raise ConfigError(f"The checkpoint at step {latest} was written by {restored_meta['num_processes']} "
+                              f"processes; resume with the same number of hosts (now {jax.process_count()}).")
+        say(f"resumed from {checkpoints_dir / str(latest)} (step {latest})")
+    else:
+        if components.params is not None:
+            params = stack_layers(components.params, model.dims) if model_args.scan_layers else components.params
+            params = jax.device_put(params, state_sharding.params)
+        else:
+            params = jax.jit(functools.partial(init_params, model), out_shardings=state_sharding.params)(
+                jax.random.PRNGKey(train_args.seed))
+        opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
+        state = TrainState(jax.device_put(jnp.int32(0), state_sharding.step), params, opt_state,
+                           jax.device_put(jax.random.PRNGKey(train_args.seed + 1), state_sharding.rng))
+    start_step = int(jax.device_get(state.step))
+
+    # Data.
+    audio_settings = AudioSettings(sampling_rate, n_samples, data_args.min_duration_in_seconds,
+                                   min(data_args.max_duration_in_seconds, n_samples / sampling_rate))
+    text_settings = TextSettings(data_args.do_lower_case, data_args.do_remove_punctuation, data_args.max_label_length)
+    prepare = functools.partial(prepare_example, audio_column=data_args.audio_column_name,
+                                text_column=data_args.text_column_name, id_column=data_args.id_column_name,
+                                tokenizer=tokenizer, audio_settings=audio_settings, text_settings=text_settings)
+    if data_args.host_log_mel:
+        prepare = with_host_log_mel(prepare, feature_extractor)
+
+    def batches(split, *, train, batch_size, state=None):
+        make_source = functools.partial(
+            load_source, data_args, split, process_index=jax.process_index(), process_count=jax.process_count(),
+            seed=train_args.seed, shuffle=train, max_samples=data_args.max_train_samples if train else data_args.max_eval_samples)
+        collate_fn = functools.partial(collate, batch_size=batch_size, n_samples=n_samples,
+                                       max_label_length=data_args.max_label_length, pad_token_id=config.pad_token_id)
+        if data_args.host_log_mel:
+            collate_fn = with_host_features(collate_fn, feature_extractor)
+        return SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare, batch_size=batch_size,
+                             collate_fn=collate_fn, repeat=train, num_workers=data_args.preprocessing_num_workers,
+                             prefetch_batches=data_args.prefetch_batches, state=state)
+
+    # Validate the eval split up front: a typo should fail now, not after hours of training.
+    if train_args.do_eval:
+        batches(data_args.eval_split_name, train=False, batch_size=plan.per_host_eval_batch_size).make_source(0)
+
+    log = RunLog(train_args.output_dir, train_args.report_to, run_config, train_args, enabled=is_main)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, mel_filters=mel_filters,
+                                        decoding=decoding if train_args.predict_with_generate else None),
+                      in_shardings=(state_sharding.params, data_sharding))
+
+    def evaluate(params, step: int) -> dict:
+        return run_evaluation(eval_fn, params, batches(data_args.eval_split_name, train=False,
+                                                              batch_size=plan.per_host_eval_batch_size),
+                              data_sharding, tokenizer, step, train_args, log, is_main)
+
+    final_eval: dict = {}
+    pushes: list[threading.Thread] = []
+
+    def export(params, step: int, eval_results: dict):
+        params = gather_params(params)  # a collective: every host takes part
+        if is_main:
+            export_pretrained(params, config, output_dir, tokenizer=tokenizer, feature_extractor=feature_extractor,
+                              generation_config=generation_config)
+            write_model_card(output_dir, base_model=model_args.model_name_or_path or model_args.config_name,
+                             run_args=run_config, eval_results=eval_results)
+            if train_args.push_to_hub:
+                pushes.append(push_to_hub_in_background(str(output_dir), train_args.hub_model_id or train_args.run_name,
+                                                        train_args.hub_private_repo, f"step {step}"))
+
+    if not train_args.do_train:
+        final_eval = evaluate(state.params, start_step)
+        log.close()
+        return 0
+
+    train_batches = batches(data_args.train_split_name, train=True, batch_size=plan.per_host_batch_size,
+                            state=restored_meta["data_states"][jax.process_index()] if restored_meta else None)
+    stop_requested = threading.Event()
+    if jax.process_count() == 1:  # multi-host runs use JAX's own preemption notice (reached_preemption)
+        signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    state, final_eval, stopped_early = train_loop(
+        state=state, start_step=start_step, step_fn=step_fn, train_batches=train_batches, data_sharding=data_sharding,
+        plan=plan, train_args=train_args, schedule=schedule, manager=manager, log=log, evaluate=evaluate,
+        export=export, stop_requested=stop_requested, is_main=is_main)
+    for thread in pushes:
+        thread.join()
+    log.close()
+    if stopped_early:
+        say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")
+    else:
+        say(f"done: model exported to {output_dir}")
+    return 0
+
+
+def train_loop(*, state, start_step, step_fn, train_batches, data_sharding, plan, train_args, schedule, manager, log,
+               evaluate, export, stop_requested, is_main):
+    """Steps until num_train_steps or a stop request; logs, evaluates, checkpoints and exports on cadence.
+
+    Each step's metrics are read one step later, so the host never stalls the device; a
+    non-finite loss still stops the run before the state after it can be checkpointed.
+    """
+    from tqdm import tqdm
+
+    num_steps = train_args.num_train_steps
+    bar = tqdm(total=num_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    batch_iterator = iter(train_batches)
+    window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
+    in_flight = None  # (step, device metrics) not yet read
+    eval_results: dict = {}
+    step = start_step
+
+    def settle():
+        nonlocal in_flight
+        if in_flight is None:
+            return
+        done_step, metrics = in_flight
+        in_flight = None
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingStopped(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done_step}. Stopping; the last "
+                f"checkpoint (step {manager.latest_step()}) is intact. Look for bad audio or labels around example "
+                f"{(done_step - 1) * plan.global_batch_size}, or lower --learning_rate, then relaunch.")
+        window["losses"].append(loss)
+        window["grad_norms"].append(grad_norm)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(done_step - 1)):.2e}")
+
+    stopped_early = False
+    try:
+        while step < num_steps:
+            wait_start = time.perf_counter()
+            host_batch, _ = next(batch_iterator)
+            window["wait_s"] += time.perf_counter() - wait_start
+            state, metrics = step_fn(state, to_global_batch(host_batch, data_sharding))
+            step += 1
+            settle()
+            in_flight = (step, metrics)
+            window["steps"] += 1
+            bar.update(1)
+
+            stopping = stop_requested.is_set() or (jax.process_count() > 1 and manager.reached_preemption(step))
+            is_last = step == num_steps
+            do_log = step % train_args.logging_steps == 0 or is_last
+            do_eval = train_args.do_eval and (step % train_args.eval_steps == 0 or is_last)
+            do_save = step % train_args.save_steps == 0 or is_last or stopping
+            if do_log or do_eval or do_save:
+                settle()
+            if do_log:
+                elapsed = time.perf_counter() - window["start"]
+                skipped = collections.Counter()
+                for host_skipped in allgather_json(dict(train_batches.skipped)):
+                    skipped.update(host_skipped)
+                log.write(step, {
+                    "examples_seen": step * plan.global_batch_size,
+                    "train/loss": float(np.mean(window["losses"])),
+                    "train/learning_rate": float(schedule(step - 1)),
+                    "train/grad_norm": float(np.mean(window["grad_norms"])),
+                    "train/examples_per_s": window["steps"] * plan.global_batch_size / elapsed,
+                    "train/data_wait_fraction": window["wait_s"] / elapsed,
+                    "train/epoch": train_batches.epoch,
+                    **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
+                })
+                window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
+            if do_eval:
+                eval_results = evaluate(state.params, step)
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})") if is_main else None
+            if do_save:
+                meta = {"step": step, "examples_seen": step * plan.global_batch_size,
+                        "num_processes": jax.process_count(), "data_states": allgather_json(train_batches.state_dict())}
+                save_checkpoint(manager, step, state, meta)
+            if is_last or (do_eval and train_args.push_to_hub):
+                export(state.params, step, eval_results)
+            if stopping and not is_last:
+                stopped_early = True
+                break
+            if do_eval or do_save:
+                window["start"], window["wait_s"], window["steps"] = time.perf_counter(), 0.0, 0  # time eval/saving apart
+    finally:
+        manager.wait_until_finished()
+        bar.close()
+    return state, eval_results, stopped_early
+
+
+def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, tokenizer, step: int,
+                   train_args: TrainingArguments, log: RunLog, is_main: bool) -> dict:
+    """Loss (and WER/CER with --predict_with_generate) over the whole eval split, each example
+    counted once: hosts read disjoint shares, pad their last batch, and take part in every step
+    until all are done."""
+    loss_sum, num_tokens, rows = 0.0, 0, []
+    batch_iterator = iter(eval_batches)
+    empty_batch = eval_batches.collate_fn([])
+    while True:
+        item = next(batch_iterator, None)
+        if not any_host(item is not None):
+            break
+        host_batch, examples = item if item is not None else (empty_batch, [])
+        out = eval_fn(params, to_global_batch(host_batch, data_sharding))
+        loss_sum += float(out["loss_sum"])
+        num_tokens += int(out["num_tokens"])
+        if "generated" in out:
+            generated = local_rows(out["generated"])[: len(examples)]
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            rows += [{"id": e["id"], "reference": e["text"], "prediction": text.strip()}
+                     for e, text in zip(examples, texts)]
+    rows = [row for host_rows in allgather_json(rows) for row in host_rows]
+    results = {"eval/loss": loss_sum / max(num_tokens, 1), "eval/num_tokens": num_tokens}
+    if train_args.predict_with_generate:
+        results["eval/num_examples"] = len(rows)
+        references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
+        results.update({f"eval/{name}": value for name, value in transcription_metrics(references, predictions).items()})
+    if is_main:
+        log.write(step, results)
+        if rows:
+            limit = len(rows) if train_args.log_max_eval_predictions is None else train_args.log_max_eval_predictions
+            predictions_dir = Path(train_args.output_dir) / "predictions"
+            predictions_dir.mkdir(parents=True, exist_ok=True)
+            with (predictions_dir / f"step_{step}.jsonl").open("w") as f:
+                for row in rows[:limit]:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[: min(limit, 10)])
+            log.text(step, "eval/predictions", "| reference | prediction |\n|---|---|\n" + table)
+    return results
+
+
+def gather_params(params):
+    """Full parameters on every host, as numpy (a collective when parameters span hosts)."""
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+RUN_IDENTITY = (("model", "model_name_or_path"), ("model", "config_name"), ("data", "dataset_name"),
+                ("data", "language"), ("data", "task"), ("training", "seed"))
+
+
+def check_same_run(saved: dict, current: dict, path: Path):
+    """Refuse to resume a different run from an output directory's checkpoints."""
+    changed = [f"--{name}: {saved[group][name]!r} there, {current[group][name]!r} now"
+               for group, name in RUN_IDENTITY if saved.get(group, {}).get(name) != current[group][name]]
+    if changed:
+        raise ConfigError(f"--output_dir holds another run's checkpoints ({path} differs in " + "; ".join(changed) +
+                          "). Choose a new --output_dir, or pass --overwrite_output_dir to start over.")
+
+
+def with_host_log_mel(prepare, feature_extractor):
+    """prepare_example that also computes log-mel on the host (the 2023 way, for comparison)."""
+    def prepare_with_features(row):
+        example, reason = prepare(row)
+        if example is not None:
+            example["input_features"] = feature_extractor(
+                example["audio"], sampling_rate=feature_extractor.sampling_rate, return_tensors="np").input_features[0]
+        return example, reason
+    return prepare_with_features
+
+
+def with_host_features(collate_fn, feature_extractor):
+    def collate_with_features(examples):
+        batch = collate_fn(examples)
+        frames = feature_extractor.n_samples // feature_extractor.hop_length
+        features = np.zeros((len(batch["audio"]), feature_extractor.feature_size, frames), np.float32)
+        for row, example in enumerate(examples):
+            features[row] = example["input_features"]
+        del batch["audio"]
+        batch["input_features"] = features
+        return batch
+    return collate_with_features
+
+
+def dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, data_sharding, n_samples,
+            data_args, train_args, devices) -> int:
+    """Print the plan and the compiled train step's memory per device; compile only, no data."""
+    resolved = run_config["resolved"]
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          abstract_state, state_sharding)
+    batch = abstract_batch(plan.global_batch_size, n_samples=n_samples, max_label_length=data_args.max_label_length,
+                           sharding=data_sharding)
+    plan_out = {
+        "hosts": resolved["processes"], "devices": resolved["devices"], "device_kind": resolved["device_kind"],
+        "mesh": resolved["mesh"], "global_batch": plan.global_batch_size, "per_host_batch": plan.per_host_batch_size,
+        "per_device_batch": plan.per_device_batch_size,
+        "micro_batch_per_device": plan.per_device_batch_size // train_args.gradient_accumulation_steps,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps, "eval_batch": plan.eval_batch_size,
+        "learning_rate": train_args.learning_rate, "effective_learning_rate": resolved["effective_learning_rate"],
+        "lr_scheduler_type": train_args.lr_scheduler_type, "warmup_steps": train_args.warmup_steps,
+        "num_train_steps": train_args.num_train_steps, "total_train_examples": resolved["total_train_examples"],
+        "eval_steps": train_args.eval_steps, "save_steps": train_args.save_steps,
+        "model": run_config["model"]["model_name_or_path"] or run_config["model"]["config_name"],
+        "dataset": data_args.dataset_name, "language": resolved["language"], "task": data_args.task,
+        "dtype": str(model.dtype), "scan_layers": model.scan_layers, "remat": model.remat,
+        "parameters": num_params, "output_dir": train_args.output_dir, "hub_model_id": train_args.hub_model_id,
+    }
+    try:
+        compiled = step_fn.lower(abstract_with_sharding, batch).compile()
+        memory = compiled_memory(compiled)
+        plan_out["memory_per_device_bytes"] = memory["total_bytes"]
+        plan_out["fits"] = None
+        if devices[0].platform == "tpu":
+            plan_out["fits"] = memory["total_bytes"] <= TPU_V4_USABLE_BYTES
+    except Exception as error:  # XLA says RESOURCE_EXHAUSTED when a TPU step cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        plan_out["memory_per_device_bytes"] = None
+        plan_out["fits"] = False
+    width = max(map(len, plan_out))
+    for name, value in plan_out.items():
+        print(f"{name:>{width}}  {value}")
+    if plan_out.get("memory_per_device_bytes"):
+        print(f"{'memory_per_device':>{width}}  {plan_out['memory_per_device_bytes'] / 2**30:.2f} GiB")
+    if plan_out["fits"] is False:
+        print(f"warning: the train step does not fit a {devices[0].device_kind} (about "
+              f"{TPU_V4_USABLE_BYTES / 2**30:.2f} GiB usable): raise --fsdp_size, use --remat, or lower the per-device batch.")
+    print("plan_json: " + json.dumps(plan_out, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

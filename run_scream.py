@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import signal
 import string
 import sys
@@ -359,7 +360,9 @@ def load_source(data_args: DataArguments, split: str, *, process_index: int, pro
     sources = []
     for name, config in zip(names, configs):
         try:
-            source = datasets.load_dataset(name, config, split=split, streaming=True)
+            source = datasets.load_dataset(name, config, split=split, streaming=data_args.streaming)
+            if not data_args.streaming:  # one code path: downloaded data is iterated like a stream
+                source = source.to_iterable_dataset(num_shards=max(1, min(len(source), 64)))
         except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
             raise ConfigError(f"--dataset_name {name!r} could not be found ({error}). Give a hub id or a local directory.") from None
         except ValueError as error:
@@ -1653,6 +1656,11 @@ def run(argv: list[str] | None = None) -> int:
     if has_checkpoints and train_args.do_train and not train_args.resume_from_checkpoint and not train_args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
                           "pass --overwrite_output_dir to start over, or resume.")
+    if train_args.overwrite_output_dir and train_args.do_train and is_main:
+        for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
+            shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
+                output_dir / stale).unlink(missing_ok=True)
+        has_checkpoints = False
     saved_config_path = output_dir / "scream_config.json"
     if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
         check_same_run(json.loads(saved_config_path.read_text()), run_config, saved_config_path)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The Scream demo: make a small synthetic Norwegian speech dataset, train a tiny Whisper from
+# scratch on it on this machine's CPU, print WER falling, and export a transformers model.
+#   hardware: any CPU (2 cores is enough); global batch 16; no downloads
+#   expect:   normalized eval WER at or below 10% within about 5 minutes on 2 cores
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+[ -f demo_data/data/README.md ] || "$PYTHON" make_demo_dataset.py --output_dir demo_data --seed 0
+
+"$PYTHON" run_scream.py \
+  --config_name demo_data/model \
+  --dataset_name demo_data/data \
+  --output_dir demo_output \
+  --overwrite_output_dir \
+  --do_train \
+  --do_eval \
+  --predict_with_generate \
+  --language no \
+  --task transcribe \
+  --train_batch_size 16 \
+  --eval_batch_size 64 \
+  --learning_rate 3e-3 \
+  --lr_scheduler_type linear \
+  --warmup_steps 30 \
+  --num_train_steps 1500 \
+  --eval_steps 250 \
+  --logging_steps 50 \
+  --max_label_length 48 \
+  --shuffle_buffer_size 500 \
+  --max_grad_norm 1.0 \
+  --seed 0 \
+  --log_max_eval_predictions 64 \
+  "$@"

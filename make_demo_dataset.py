@@ -10,7 +10,8 @@ from the hub, in the same on-disk formats:
                             and preprocessor_config.json: a "pretrained-style" directory without
                             weights (the demo trains from scratch)
     OUTPUT_DIR/data/        a hub-style parquet dataset (splits train and validation) of short
-                            Norwegian sentences and synthetic "speech" as FLAC bytes
+                            Norwegian (language code "no") sentences and synthetic "speech" as
+                            FLAC bytes
 
 The speech is made to be learned fast by a tiny model on CPU: every letter is a fixed chord of
 two sine tones, words are separated by clear silences, and the sentences come from a small
@@ -39,8 +40,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 SAMPLE_RATE = 16000
-# The transcripts are Norwegian (bokmål); run_scream.py is told so with --language.
-LANGUAGE = "no"
 
 # --- tokenizer ---
 
@@ -50,7 +49,8 @@ LANGUAGE = "no"
 SPECIAL_TOKENS = (
     ["<|endoftext|>", "<|startoftranscript|>"]
     + [f"<|{code}|>" for code in LANGUAGES]
-    + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"]
+    + ["<|notimestamps|>"]
 )
 # <|0.00|> ... <|30.00|> in steps of 0.02 s, as in Whisper; ordinary (non-special) added tokens,
 # as on the hub, which the tokenizer strips from decoded text itself.
@@ -109,7 +109,8 @@ def write_model_dir(out_dir, tokenizer, chunk_length_s, num_mel_bins):
     eot, sot = token_id("<|endoftext|>"), token_id("<|startoftranscript|>")
     # Specials the model should never emit while transcribing.
     suppress_tokens = [
-        token_id(t) for t in ["<|startoftranscript|>", "<|translate|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"]
+        token_id(token)
+        for token in ["<|startoftranscript|>", "<|translate|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"]
     ]
     # As in Whisper: a transcript starts neither with a space nor empty.
     begin_suppress_tokens = [token_id(bytes_to_unicode()[ord(" ")]), eot]
@@ -199,7 +200,7 @@ TONES_HZ = 500.0 * 2.0 ** (np.arange(10) / 3.0)
 # Each letter is a fixed chord of two tones at least two grid steps apart, so that no letter is
 # a near-copy of another; capital letters sound like their lowercase letter.
 LETTER_TONES = dict(
-    zip(ALPHABET, [(TONES_HZ[i], TONES_HZ[j]) for i, j in itertools.combinations(range(10), 2) if j - i >= 2])
+    zip(ALPHABET, [(TONES_HZ[i], TONES_HZ[j]) for i, j in itertools.combinations(range(10), 2) if j - i > 1])
 )
 # Timing in seconds, all multiplied by a per-utterance speaking rate.
 LETTER_S = (0.050, 0.075)
@@ -243,10 +244,12 @@ def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
         t += duration + rng.uniform(*LETTER_GAP_S) * rate
     total_s = t + TRAIL_S
     speedup = max(1.0, total_s / max_duration_s)
-    waveform = np.zeros(min(int(round(total_s / speedup * sample_rate)), int(max_duration_s * sample_rate)))
+    # Rounding down keeps the clip within max_duration_s; the trailing silence keeps the letters
+    # within the clip.
+    waveform = np.zeros(int(total_s / speedup * sample_rate))
     for start_s, duration_s, letter in letters:
-        start = int(round(start_s / speedup * sample_rate))
-        num_samples = min(int(round(duration_s / speedup * sample_rate)), len(waveform) - start)
+        start = int(start_s / speedup * sample_rate)
+        num_samples = int(duration_s / speedup * sample_rate)
         times = np.arange(num_samples) / sample_rate
         chord = sum(
             rng.uniform(0.7, 1.0) * np.sin(2 * np.pi * freq * pitch * times + rng.uniform(0, 2 * np.pi))
@@ -262,17 +265,24 @@ def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
 # --- dataset ---
 
 SPLITS = ("train", "validation")
-FEATURES = Features({"id": Value("string"), "audio": Audio(sampling_rate=SAMPLE_RATE), "text": Value("string"), "source": Value("string")})
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "audio": Audio(sampling_rate=SAMPLE_RATE),
+        "text": Value("string"),
+        "source": Value("string"),
+    }
+)
 # Small row groups, as the hub writes audio datasets, so streaming reads little at a time.
 ROW_GROUP_SIZE = 100
+# The card's metadata has no `configs:` (split to file pattern) entry: with one, datasets keys its
+# Arrow cache on the patterns alone and serves stale data after a regeneration in place. Without
+# it, the file names select the splits.
 DATASET_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*
-  - split: validation
-    path: data/validation-*
+language:
+- 'no'
+task_categories:
+- automatic-speech-recognition
 ---
 # Scream demo data
 
@@ -320,13 +330,14 @@ def write_dataset(out_dir, num_train, num_eval, seed, chunk_length_s, num_shards
     for split, num_examples, split_shards in [("train", num_train, num_shards), ("validation", num_eval, 1)]:
         for shard, indices in enumerate(np.array_split(np.arange(num_examples), split_shards)):
             rows = []
-            for index in indices:
-                text, waveform = make_example(seed, split, int(index), chunk_length_s)
+            for index in indices.tolist():
+                text, waveform = make_example(seed, split, index, chunk_length_s)
                 example_id = f"{split}-{index:06d}"
                 audio = {"bytes": encode_flac(waveform), "path": f"{example_id}.flac"}
                 rows.append({"id": example_id, "audio": audio, "text": text, "source": "demo"})
             path = data_dir / f"{split}-{shard:05d}-of-{split_shards:05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema), path, row_group_size=ROW_GROUP_SIZE)
+            table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
+            pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE)
             paths.append(path)
     return paths
 
@@ -340,7 +351,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of all random choices.")
     parser.add_argument("--num_train", type=int, default=2000, help="Number of training examples.")
     parser.add_argument("--num_eval", type=int, default=64, help="Number of validation examples.")
-    parser.add_argument("--chunk_length_s", type=int, default=3, help="Model input window in seconds; no clip is longer.")
+    parser.add_argument(
+        "--chunk_length_s", type=int, default=3, help="Model input window in seconds; no clip is longer."
+    )
     parser.add_argument("--num_mel_bins", type=int, default=80, help="Mel bins of the feature extractor and model.")
     parser.add_argument("--num_train_shards", type=int, default=4, help="Number of parquet files of the train split.")
     return parser.parse_args(argv)

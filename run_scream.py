@@ -152,6 +152,9 @@ class TrainingArguments:
     dry_run_topology: str | None = field(
         default=None, metadata={"help": "With --dry_run: compile for a TPU slice (v4-8, v4-32, v4-64) from any machine."}
     )
+    dry_run_compile: bool = field(
+        default=True, metadata={"help": "With --dry_run: compile the train step to report its memory per device."}
+    )
 
     def __post_init__(self):
         if self.lr_scheduler_type not in ("linear", "constant", "constant_with_warmup"):
@@ -181,7 +184,8 @@ class DistributedArguments:
     )
     num_processes: int | None = field(default=None, metadata={"help": "Number of processes, with --coordinator_address."})
     process_id: int | None = field(default=None, metadata={"help": "This process's index, with --coordinator_address."})
-    fsdp_size: int = field(default=1, metadata={"help": "Devices that shard parameters and optimizer state (1: pure data parallel)."})
+    fsdp_size: int = field(default=1, metadata={
+        "help": "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."})
     distributed_timeout_s: int = field(default=300, metadata={"help": "Give up when a peer process stops answering."})
 
 
@@ -192,8 +196,12 @@ def parse_arguments(argv: list[str] | None = None):
     """Flags to the four argument groups. Unknown flags are an argparse error (exit status 2)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(ARGUMENT_GROUPS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False)  # a typo must not silently match a flag
+    *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ConfigError(f"Unrecognised arguments: {' '.join(unknown)}. Every flag starts with -- and takes its "
+                          "value after a space; run with --help for the list.")
+    return groups
 
 
 def effective_learning_rate(args: TrainingArguments, global_batch_size: int) -> float:
@@ -256,6 +264,12 @@ def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) 
 SKIP_REASONS = (
     "undecodable", "empty_audio", "non_finite_audio", "too_short", "too_long", "empty_text", "too_many_tokens",
 )
+# The flag to look at when every example is skipped for a reason.
+SKIP_REASON_FLAGS = {
+    "undecodable": "--audio_column_name", "empty_audio": "--audio_column_name", "non_finite_audio": "--audio_column_name",
+    "too_short": "--min_duration_in_seconds", "too_long": "--max_duration_in_seconds",
+    "empty_text": "--text_column_name", "too_many_tokens": "--max_label_length",
+}
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,7 @@ def load_source(data_args: DataArguments, split: str, *, process_index: int, pro
                 seed: int, shuffle: bool, epoch: int, max_samples: int | None):
     """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict."""
     import datasets
+    import datasets.distributed  # not imported by `import datasets`
 
     names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(names)
@@ -360,7 +375,12 @@ def load_source(data_args: DataArguments, split: str, *, process_index: int, pro
     sources = []
     for name, config in zip(names, configs):
         try:
-            source = datasets.load_dataset(name, config, split=split, streaming=data_args.streaming)
+            # datasets caches a local directory by its name and README alone, so a regenerated directory
+            # (or another one named alike) would load stale rows; resolved files (with mtimes) key it right.
+            files = (datasets.load_dataset_builder(name, config).config.data_files
+                     if os.path.isdir(name) and not data_args.streaming else None)
+            source = datasets.load_dataset(name, config, split=split, streaming=data_args.streaming,
+                                           data_files=dict(files) if files else None)
             if not data_args.streaming:  # one code path: downloaded data is iterated like a stream
                 source = source.to_iterable_dataset(num_shards=max(1, min(len(source), 64)))
         except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -452,6 +472,9 @@ class SpeechBatches:
             with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
                 pending = collections.deque()
                 examples, skipped, batch_state = [], collections.Counter(), None
+                # An epoch whose every row is skipped would otherwise repeat forever without a batch.
+                current_epoch, whole_epoch = self.epoch, self.source_state is None  # a resumed epoch is partial
+                epoch_skipped, epoch_usable = collections.Counter(), 0
                 rows = self._rows()
                 exhausted = False
                 while not self._stop.is_set():
@@ -466,11 +489,20 @@ class SpeechBatches:
                         break
                     future, epoch, state = pending.popleft()
                     example, reason = future.result()
+                    if epoch != current_epoch:
+                        if whole_epoch and not epoch_usable:
+                            counts = ", ".join(f"{r} {n}" for r, n in epoch_skipped.most_common())
+                            flags = ", ".join(dict.fromkeys(SKIP_REASON_FLAGS[r] for r in epoch_skipped))
+                            raise ConfigError(f"No example survived the filters in a whole epoch (skipped: {counts}); "
+                                              f"check {flags}.")
+                        current_epoch, whole_epoch, epoch_skipped, epoch_usable = epoch, True, collections.Counter(), 0
                     batch_state = (epoch, state)
                     if reason:
                         skipped[reason] += 1
+                        epoch_skipped[reason] += 1
                     else:
                         examples.append(example)
+                        epoch_usable += 1
                     if len(examples) == self.batch_size:
                         self._put((examples, skipped, batch_state))
                         examples, skipped = [], collections.Counter()
@@ -1174,6 +1206,7 @@ BATCH_AXES = ("data", "fsdp")
 
 def make_mesh(fsdp_size: int, devices=None):
     devices = list(devices if devices is not None else jax.devices())
+    fsdp_size = len(devices) if fsdp_size == -1 else fsdp_size
     if fsdp_size < 1 or len(devices) % fsdp_size:
         raise ConfigError(f"--fsdp_size {fsdp_size} must divide the {len(devices)} devices: use one of "
                           f"{[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}.")
@@ -1541,11 +1574,11 @@ def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sha
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
-def resolve_components(model_args: ModelArguments) -> Pretrained:
+def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> Pretrained:
     """Config, weights, tokenizer and feature extractor from --model_name_or_path, or a scratch
     model from --config_name; --tokenizer_name / --feature_extractor_name override."""
     if model_args.model_name_or_path:
-        components = load_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+        components = load_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, weights=weights)
     elif model_args.config_name:
         components = load_pretrained(model_args.config_name, cache_dir=model_args.cache_dir, weights=False)
     else:
@@ -1585,7 +1618,7 @@ def run(argv: list[str] | None = None) -> int:
     is_main = jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
-    components = resolve_components(model_args)
+    components = resolve_components(model_args, weights=not train_args.dry_run)
     config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     language = language_code(data_args.language)
     try:
@@ -1943,6 +1976,10 @@ def with_host_features(collate_fn, feature_extractor):
     return collate_with_features
 
 
+class NotCompiled(Exception):
+    """--no_dry_run_compile: the plan without the compiled step's memory."""
+
+
 def dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, data_sharding, n_samples,
             data_args, train_args, devices) -> int:
     """Print the plan and the compiled train step's memory per device; compile only, no data."""
@@ -1968,12 +2005,16 @@ def dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, da
         "parameters": num_params, "output_dir": train_args.output_dir, "hub_model_id": train_args.hub_model_id,
     }
     try:
+        if not train_args.dry_run_compile:
+            raise NotCompiled
         compiled = step_fn.lower(abstract_with_sharding, batch).compile()
         memory = compiled_memory(compiled)
         plan_out["memory_per_device_bytes"] = memory["total_bytes"]
         plan_out["fits"] = None
         if devices[0].platform == "tpu":
             plan_out["fits"] = memory["total_bytes"] <= TPU_V4_USABLE_BYTES
+    except NotCompiled:
+        plan_out["memory_per_device_bytes"] = plan_out["fits"] = None
     except Exception as error:  # XLA says RESOURCE_EXHAUSTED when a TPU step cannot fit
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

@@ -173,13 +173,15 @@ WORDS = (
     "bok stor liten ny fin kald varm rød blå grønn hvit mørk gå se løp spis hjem her der nå "
     "også år blåbær vær lære ærlig søt høst"
 ).split()
-# Longest transcript in characters (letters and spaces): keeps labels short (under 32 tokens
-# with Whisper's prefix) and the speech well inside a 3-second chunk.
-MAX_SENTENCE_CHARS = 26
+# Longest transcript in UTF-8 bytes, i.e. tokens: keeps labels short (at most 33 tokens with
+# Whisper's 4-token prefix and <|endoftext|>) and the speech well inside a 3-second chunk.
+MAX_SENTENCE_BYTES = 28
 
 
 def make_sentence(rng):
     """A sentence of 2-4 random words from WORDS, first letter capitalised, no punctuation.
+
+    Capital letters sound like lowercase ones; the model learns the capital from its position.
 
     Punctuation is left out because it would be silent, and a silent character cannot be
     learned from the audio.
@@ -187,7 +189,7 @@ def make_sentence(rng):
     while True:
         words = rng.choice(WORDS, size=rng.integers(2, 5))
         sentence = " ".join(words)
-        if len(sentence) <= MAX_SENTENCE_CHARS:
+        if len(sentence.encode()) <= MAX_SENTENCE_BYTES:
             return sentence[0].upper() + sentence[1:]
 
 
@@ -198,7 +200,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyzæøå"
 # low end, where Whisper's 25 ms window smears a tone over about 80 Hz to each side.
 TONES_HZ = 500.0 * 2.0 ** (np.arange(10) / 3.0)
 # Each letter is a fixed chord of two tones at least two grid steps apart, so that no letter is
-# a near-copy of another; capital letters sound like their lowercase letter.
+# a near-copy of another.
 LETTER_TONES = dict(
     zip(ALPHABET, [(TONES_HZ[i], TONES_HZ[j]) for i, j in itertools.combinations(range(10), 2) if j - i > 1])
 )
@@ -224,10 +226,11 @@ def _envelope(num_samples, ramp_samples):
 def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
     """Render `text` as synthetic speech: a float32 mono waveform in [-1, 1].
 
-    Letters are two-tone chords (LETTER_TONES) of 50-75 ms with small gaps between them, spaces
-    are silences, and the speaker's pitch (+-3%), speaking rate (+-10%), per-tone loudness,
-    overall loudness (peak 0.1-0.8) and a light white-noise floor vary from clip to clip. A
-    timeline longer than `max_duration_s` is sped up to fit, so a clip never exceeds it.
+    Letters are two-tone chords (LETTER_TONES) of 50-75 ms with small gaps between them, capitals
+    sound like lowercase letters and spaces are silences. The speaker's pitch (+-3%), speaking
+    rate (+-10%), per-tone loudness, overall loudness (peak 0.1-0.8) and a light white-noise floor
+    vary from clip to clip. A timeline longer than `max_duration_s` is sped up to fit, so a clip
+    never exceeds it.
     """
     pitch = rng.uniform(0.97, 1.03)
     rate = rng.uniform(0.9, 1.1)
@@ -317,8 +320,9 @@ def write_dataset(out_dir, num_train, num_eval, seed, chunk_length_s, num_shards
     Files are `data/train-0000i-of-0000N.parquet` and `data/validation-00000-of-00001.parquet`, as
     `push_to_hub` lays them out. The audio column is stored as datasets stores an `Audio` feature
     (a struct of FLAC bytes and a file name), and the schema carries datasets' feature metadata, so
-    `load_dataset` reports it as `Audio`. It is written with pyarrow directly because encoding
-    through `datasets` imports torch. Returns the written parquet paths.
+    `load_dataset` reports it as `Audio`. It is written with pyarrow directly because datasets'
+    own Audio encoding needs torch. A short dataset card goes to `out_dir/README.md`. Returns the
+    written parquet paths.
     """
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,11 @@ class DataArguments:
     shuffle_buffer_size: int = field(default=500, metadata={"help": "Examples in the shuffle buffer (0: no shuffling)."})
     preprocessing_num_workers: int = field(default=4, metadata={"help": "Threads decoding audio on each host."})
     prefetch_batches: int = field(default=4, metadata={"help": "Batches prepared ahead of the device."})
+    read_retries: int = field(default=10, metadata={
+        "help": "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
+                "each retry resumes after the last row read."})
+    read_retry_wait_s: float = field(default=1.0, metadata={
+        "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."})
     host_log_mel: bool = field(
         default=False, metadata={"help": "Compute log-mel on the host with WhisperFeatureExtractor (for comparison)."}
     )
@@ -410,11 +415,13 @@ def load_source(data_args: DataArguments, split: str, *, process_index: int, pro
     if process_count > 1:
         if source.num_shards % process_count:
             warn(f"{split}: {source.num_shards} shards do not divide over {process_count} hosts, so every host "
-                 "reads all data and keeps 1 in {process_count} rows; reshard the dataset for faster loading.")
+                 f"reads all data and keeps 1 in {process_count} rows; reshard the dataset for faster loading.")
         source = datasets.distributed.split_dataset_by_node(source, rank=process_index, world_size=process_count)
     if shuffle and data_args.shuffle_buffer_size > 0:
         source = source.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-    source.set_epoch(epoch)
+        # Only here: datasets reorders the shards of any epoch > 0, shuffled or not, which would
+        # break --shuffle_buffer_size 0's promise of the files' own order.
+        source.set_epoch(epoch)
     return source
 
 
@@ -425,11 +432,13 @@ class SpeechBatches:
     decodes them in order, and finished batches wait in a bounded queue. The state of a batch is
     the source state after its last row, so a restored iterator continues with the next batch.
     With a shuffle buffer, the buffer's contents are not in the state (datasets' limitation): after
-    a resume, the order continues from a freshly filled buffer.
+    a resume, the order continues from a freshly filled buffer. A failed read is retried from the
+    state after the last row read (see _rows), so a flaky network loses and repeats nothing.
     """
 
     def __init__(self, make_source, prepare, *, batch_size: int, collate_fn, repeat: bool, num_workers: int,
-                 prefetch_batches: int, state: dict | None = None):
+                 prefetch_batches: int, state: dict | None = None, read_retries: int = 10,
+                 read_retry_wait_s: float = 1.0):
         self.make_source = make_source  # epoch -> IterableDataset
         self.prepare = prepare
         self.batch_size = batch_size
@@ -437,6 +446,8 @@ class SpeechBatches:
         self.repeat = repeat
         self.num_workers = max(1, num_workers)
         self.prefetch_batches = max(1, prefetch_batches)
+        self.read_retries = read_retries
+        self.read_retry_wait_s = read_retry_wait_s
         state = state or {}
         self.epoch = state.get("epoch", 0)
         self.source_state = state.get("source")
@@ -451,21 +462,45 @@ class SpeechBatches:
                 "examples_read": self.examples_read}
 
     def _rows(self):
-        """(row, epoch, source state after the row), epoch after epoch when repeating."""
+        """(row, epoch, source state after the row), epoch after epoch when repeating.
+
+        datasets and huggingface_hub retry a dropped connection within one file read, but not every
+        request (opening the dataset, which happens every epoch and every evaluation, is not
+        retried), so a read that still fails reopens the source at the state after the last row
+        read, after a doubling wait: nothing is lost or read twice. Only `read_retries` failures
+        in a row stop the run.
+        """
+        from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub (and datasets) use
+
         epoch, state = self.epoch, self.source_state
+        produced = state is not None  # a resumed epoch may have no rows left
+        failures = 0
         while True:
-            source = self.make_source(epoch)
-            if state is not None:
-                source.load_state_dict(state)
-            produced = False
-            for row in source:
-                produced = True
-                yield row, epoch, source.state_dict()
+            try:
+                source = self.make_source(epoch)
+                if state is not None:
+                    source.load_state_dict(state)
+                for row in source:
+                    state, produced, failures = source.state_dict(), True, 0
+                    yield row, epoch, state
+            except (OSError, httpx.HTTPError) as error:  # ConfigError (a ValueError) is not retried
+                failures += 1
+                if failures > self.read_retries:
+                    raise TrainingStopped(
+                        f"Reading the dataset failed {failures} times in a row; giving up (last error: "
+                        f"{type(error).__name__}: {error}). Check the network and --dataset_name, or allow more "
+                        "with --read_retries; relaunching resumes from the last checkpoint.") from None
+                wait_s = min(self.read_retry_wait_s * 2 ** (failures - 1), 60.0)
+                warn(f"reading the dataset failed ({type(error).__name__}: {error}); retry {failures} of "
+                     f"{self.read_retries} in {wait_s:.1f} s")
+                if self._stop.wait(wait_s):  # closed while waiting
+                    return
+                continue
             if not self.repeat:
                 return
-            if not produced and state is None:
+            if not produced:
                 raise ConfigError("The training split is empty: check --dataset_name and --train_split_name.")
-            epoch, state = epoch + 1, None
+            epoch, state, produced = epoch + 1, None, False
 
     def _produce(self):
         try:
@@ -540,6 +575,9 @@ class SpeechBatches:
                     yield self.collate_fn(examples), examples
         finally:
             self._stop.set()
+            # The reader checks the flag between rows; wait for it, so that no thread is still inside
+            # pyarrow when the interpreter exits (that can abort the process: apache/arrow#45214).
+            thread.join(timeout=30)
 
 
 def warn(message: str):
@@ -606,7 +644,7 @@ class WhisperDims:
     max_source_positions: int
     max_target_positions: int
     activation_function: str = "gelu"
-    scale_embedding: bool = False
+    pad_token_id: int | None = None  # its token-embedding row starts at zero, as in transformers
     dropout: float = 0.0
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
@@ -619,10 +657,12 @@ class WhisperDims:
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
-    """Whisper's fixed encoder positions (as transformers computes them, in float32)."""
-    log_timescale_increment = np.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = np.exp(-log_timescale_increment * np.arange(channels // 2, dtype=np.float32))
-    scaled_time = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+    """Whisper's fixed encoder positions, with transformers' float32 products (np.log would make them
+    float64). exp/sin are rounded from float64; torch's float32 kernels are within an ulp of that, so
+    the table matches transformers' to ~1e-7 for short tables, not bit for bit."""
+    increment = np.float32(-math.log(max_timescale) / (channels // 2 - 1))
+    inv_timescales = np.exp(np.float64(increment * np.arange(channels // 2, dtype=np.float32))).astype(np.float32)
+    scaled_time = np.float64(np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :])
     return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
 
@@ -810,13 +850,19 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, encoder_hidden, cache=None, position=0, train: bool = False):
         """(B, T) ids -> (B, T, vocab) float32 logits, and the updated cache (or None)."""
         d = self.dims
+
+        def token_init(key, shape, dtype=jnp.float32):  # transformers zeroes the padding_idx row
+            table = nn.initializers.normal(d.init_std)(key, shape, dtype)
+            return table if d.pad_token_id is None else table.at[d.pad_token_id].set(0.0)
+
         embed_tokens = nn.Embed(d.vocab_size, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                                embedding_init=nn.initializers.normal(d.init_std), name="embed_tokens")
+                                embedding_init=token_init, name="embed_tokens")
         embed_positions = nn.Embed(d.max_target_positions, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
                                    embedding_init=nn.initializers.normal(d.init_std), name="embed_positions")
-        scale = math.sqrt(d.d_model) if d.scale_embedding else 1.0
+        # No sqrt(d_model) factor even with config.scale_embedding: transformers' WhisperDecoder
+        # reads that flag but never applies it (checked in transformers 5.23).
         positions = position + jnp.arange(input_ids.shape[1])
-        x = embed_tokens(input_ids) * scale + embed_positions(positions)[None]
+        x = embed_tokens(input_ids) + embed_positions(positions)[None]
         x = nn.Dropout(d.dropout)(x, deterministic=not train)
         layers = stack_of_layers(DecoderLayer, num_layers=d.decoder_layers, scan=self.scan_layers, remat=self.remat,
                                  in_axes=(nn.broadcast, 0, nn.broadcast), name="layers", dims=d, dtype=self.dtype,
@@ -1481,7 +1527,7 @@ def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, mess
 
 
 class TrainingStopped(RuntimeError):
-    """A run that must stop (non-finite loss): main() prints it and exits with status 1."""
+    """A run that must stop (non-finite loss, unreadable data): main() prints it and exits with status 1."""
 
 
 class RunLog:
@@ -1746,7 +1792,8 @@ def run(argv: list[str] | None = None) -> int:
             collate_fn = with_host_features(collate_fn, feature_extractor)
         return SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare, batch_size=batch_size,
                              collate_fn=collate_fn, repeat=train, num_workers=data_args.preprocessing_num_workers,
-                             prefetch_batches=data_args.prefetch_batches, state=state)
+                             prefetch_batches=data_args.prefetch_batches, state=state,
+                             read_retries=data_args.read_retries, read_retry_wait_s=data_args.read_retry_wait_s)
 
     # Validate the eval split up front: a typo should fail now, not after hours of training.
     if train_args.do_eval:

@@ -1,0 +1,906 @@
+#!/usr/bin/env python
+"""Scream benchmarks: each subcommand measures one thing side by side and prints markdown tables.
+
+    python bench_scream.py train    # our jitted train step vs transformers' PyTorch Whisper + AdamW (CPU)
+    python bench_scream.py input    # host examples/s per core: our pipeline vs host log-mel features
+    python bench_scream.py compile  # time to compile the train step: unrolled vs scan_layers
+    python bench_scream.py tpu      # compile-only on TPU v4 slices: memory per chip, largest batch that fits
+
+Every subcommand takes --tiny: toy sizes that run in seconds (the test suite runs them so the
+script cannot rot). Timings are medians of alternating runs (ours, theirs, ours, theirs, ...), so
+a busy machine slows both sides alike; each table's caption gives the load average it ran under.
+The `tpu` subcommand needs libtpu (pip install "jax[tpu]") but no TPU: it sets JAX_PLATFORMS=cpu.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# --- model sizes ---
+# Whisper's released dimensions (vocab 51865, 80 mel bins, 30 s windows = 1500 encoder positions,
+# 448 decoder positions). "toy" is what --tiny uses: the same code paths in seconds.
+
+MODEL_DIMS = {
+    "toy": dict(d_model=64, layers=2, heads=4, ffn=256),
+    "tiny": dict(d_model=384, layers=4, heads=6, ffn=1536),
+    "base": dict(d_model=512, layers=6, heads=8, ffn=2048),
+    "small": dict(d_model=768, layers=12, heads=12, ffn=3072),
+    "medium": dict(d_model=1024, layers=24, heads=16, ffn=4096),
+    "large-v2": dict(d_model=1280, layers=32, heads=20, ffn=5120),
+}
+WHISPER_VOCAB = 51865
+TOY_VOCAB = 512
+SAMPLING_RATE = 16000
+HOP_LENGTH = 160  # mel frames every 10 ms; the encoder's stride-2 conv halves them
+TPU_V4_PEAK_BF16_FLOPS = 275e12  # per chip (Google's v4 spec sheet)
+TPU_V4_CHIPS_PER_HOST = 4
+
+
+def whisper_config(name: str, chunk_s: float = 30.0):
+    """A WhisperConfig with the named model's dimensions, for windows of `chunk_s` seconds."""
+    from transformers import WhisperConfig
+
+    dims = MODEL_DIMS[name]
+    vocab = TOY_VOCAB if name == "toy" else WHISPER_VOCAB
+    eot = vocab - 2 if name == "toy" else 50257
+    return WhisperConfig(
+        vocab_size=vocab, num_mel_bins=80, d_model=dims["d_model"],
+        encoder_layers=dims["layers"], decoder_layers=dims["layers"],
+        encoder_attention_heads=dims["heads"], decoder_attention_heads=dims["heads"],
+        encoder_ffn_dim=dims["ffn"], decoder_ffn_dim=dims["ffn"],
+        max_source_positions=int(chunk_s * SAMPLING_RATE / HOP_LENGTH) // 2, max_target_positions=448,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=eot + 1,
+    )
+
+
+def mel_filters_for(config, chunk_s: float) -> np.ndarray:
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=int(chunk_s))
+    return np.asarray(extractor.mel_filters, np.float32)
+
+
+def forward_flops(config, label_length: int) -> dict[str, float]:
+    """Forward FLOPs of one example (a multiply-add is 2 FLOPs), part by part.
+
+    Counts every matmul of the model: the conv stem (2S mel frames in, S positions out), the
+    projections and MLPs, the attention score and value products (QK^T and AV, dense: the
+    causal half is computed too), the decoder's cross-attention keys and values over all S
+    encoder positions, and the tied vocab-wide output projection. Leaves out LayerNorm, GELU,
+    softmax and the loss (elementwise, under 1%) and the log-mel front end (input, no gradient).
+    """
+    d, S, T, V = config.d_model, config.max_source_positions, label_length, config.vocab_size
+    f_enc, f_dec, L_enc, L_dec = config.encoder_ffn_dim, config.decoder_ffn_dim, config.encoder_layers, config.decoder_layers
+    mels = config.num_mel_bins
+    return {
+        "conv stem": 2 * (2 * S) * (3 * mels) * d + 2 * S * (3 * d) * d,
+        "encoder projections + MLP": L_enc * (4 * 2 * S * d * d + 2 * 2 * S * d * f_enc),
+        "encoder attention QK^T, AV": L_enc * (2 * 2 * S * S * d),
+        "decoder projections + MLP": L_dec * (4 * 2 * T * d * d      # self-attention q, k, v, out
+                                              + 2 * 2 * T * d * d    # cross-attention q, out
+                                              + 2 * 2 * S * d * d    # cross-attention k, v over the encoder output
+                                              + 2 * 2 * T * d * f_dec),
+        "decoder attention QK^T, AV": L_dec * (2 * 2 * T * T * d + 2 * 2 * T * S * d),
+        "output projection": 2 * T * d * V,
+    }
+
+
+def training_flops_per_example(config, label_length: int) -> float:
+    """Forward + backward = 3 x forward (the backward pass does two matmuls per forward one)."""
+    return 3 * sum(forward_flops(config, label_length).values())
+
+
+# --- output ---
+
+
+def load_average() -> str:
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+def machine_line() -> str:
+    return f"{os.cpu_count()} CPU cores, {load_average()} (at start)"
+
+
+def table(title: str, headers: list[str], rows: list[list], note: str | None = None):
+    """Print one markdown table with a bold title line (and an optional note under it)."""
+    def cell(value):
+        if isinstance(value, float):
+            if value == 0 or 0.01 <= abs(value) < 1e5:
+                return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+            return f"{value:.3g}"
+        return str(value)
+
+    print(f"\n**{title}** ({load_average()})\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(cell(v) for v in row) + " |")
+    if note:
+        print(f"\n{note}")
+    sys.stdout.flush()
+
+
+def median(values):
+    return statistics.median(values)
+
+
+# --- train: our step vs PyTorch ---
+
+
+def make_train_batch(config, batch_size: int, label_length: int, chunk_s: float, seed: int = 0):
+    """Speech-band noise as raw audio, and random full-length labels (every position counts)."""
+    rng = np.random.default_rng(seed)
+    n_samples = int(chunk_s * SAMPLING_RATE)
+    audio = (0.1 * rng.standard_normal((batch_size, n_samples))).astype(np.float32)
+    tokens = rng.integers(0, config.eos_token_id, (batch_size, label_length + 1)).astype(np.int32)
+    return {"audio": audio, "decoder_input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+            "example_mask": np.ones((batch_size,), np.int32)}
+
+
+def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, remat="none", devices=None,
+                   fsdp_size=1):
+    """run_scream's train step, jitted as run() jits it (shardings over a mesh, state donated).
+
+    Returns (step_fn, abstract_state with shardings, data sharding, model, optimizer, state sharding).
+    AdamW without clipping or weight decay, as the experiment scripts pin it."""
+    import jax
+    import jax.numpy as jnp
+
+    import run_scream as rs
+
+    model = rs.build_model(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
+    train_args = rs.TrainingArguments(learning_rate=1e-5, max_grad_norm=0.0, weight_decay=0.0, num_train_steps=1000)
+    optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-5, 0, 1000, "linear"))
+    mesh = rs.make_mesh(fsdp_size, devices if devices is not None else jax.devices()[:1])
+    abstract_params = jax.eval_shape(functools.partial(rs.init_params, model), jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(lambda p: rs.TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)),
+                                    abstract_params)
+    state_sharding = rs.state_shardings(abstract_state, mesh)
+    data_sharding = rs.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(rs.train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
+                          accumulation_steps=1, label_smoothing=0.0, mesh=mesh),
+        in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+    abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          abstract_state, state_sharding)
+    return step_fn, abstract_with_sharding, data_sharding, model, optimizer, state_sharding
+
+
+class OursTrainer:
+    """run_scream's jitted step on one CPU device, float32, state donated step to step."""
+
+    def __init__(self, config, batch: dict, mel_filters):
+        import jax
+        import jax.numpy as jnp
+
+        import run_scream as rs
+
+        self.jax = jax
+        step_fn, abstract_state, data_sharding, model, optimizer, state_sharding = build_our_step(config, mel_filters)
+        params = jax.jit(functools.partial(rs.init_params, model), out_shardings=state_sharding.params)(
+            jax.random.PRNGKey(0))
+        opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
+        self.state = rs.TrainState(jax.device_put(jnp.int32(0), state_sharding.step), params, opt_state,
+                                   jax.device_put(jax.random.PRNGKey(1), state_sharding.rng))
+        self.batch = jax.device_put(batch, data_sharding)
+        start = time.perf_counter()
+        compiled = step_fn.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.xla_flops = float(cost.get("flops", 0.0))
+        self.step_fn = compiled
+        self.step()  # the first run allocates and warms caches
+
+    def step(self):
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        return float(self.jax.block_until_ready(metrics)["loss"])
+
+
+class TorchTrainer:
+    """transformers' WhisperForConditionalGeneration (its default attention) with torch.optim.AdamW.
+
+    Gets log-mel features precomputed on the host (not timed): the PyTorch side does less work
+    per step than ours, which computes log-mel from the raw waveform inside its step."""
+
+    def __init__(self, config, batch: dict, mel_filters, threads: int):
+        import torch
+        from transformers import WhisperForConditionalGeneration
+
+        import run_scream as rs
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.torch = torch
+        self.model = WhisperForConditionalGeneration(config)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=0.0)
+        features = np.asarray(rs.log_mel(batch["audio"], mel_filters))  # the same features ours computes
+        self.inputs = {"input_features": torch.from_numpy(features),
+                       "decoder_input_ids": torch.from_numpy(batch["decoder_input_ids"].astype(np.int64)),
+                       "labels": torch.from_numpy(batch["labels"].astype(np.int64))}
+        self.attention = self.model.config._attn_implementation
+        self.step()
+
+    def step(self):
+        loss = self.model(**self.inputs).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+def matmul_gflops(n: int, repeats: int = 3) -> float:
+    """jnp.dot n^3 float32 on one CPU device, GFLOP/s (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), device)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def timed(fn, steps: int) -> float:
+    """Seconds per call over `steps` calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_train(args):
+    import jax
+
+    import torch
+
+    print(f"## train: our jitted step vs transformers PyTorch + AdamW ({machine_line()})")
+    print(f"float32, 1 CPU device, batch {args.batch_size}, {args.chunk_s:g} s audio, {args.label_length}-token labels, "
+          f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}")
+    results, flops_rows, matmul = [], [], []
+    for name in args.models:
+        config = whisper_config(name, args.chunk_s)
+        mel_filters = mel_filters_for(config, args.chunk_s)
+        batch = make_train_batch(config, args.batch_size, args.label_length, args.chunk_s)
+        ours = OursTrainer(config, batch, mel_filters)
+        theirs = TorchTrainer(config, batch, mel_filters, args.threads)
+        ours_s, theirs_s = [], []
+        for _ in range(args.rounds):  # alternate, so that load from elsewhere hits both alike
+            ours_s.append(timed(ours.step, args.steps))
+            theirs_s.append(timed(theirs.step, args.steps))
+            matmul.append(matmul_gflops(args.matmul_n))
+        formula = training_flops_per_example(config, args.label_length)
+        xla = ours.xla_flops / args.batch_size
+        results.append((name, config, median(ours_s), median(theirs_s), formula, theirs.attention, ours.compile_s))
+        flops_rows.append([name, formula / 1e9, xla / 1e9, xla / formula,
+                           *[v * 3 / 1e9 for v in forward_flops(config, args.label_length).values()]])
+        del ours, theirs
+    peak = median(matmul)
+    rows = []
+    for name, config, ours_t, theirs_t, formula, attention, compile_s in results:
+        ours_eps, theirs_eps = args.batch_size / ours_t, args.batch_size / theirs_t
+        rows.append([f"{name} (ours: jit, log-mel in step)", ours_t, ours_eps, ours_eps / theirs_eps,
+                     ours_eps * formula / 1e9 / peak])
+        rows.append([f"{name} (PyTorch eager, {attention} attention, features precomputed)", theirs_t, theirs_eps, 1.0,
+                     theirs_eps * formula / 1e9 / peak])
+    table("Training step throughput", ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"], rows,
+          f"Medians of {args.rounds} alternating runs of {args.steps} steps each. Matmul peak: jnp.dot "
+          f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
+          "training FLOPs/example (formula below) x examples/s / peak.")
+    table("Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
+          ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(results[0][1], 1))], flops_rows,
+          "XLA's count is of the whole compiled step (1 device, unsharded): it adds log-mel, elementwise ops "
+          "and the optimizer update, and knows that no gradient flows into the mel features.")
+    if args.profile:
+        for name in args.profile_models:
+            profile_parts(name, args)
+
+
+# Per-part microbenchmarks: the same layer forward + backward in both frameworks.
+
+
+def profile_parts(name: str, args):
+    """Where the step's time goes: each part timed forward + backward, ours (jit) vs PyTorch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from transformers.models.whisper import modeling_whisper as hf
+
+    import run_scream as rs
+
+    torch.set_num_threads(args.threads)
+    config = whisper_config(name, args.chunk_s)
+    dims = rs.WhisperDims.from_config(config)
+    B, S, T, d = args.batch_size, config.max_source_positions, args.label_length, config.d_model
+    rng = np.random.default_rng(0)
+    mel_filters = mel_filters_for(config, args.chunk_s)
+    batch = make_train_batch(config, B, T, args.chunk_s)
+    features = np.asarray(rs.log_mel(batch["audio"], mel_filters))
+    enc_in = rng.standard_normal((B, S, d)).astype(np.float32)
+    dec_in = rng.standard_normal((B, T, d)).astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    hf_config = config
+    hf_config._attn_implementation = "sdpa"
+    parts = []  # (part, ours_fn, torch_fn)
+
+    def jax_grad_fn(module, *inputs, input_grads=True):
+        """Gradients of sum(output) w.r.t. the parameters (and the float inputs, unless input_grads=False)."""
+        params = module.init(key, *inputs)
+
+        def loss(p, *xs):
+            out = module.apply(p, *xs)
+            return (out[0] if isinstance(out, tuple) else out).sum()
+        argnums = tuple(range(len(inputs) + 1)) if input_grads else (0,)
+        grad = jax.jit(jax.grad(loss, argnums=argnums))
+        xs = [jnp.asarray(x) for x in inputs]
+        return lambda: jax.block_until_ready(grad(params, *xs))
+
+    def torch_grad_fn(module, *inputs, call, input_grads=True):
+        module.train()
+        xs = [torch.tensor(x, requires_grad=input_grads) for x in inputs]
+
+        def run():
+            out = call(module, *xs)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+            module.zero_grad(set_to_none=True)
+            for x in xs:
+                x.grad = None
+        return run
+
+    # log-mel: ours on the device (forward only: no gradient flows into the features).
+    log_mel = jax.jit(lambda audio: rs.log_mel(audio, mel_filters))
+    audio = jnp.asarray(batch["audio"])
+    parts.append(("log-mel from raw audio (ours only; PyTorch gets features)", lambda: log_mel(audio).block_until_ready(), None))
+
+    # conv stem + positions: our Encoder with no layers; transformers' conv1/conv2/GELU/positions.
+    stem = rs.Encoder(dims=dataclasses.replace(dims, encoder_layers=0))
+    torch_encoder = hf.WhisperEncoder(hf_config)
+
+    def torch_stem(module, x):
+        h = torch.nn.functional.gelu(module.conv1(x))
+        h = torch.nn.functional.gelu(module.conv2(h)).permute(0, 2, 1)
+        return module.layer_norm(h + module.embed_positions.weight)
+    parts.append(("conv stem (2 convs, GELU, positions, LayerNorm)", jax_grad_fn(stem, features, input_grads=False),
+                  torch_grad_fn(torch_encoder, features, call=torch_stem, input_grads=False)))
+
+    enc_layer = rs.EncoderLayer(dims=dims, dtype=jnp.float32, deterministic=True)
+    parts.append((f"encoder layer (x{config.encoder_layers})", jax_grad_fn(enc_layer, enc_in),
+                  torch_grad_fn(hf.WhisperEncoderLayer(hf_config), enc_in,
+                                call=lambda m, x: m(x, attention_mask=None))))
+
+    # attention alone (scores and values over 1500 positions), inside the encoder layer above
+    heads = config.encoder_attention_heads
+    q = rng.standard_normal((B, S, heads, d // heads)).astype(np.float32)
+    scale = (d // heads) ** -0.5
+
+    def our_attention(q_, k_, v_):
+        return rs.attention(q_, k_, v_).sum()
+    attn_grad = jax.jit(jax.grad(our_attention, argnums=(0, 1, 2)))
+    qj = jnp.asarray(q)
+    tq = torch.tensor(q.transpose(0, 2, 1, 3).copy(), requires_grad=True)
+
+    def torch_attention():
+        out = torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)
+        out.sum().backward()
+        tq.grad = None
+    parts.append(("  of which self-attention core (QK^T, softmax, AV)", lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
+                  torch_attention))
+
+    class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
+        @rs.nn.compact
+        def __call__(self, x, enc):
+            return rs.DecoderLayer(dims=dims, dtype=jnp.float32, deterministic=True, name="layer")(x, enc, None, 0)[0]
+    torch_dec = hf.WhisperDecoderLayer(hf_config, layer_idx=0)
+    parts.append((f"decoder layer (x{config.decoder_layers})", jax_grad_fn(OurDecoderLayer(), dec_in, enc_in),
+                  torch_grad_fn(torch_dec, dec_in, enc_in,
+                                call=lambda m, x, e: m(x, attention_mask=None, encoder_hidden_states=e, use_cache=False))))
+
+    # tied output projection over the whole vocabulary + cross-entropy
+    labels = batch["labels"]
+    embedding = (0.02 * rng.standard_normal((config.vocab_size, d))).astype(np.float32)
+
+    def our_head(embedding_, x):
+        logits = jnp.einsum("btd,vd->btv", x, embedding_)
+        losses, mask = rs.token_losses(logits, jnp.asarray(labels))
+        return losses.sum() / mask.sum()
+    head_grad = jax.jit(jax.grad(our_head, argnums=(0, 1)))
+    ej, xj = jnp.asarray(embedding), jnp.asarray(dec_in)
+    te = torch.tensor(embedding, requires_grad=True)
+    tx = torch.tensor(dec_in, requires_grad=True)
+    tl = torch.tensor(labels.astype(np.int64))
+
+    def torch_head():
+        logits = torch.nn.functional.linear(tx, te)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tl.reshape(-1)).backward()
+        te.grad = tx.grad = None
+    parts.append((f"output projection ({config.vocab_size}-way) + loss", lambda: jax.block_until_ready(head_grad(ej, xj)),
+                  torch_head))
+
+    # optimizer update over all parameters
+    model = rs.build_model(config)
+    params = jax.jit(functools.partial(rs.init_params, model))(key)
+    optimizer = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    opt_state = optimizer.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(p, s, g):
+        updates, s = optimizer.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+    grads = jax.tree.map(jnp.ones_like, params)
+    box = {"p": params, "s": opt_state}
+
+    def our_update():
+        box["p"], box["s"] = update(box["p"], box["s"], grads)
+        jax.block_until_ready(box["p"])
+    torch_model = hf.WhisperForConditionalGeneration(config)
+    for p in torch_model.parameters():
+        p.grad = torch.ones_like(p)
+    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-5, weight_decay=0.0)
+    parts.append(("AdamW update (all parameters)", our_update, torch_opt.step))
+
+    for _, ours_fn, torch_fn in parts:  # compile and warm up
+        ours_fn()
+        if torch_fn:
+            torch_fn()
+    timings = {part: ([], []) for part, _, _ in parts}
+    for _ in range(args.rounds):
+        for part, ours_fn, torch_fn in parts:
+            timings[part][0].append(timed(ours_fn, 1))
+            if torch_fn:
+                timings[part][1].append(timed(torch_fn, 1))
+    rows = []
+    for part, (ours_t, torch_t) in timings.items():
+        ot = median(ours_t) * 1e3
+        tt = median(torch_t) * 1e3 if torch_t else None
+        rows.append([part, ot, "-" if tt is None else tt, "-" if tt is None else tt / ot])
+    table(f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
+          ["part", "ours (jit)", "PyTorch", "PyTorch / ours"], rows,
+          f"Medians of {args.rounds} alternating runs. Layer rows are one layer; the whole model has "
+          f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention.")
+
+
+# --- input: host pipeline ---
+
+
+def speech_like(rng, seconds: float, rate: int) -> np.ndarray:
+    """A waveform with speech's structure, for decode/resample costs and a realistic FLAC ratio.
+
+    Source-filter synthesis: a glottal pulse train (pitch 90-240 Hz, drifting) through three
+    formant resonators that move every syllable (4-6 per second), unvoiced noise bursts for
+    fricatives, pauses between phrases, and a quiet room-noise floor."""
+    from scipy.signal import lfilter
+
+    n = int(seconds * rate)
+    out = np.zeros(n)
+    t = 0
+    f0 = rng.uniform(90, 240)
+    while t < n:
+        if rng.random() < 0.12:  # a pause between phrases
+            t += int(rng.uniform(0.15, 0.6) * rate)
+            continue
+        length = min(n - t, int(rng.uniform(0.12, 0.28) * rate))
+        if rng.random() < 0.25:  # a fricative: high-band noise
+            noise = rng.standard_normal(length)
+            segment = lfilter([1, -0.95], [1], noise) * rng.uniform(0.02, 0.08)
+        else:  # a voiced syllable: pulse train through moving formants
+            f0 = float(np.clip(f0 * rng.uniform(0.9, 1.1), 80, 260))
+            pitch = f0 * (1 + 0.05 * np.sin(np.linspace(0, rng.uniform(1, 3), length)))
+            phase = np.cumsum(pitch / rate)
+            source = np.diff(np.floor(phase), prepend=0.0) + 0.01 * rng.standard_normal(length)
+            segment = source
+            for formant, bandwidth in ((rng.uniform(300, 900), 80), (rng.uniform(900, 2400), 120),
+                                       (rng.uniform(2400, 3400), 180)):
+                r = np.exp(-np.pi * bandwidth / rate)
+                theta = 2 * np.pi * formant / rate
+                segment = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], segment)
+            segment = segment / (np.abs(segment).max() + 1e-9) * rng.uniform(0.2, 0.7)
+        envelope = np.sin(np.linspace(0, np.pi, length)) ** 0.5
+        out[t:t + length] += segment * envelope
+        t += length
+    out += 0.003 * rng.standard_normal(n)
+    return np.clip(out, -1, 1).astype(np.float32)
+
+
+def flac_bytes(waveform: np.ndarray, rate: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.round(waveform * 32767).astype(np.int16), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+TRANSCRIPT = ("Det var en gang en liten gutt som bodde ved havet, og hver morgen gikk han ned til "
+              "stranden for å se på båtene.")  # 118 UTF-8 bytes: 122 label tokens with the byte-level tokenizer
+
+
+def make_clips(num_clips: int, seconds: float, rate: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for index in range(num_clips):
+        rng = np.random.default_rng([seed, rate, index])
+        rows.append({"id": f"clip-{index:04d}", "text": TRANSCRIPT,
+                     "audio": {"bytes": flac_bytes(speech_like(rng, seconds, rate), rate), "path": f"clip-{index:04d}.flac"}})
+    return rows
+
+
+def bench_input(args):
+    import make_demo_dataset
+    from transformers import WhisperFeatureExtractor
+
+    import run_scream as rs
+
+    print(f"## input: host pipeline, examples/s per core ({machine_line()})")
+    work = Path(tempfile.mkdtemp(prefix="bench_input_"))
+    tokenizer = make_demo_dataset.write_tokenizer(work / "tokenizer")
+    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+    n_samples = int(args.chunk_s * SAMPLING_RATE)
+    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=int(args.chunk_s))
+    audio_settings = rs.AudioSettings(SAMPLING_RATE, n_samples, 0.0, args.chunk_s)
+    text_settings = rs.TextSettings(False, False, args.label_length)
+    prepare = functools.partial(rs.prepare_example, audio_column="audio", text_column="text", id_column="id",
+                                tokenizer=tokenizer, audio_settings=audio_settings, text_settings=text_settings)
+    collate = functools.partial(rs.collate, batch_size=args.batch_size, n_samples=n_samples,
+                                max_label_length=args.label_length, pad_token_id=tokenizer.eos_token_id)
+    ours = (prepare, collate)
+    theirs = (rs.with_host_log_mel(prepare, extractor), rs.with_host_features(collate, extractor))
+
+    def per_example_s(rows, pipeline):
+        prepare_fn, collate_fn = pipeline
+        start = time.perf_counter()
+        for i in range(0, len(rows), args.batch_size):
+            examples = []
+            for row in rows[i:i + args.batch_size]:
+                example, reason = prepare_fn(row)
+                assert reason is None, reason
+                examples.append(example)
+            collate_fn(examples)
+        return (time.perf_counter() - start) / len(rows)
+
+    rows_out, sizes = [], {}
+    clips = {}
+    for rate in args.source_rates:
+        clips[rate] = make_clips(args.num_clips, args.chunk_s, rate)
+        raw = args.chunk_s * rate * 2
+        sizes[rate] = median([len(c["audio"]["bytes"]) for c in clips[rate]]) / raw
+    for rate in args.source_rates:
+        per_part = {"decode": [], "resample": [], "tokenize": [], "host log-mel": []}
+        ours_t, theirs_t = [], []
+        for _ in range(args.rounds):
+            ours_t.append(per_example_s(clips[rate], ours))
+            theirs_t.append(per_example_s(clips[rate], theirs))
+        # one pass over the parts, for the breakdown
+        import soundfile
+        import soxr
+        for row in clips[rate]:
+            start = time.perf_counter()
+            samples, source_rate = soundfile.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32", always_2d=True)
+            samples = samples.mean(axis=1)
+            per_part["decode"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            if source_rate != SAMPLING_RATE:
+                samples = soxr.resample(samples, source_rate, SAMPLING_RATE).astype(np.float32)
+            per_part["resample"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tokenizer(row["text"]).input_ids
+            per_part["tokenize"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            extractor(samples, sampling_rate=SAMPLING_RATE, return_tensors="np")
+            per_part["host log-mel"].append(time.perf_counter() - start)
+        o, t = median(ours_t), median(theirs_t)
+        breakdown = ", ".join(f"{k} {median(v) * 1e3:.1f}" for k, v in per_part.items())
+        rows_out.append([f"ours: decode + resample + tokenize + collate (log-mel on device)", f"{rate / 1000:g} kHz",
+                         o * 1e3, 1 / o, o and t / o])
+        rows_out.append([f"host log-mel: the same + WhisperFeatureExtractor (numpy)", f"{rate / 1000:g} kHz",
+                         t * 1e3, 1 / t, 1.0])
+        rows_out.append([f"(parts, ms/example: {breakdown})", f"{rate / 1000:g} kHz", "", "", ""])
+    table(f"Host work per {args.chunk_s:g} s FLAC clip, one thread", ["pipeline", "source", "ms/example",
+          "examples/s per core", "speed-up"], rows_out,
+          f"{args.num_clips} clips of synthetic speech (pulse train through moving formants, fricatives, pauses), "
+          "16-bit FLAC in memory; FLAC size / raw PCM: " +
+          ", ".join(f"{r / 1000:g} kHz {sizes[r]:.2f}" for r in args.source_rates) +
+          f". Medians of {args.rounds} alternating passes; labels padded to {args.label_length}.")
+
+    # Scaling: SpeechBatches over a local parquet dataset, worker threads 1, 2, ...
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data_dir = work / "data" / "data"
+    data_dir.mkdir(parents=True)
+    schema = make_demo_dataset.FEATURES.arrow_schema
+    table_rows = [{"id": c["id"], "audio": c["audio"], "text": c["text"], "source": "bench"} for c in clips[args.source_rates[0]]]
+    pq.write_table(pa.Table.from_pylist(table_rows, schema=schema), data_dir / "train-00000-of-00001.parquet",
+                   row_group_size=8)
+    data_args = rs.DataArguments(dataset_name=str(work / "data"), shuffle_buffer_size=0)
+    datasets.disable_progress_bars()
+
+    def examples_per_s(pipeline, workers):
+        prepare_fn, collate_fn = pipeline
+        make_source = functools.partial(rs.load_source, data_args, "train", process_index=0, process_count=1, seed=0,
+                                        shuffle=False, max_samples=None)
+        batches = rs.SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare_fn, batch_size=args.batch_size,
+                                   collate_fn=collate_fn, repeat=True, num_workers=workers, prefetch_batches=4)
+        iterator = iter(batches)
+        next(iterator)  # start-up (dataset opening, thread pool) is not throughput
+        start = time.perf_counter()
+        count = 0
+        for _ in range(args.scaling_batches):
+            count += len(next(iterator)[1])
+        elapsed = time.perf_counter() - start
+        iterator.close()
+        return count / elapsed
+
+    examples_per_s(ours, 1)  # builds datasets' cache of the parquet file
+    scaling = {(p, w): [] for p in ("ours", "host log-mel") for w in args.workers}
+    for _ in range(args.rounds):
+        for workers in args.workers:
+            scaling[("ours", workers)].append(examples_per_s(ours, workers))
+            scaling[("host log-mel", workers)].append(examples_per_s(theirs, workers))
+    rows_out = []
+    for (pipeline, workers), values in scaling.items():
+        eps = median(values)
+        rows_out.append([pipeline, workers, eps, eps / min(workers, os.cpu_count() or 1)])
+    table(f"SpeechBatches over a local parquet dataset ({args.source_rates[0] / 1000:g} kHz FLAC), "
+          "--preprocessing_num_workers threads", ["pipeline", "workers", "examples/s", "examples/s per core used"],
+          rows_out, f"{args.scaling_batches} batches of {args.batch_size} after the first, medians of {args.rounds} "
+          f"alternating runs; this machine has {os.cpu_count()} cores shared with other work.")
+
+
+# --- compile ---
+
+
+def bench_compile(args):
+    import jax
+
+    import run_scream as rs
+
+    print(f"## compile: train step lower + compile, unrolled vs scan_layers ({machine_line()})")
+    rows = []
+    for name in args.models:
+        config = whisper_config(name, args.chunk_s)
+        mel_filters = mel_filters_for(config, args.chunk_s)
+        times = {False: [], True: []}
+        lower_times = {False: [], True: []}
+        for _ in range(args.rounds if name not in args.single_round_models else 1):
+            for scan in (False, True):
+                step_fn, abstract_state, data_sharding, *_ = build_our_step(
+                    config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat)
+                batch = rs.abstract_batch(args.batch_size, n_samples=int(args.chunk_s * SAMPLING_RATE),
+                                          max_label_length=args.label_length, sharding=data_sharding)
+                start = time.perf_counter()
+                lowered = step_fn.lower(abstract_state, batch)
+                lower_times[scan].append(time.perf_counter() - start)
+                lowered.compile()
+                times[scan].append(time.perf_counter() - start)
+                del lowered
+        unrolled, scanned = median(times[False]), median(times[True])
+        rows.append([name, f"{config.encoder_layers}+{config.decoder_layers}", median(lower_times[False]), unrolled,
+                     median(lower_times[True]), scanned, unrolled / scanned])
+    table(f"Train step compile time on CPU (s): {args.dtype}, remat {args.remat}, batch {args.batch_size}",
+          ["model", "layers", "unrolled: lower", "unrolled: lower + compile", "scan: lower",
+           "scan: lower + compile", "scan speed-up"], rows,
+          f"Abstract inputs (jax.ShapeDtypeStruct), no execution; jax {jax.__version__}. Medians of alternating "
+          f"rounds ({args.rounds} for small models, 1 for {', '.join(args.single_round_models) or 'none'}).")
+
+
+# --- tpu: compile-only on v4 slices ---
+
+
+def tpu_compile(config, mel_filters, devices, *, per_chip_batch: int, fsdp_size: int, remat: str, scan: bool,
+                dtype: str, label_length: int, chunk_s: float) -> dict:
+    """Compile run_scream's train step for the slice; {'bytes', 'fits', 'compile_s'} (bytes None: did not fit)."""
+    import run_scream as rs
+
+    step_fn, abstract_state, data_sharding, *_ = build_our_step(
+        config, mel_filters, dtype=dtype, scan_layers=scan, remat=remat, devices=devices, fsdp_size=fsdp_size)
+    batch = rs.abstract_batch(per_chip_batch * len(devices), n_samples=int(chunk_s * SAMPLING_RATE),
+                              max_label_length=label_length, sharding=data_sharding)
+    start = time.perf_counter()
+    try:
+        compiled = step_fn.lower(abstract_state, batch).compile()
+    except Exception as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return {"bytes": None, "fits": False, "compile_s": time.perf_counter() - start}
+    total = rs.compiled_memory(compiled)["total_bytes"]
+    return {"bytes": total, "fits": total <= rs.TPU_V4_USABLE_BYTES, "compile_s": time.perf_counter() - start}
+
+
+def largest_fitting_batch(compile_at, seed_batch: int, max_batch: int, known: dict) -> int:
+    """Largest per-chip batch that fits, from few compiles: memory grows about linearly with the
+    batch, so extrapolate from two points, then check the guess and the batch above it (and
+    bisect if the guess was wrong). `known` maps batch -> compile result and is filled in."""
+    import run_scream as rs
+
+    def fits(batch):
+        if batch not in known:
+            known[batch] = compile_at(batch)
+        return known[batch]["fits"]
+
+    lo, hi = 0, max_batch + 1  # lo fits (0: trivially), hi does not
+    if fits(seed_batch):
+        lo = seed_batch
+        probe = min(max_batch, 2 * seed_batch)
+        if probe > lo:
+            if fits(probe):
+                lo = probe
+            else:
+                hi = probe
+        a, b = known[seed_batch]["bytes"], known.get(probe, {}).get("bytes")
+        if b and probe != seed_batch and b > a:
+            guess = seed_batch + int((rs.TPU_V4_USABLE_BYTES - a) / ((b - a) / (probe - seed_batch)))
+            guess = max(lo + 1, min(hi - 1, guess))
+            if guess > lo and guess < hi:
+                if fits(guess):
+                    lo = guess
+                    if guess + 1 < hi:
+                        if fits(guess + 1):
+                            lo = guess + 1
+                        else:
+                            hi = guess + 1
+                else:
+                    hi = guess
+    else:
+        hi = seed_batch
+    while hi - lo > 1:  # bisect what is left (rarely more than a step or two)
+        middle = (lo + hi) // 2
+        if fits(middle):
+            lo = middle
+        else:
+            hi = middle
+    return lo
+
+
+def bench_tpu(args):
+    import jax
+
+    import run_scream as rs
+
+    print(f"## tpu: compile-only for TPU v4 slices from this CPU ({machine_line()})")
+    print(f"jax {jax.__version__}; usable HBM per v4 chip taken as {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB")
+    rows = []
+    for spec in args.plans:
+        name, slice_name = spec.split("@")
+        devices = rs.tpu_topology_devices(slice_name)
+        config = whisper_config(name, args.chunk_s)
+        mel_filters = mel_filters_for(config, args.chunk_s)
+        seed_batch = args.seed_batch.get(name, 8)
+        scan = name in args.scan_models
+        for fsdp in args.fsdp:
+            fsdp_size = len(devices) if fsdp == "all" else int(fsdp)
+            for remat in args.remats:
+                known: dict = {}
+                compile_at = functools.partial(tpu_compile, config, mel_filters, devices, fsdp_size=fsdp_size,
+                                               remat=remat, scan=scan, dtype=args.dtype,
+                                               label_length=args.label_length, chunk_s=args.chunk_s)
+                start = time.perf_counter()
+                best = largest_fitting_batch(lambda b: compile_at(per_chip_batch=b), seed_batch, args.max_batch, known)
+                elapsed = time.perf_counter() - start
+                at_seed = known[seed_batch]
+                at_best = known.get(best, {}).get("bytes")
+                rows.append([name, f"{slice_name} ({len(devices)} chips)", "data parallel" if fsdp_size == 1 else f"FSDP {fsdp_size}",
+                             remat, "on" if scan else "off", seed_batch,
+                             "does not fit" if at_seed["bytes"] is None else at_seed["bytes"] / 2**30,
+                             "yes" if at_seed["fits"] else "no", best if best else "none",
+                             "-" if not at_best else at_best / 2**30,
+                             ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())), elapsed])
+                print(f"  {name} {slice_name} fsdp {fsdp_size} remat {remat}: seed batch {seed_batch} "
+                      f"{'fits' if at_seed['fits'] else 'does not fit'}, largest {best} ({elapsed:.0f} s)", flush=True)
+    table(f"Per-chip memory of the real train step, compiled for TPU v4 ({args.dtype}, {args.chunk_s:g} s audio, "
+          f"{args.label_length}-token labels)",
+          ["model", "slice", "sharding", "remat", "scan", "seed batch/chip", "GiB/chip at seed batch", "fits",
+           "largest batch/chip", "GiB/chip there", "batches compiled", "compile s"], rows,
+          "memory = compiled.memory_analysis(): arguments + outputs + temporaries - aliased (donated) buffers. "
+          f"Fits: no RESOURCE_EXHAUSTED and at most {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB; searched up to "
+          f"{args.max_batch} per chip.")
+
+
+# --- main ---
+
+
+def parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="our jitted train step vs PyTorch + AdamW on this CPU")
+    train.add_argument("--models", type=parse_list, default=["tiny", "base"])
+    train.add_argument("--batch_size", type=int, default=8)
+    train.add_argument("--chunk_s", type=float, default=30.0)
+    train.add_argument("--label_length", type=int, default=128)
+    train.add_argument("--rounds", type=int, default=5, help="alternating runs of each side")
+    train.add_argument("--steps", type=int, default=2, help="steps per run")
+    train.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (XLA uses its default)")
+    train.add_argument("--matmul_n", type=int, default=2048)
+    train.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                       help="time the parts (conv stem, layers, attention, output projection, optimizer)")
+    train.add_argument("--profile_models", type=parse_list, default=["tiny"])
+
+    inputs = commands.add_parser("input", help="host pipeline examples/s per core")
+    inputs.add_argument("--num_clips", type=int, default=32)
+    inputs.add_argument("--chunk_s", type=float, default=30.0)
+    inputs.add_argument("--source_rates", type=lambda s: [int(x) for x in parse_list(s)], default=[16000, 48000])
+    inputs.add_argument("--batch_size", type=int, default=8)
+    inputs.add_argument("--label_length", type=int, default=128)
+    inputs.add_argument("--rounds", type=int, default=3)
+    inputs.add_argument("--workers", type=lambda s: [int(x) for x in parse_list(s)], default=[1, 2])
+    inputs.add_argument("--scaling_batches", type=int, default=8)
+
+    compile_ = commands.add_parser("compile", help="train step compile time, unrolled vs scan_layers")
+    compile_.add_argument("--models", type=parse_list, default=["tiny", "large-v2"])
+    compile_.add_argument("--single_round_models", type=parse_list, default=["large-v2"],
+                          help="models compiled once per variant (minutes each)")
+    compile_.add_argument("--rounds", type=int, default=3)
+    compile_.add_argument("--batch_size", type=int, default=1)
+    compile_.add_argument("--chunk_s", type=float, default=30.0)
+    compile_.add_argument("--label_length", type=int, default=128)
+    compile_.add_argument("--dtype", default="float32")
+    compile_.add_argument("--remat", default="none")
+
+    tpu = commands.add_parser("tpu", help="compile-only on TPU v4 slices: memory per chip, largest batch")
+    tpu.add_argument("--plans", type=parse_list, default=["large-v2@v4-64", "tiny@v4-32"], help="model@slice, ...")
+    tpu.add_argument("--fsdp", type=parse_list, default=["1", "all"], help="fsdp sizes; 'all' = every chip")
+    tpu.add_argument("--remats", type=parse_list, default=["none", "dots", "full"])
+    tpu.add_argument("--scan_models", type=parse_list, default=["large-v2"])
+    tpu.add_argument("--seed_batch", type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
+                     default={"large-v2": 5, "tiny": 32}, help="per-chip batch of the 2023 runs, e.g. large-v2=5,tiny=32")
+    tpu.add_argument("--max_batch", type=int, default=128)
+    tpu.add_argument("--dtype", default="bfloat16")
+    tpu.add_argument("--chunk_s", type=float, default=30.0)
+    tpu.add_argument("--label_length", type=int, default=128)
+
+    for sub in (train, inputs, compile_, tpu):
+        sub.add_argument("--tiny", action="store_true", help="toy sizes that finish in seconds (for the tests)")
+    args = parser.parse_args(argv)
+    if args.tiny:  # the same code paths, toy sizes
+        toy = {
+            "train": dict(models=["toy"], batch_size=2, chunk_s=3.0, label_length=16, rounds=2, steps=1, matmul_n=256,
+                          profile_models=["toy"]),
+            "input": dict(num_clips=4, chunk_s=2.0, source_rates=[16000, 48000], batch_size=2, label_length=128,
+                          rounds=1, workers=[1, 2], scaling_batches=2),
+            "compile": dict(models=["toy"], single_round_models=[], rounds=1, chunk_s=3.0, label_length=16),
+            "tpu": dict(plans=["toy@v4-8"], scan_models=["toy"], seed_batch={"toy": 2}, max_batch=4, chunk_s=3.0,
+                        label_length=16, remats=["none", "full"]),
+        }[args.command]
+        for key, value in toy.items():
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.command == "tpu":  # compile-only: never look for a TPU (or a metadata server)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    {"train": bench_train, "input": bench_input, "compile": bench_compile, "tpu": bench_tpu}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,8 @@
 Every subcommand takes --tiny: toy sizes that run in seconds (the test suite runs them so the
 script cannot rot). Timings are medians of alternating runs (ours, theirs, ours, theirs, ...), so
 a busy machine slows both sides alike; each table's caption gives the load average it ran under.
-The `tpu` subcommand needs libtpu (pip install "jax[tpu]") but no TPU: it sets JAX_PLATFORMS=cpu.
+Everything runs on this machine's CPU (JAX_PLATFORMS=cpu); `tpu` needs libtpu (pip install
+"jax[tpu]") but no TPU.
 """
 from __future__ import annotations
 
@@ -110,6 +111,22 @@ def load_average() -> str:
         return "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         return "load average unknown"
+
+
+LOAD_SAMPLES: list[float] = []  # 1-minute load averages sampled before each timed round
+
+
+def sample_load():
+    try:
+        LOAD_SAMPLES.append(os.getloadavg()[0])
+    except OSError:
+        pass
+
+
+def load_range() -> str:
+    if not LOAD_SAMPLES:
+        return "load not sampled"
+    return f"1-minute load average during the timed rounds {min(LOAD_SAMPLES):.1f}-{max(LOAD_SAMPLES):.1f}"
 
 
 def machine_line() -> str:
@@ -231,7 +248,7 @@ class TorchTrainer:
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=0.0)
-        features = np.asarray(rs.log_mel(batch["audio"], mel_filters))  # the same features ours computes
+        features = np.array(rs.log_mel(batch["audio"], mel_filters))  # the same features ours computes
         self.inputs = {"input_features": torch.from_numpy(features),
                        "decoder_input_ids": torch.from_numpy(batch["decoder_input_ids"].astype(np.int64)),
                        "labels": torch.from_numpy(batch["labels"].astype(np.int64))}
@@ -243,7 +260,7 @@ class TorchTrainer:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 def matmul_gflops(n: int, repeats: int = 3) -> float:
@@ -288,6 +305,7 @@ def bench_train(args):
         theirs = TorchTrainer(config, batch, mel_filters, args.threads)
         ours_s, theirs_s = [], []
         for _ in range(args.rounds):  # alternate, so that load from elsewhere hits both alike
+            sample_load()
             ours_s.append(timed(ours.step, args.steps))
             theirs_s.append(timed(theirs.step, args.steps))
             matmul.append(matmul_gflops(args.matmul_n))
@@ -308,7 +326,7 @@ def bench_train(args):
     table("Training step throughput", ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"], rows,
           f"Medians of {args.rounds} alternating runs of {args.steps} steps each. Matmul peak: jnp.dot "
           f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
-          "training FLOPs/example (formula below) x examples/s / peak.")
+          f"training FLOPs/example (formula below) x examples/s / peak. {load_range()}.")
     table("Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
           ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(results[0][1], 1))], flops_rows,
           "XLA's count is of the whole compiled step (1 device, unsharded): it adds log-mel, elementwise ops "
@@ -408,6 +426,10 @@ def profile_parts(name: str, args):
         tq.grad = None
     parts.append(("  of which self-attention core (QK^T, softmax, AV)", lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
                   torch_attention))
+    dense_grad = jax.jit(jax.grad(lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(),
+                                  argnums=(0, 1, 2)))
+    parts.append(("  the same, unblocked (jax.nn.dot_product_attention)", lambda: jax.block_until_ready(dense_grad(qj, qj, qj)),
+                  None))
 
     class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
         @rs.nn.compact
@@ -466,7 +488,9 @@ def profile_parts(name: str, args):
         if torch_fn:
             torch_fn()
     timings = {part: ([], []) for part, _, _ in parts}
+    LOAD_SAMPLES.clear()
     for _ in range(args.rounds):
+        sample_load()
         for part, ours_fn, torch_fn in parts:
             timings[part][0].append(timed(ours_fn, 1))
             if torch_fn:
@@ -479,7 +503,8 @@ def profile_parts(name: str, args):
     table(f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
           ["part", "ours (jit)", "PyTorch", "PyTorch / ours"], rows,
           f"Medians of {args.rounds} alternating runs. Layer rows are one layer; the whole model has "
-          f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention.")
+          f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention. "
+          f"{load_range()}.")
 
 
 # --- input: host pipeline ---
@@ -588,6 +613,7 @@ def bench_input(args):
         per_part = {"decode": [], "resample": [], "tokenize": [], "host log-mel": []}
         ours_t, theirs_t = [], []
         for _ in range(args.rounds):
+            sample_load()
             ours_t.append(per_example_s(clips[rate], ours))
             theirs_t.append(per_example_s(clips[rate], theirs))
         # one pass over the parts, for the breakdown
@@ -620,7 +646,7 @@ def bench_input(args):
           f"{args.num_clips} clips of synthetic speech (pulse train through moving formants, fricatives, pauses), "
           "16-bit FLAC in memory; FLAC size / raw PCM: " +
           ", ".join(f"{r / 1000:g} kHz {sizes[r]:.2f}" for r in args.source_rates) +
-          f". Medians of {args.rounds} alternating passes; labels padded to {args.label_length}.")
+          f". Medians of {args.rounds} alternating passes; labels padded to {args.label_length}. {load_range()}.")
 
     # Scaling: SpeechBatches over a local parquet dataset, worker threads 1, 2, ...
     import datasets
@@ -654,7 +680,9 @@ def bench_input(args):
 
     examples_per_s(ours, 1)  # builds datasets' cache of the parquet file
     scaling = {(p, w): [] for p in ("ours", "host log-mel") for w in args.workers}
+    LOAD_SAMPLES.clear()
     for _ in range(args.rounds):
+        sample_load()
         for workers in args.workers:
             scaling[("ours", workers)].append(examples_per_s(ours, workers))
             scaling[("host log-mel", workers)].append(examples_per_s(theirs, workers))
@@ -665,7 +693,7 @@ def bench_input(args):
     table(f"SpeechBatches over a local parquet dataset ({args.source_rates[0] / 1000:g} kHz FLAC), "
           "--preprocessing_num_workers threads", ["pipeline", "workers", "examples/s", "examples/s per core used"],
           rows_out, f"{args.scaling_batches} batches of {args.batch_size} after the first, medians of {args.rounds} "
-          f"alternating runs; this machine has {os.cpu_count()} cores shared with other work.")
+          f"alternating runs; this machine has {os.cpu_count()} cores. {load_range()}.")
 
 
 # --- compile ---
@@ -685,6 +713,7 @@ def bench_compile(args):
         lower_times = {False: [], True: []}
         for _ in range(args.rounds if name not in args.single_round_models else 1):
             for scan in (False, True):
+                sample_load()
                 step_fn, abstract_state, data_sharding, *_ = build_our_step(
                     config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat)
                 batch = rs.abstract_batch(args.batch_size, n_samples=int(args.chunk_s * SAMPLING_RATE),
@@ -702,7 +731,7 @@ def bench_compile(args):
           ["model", "layers", "unrolled: lower", "unrolled: lower + compile", "scan: lower",
            "scan: lower + compile", "scan speed-up"], rows,
           f"Abstract inputs (jax.ShapeDtypeStruct), no execution; jax {jax.__version__}. Medians of alternating "
-          f"rounds ({args.rounds} for small models, 1 for {', '.join(args.single_round_models) or 'none'}).")
+          f"rounds ({args.rounds} for small models, 1 for {', '.join(args.single_round_models) or 'none'}). {load_range()}.")
 
 
 # --- tpu: compile-only on v4 slices ---
@@ -803,7 +832,8 @@ def bench_tpu(args):
                 rows.append([name, f"{slice_name} ({len(devices)} chips)", "data parallel" if fsdp_size == 1 else f"FSDP {fsdp_size}",
                              remat, "on" if scan else "off", seed_batch,
                              "does not fit" if at_seed["bytes"] is None else at_seed["bytes"] / 2**30,
-                             "yes" if at_seed["fits"] else "no", best if best else "none",
+                             "yes" if at_seed["fits"] else "no",
+                             "none" if not best else f">= {best} (search cap)" if best == args.max_batch else best,
                              "-" if not at_best else at_best / 2**30,
                              ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())), elapsed])
                 print(f"  {name} {slice_name} fsdp {fsdp_size} remat {remat}: seed batch {seed_batch} "
@@ -894,9 +924,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.command == "tpu":  # compile-only: never look for a TPU (or a metadata server)
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Everything here runs on this machine's CPU; `tpu` compiles for TPU slices without one, so
+    # libtpu must look neither for a local TPU nor for a metadata server.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     {"train": bench_train, "input": bench_input, "compile": bench_compile, "tpu": bench_tpu}[args.command](args)
     return 0

@@ -669,11 +669,15 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
 def attention(query, key, value, *, mask=None, is_causal=False, dropout_rate=0.0, dropout_rng=None):
     """Scaled dot-product attention over (batch, time, heads, head_dim).
 
-    Goes through jax.nn.dot_product_attention (fused kernels on GPU/TPU) unless attention dropout
-    is active, which that API does not offer.
+    Long unmasked query sequences (the encoder's) go through blocked_attention; the rest through
+    jax.nn.dot_product_attention (fused kernels on GPU), unless attention dropout is active, which
+    that API does not offer.
     """
     scale = query.shape[-1] ** -0.5
     if dropout_rng is None or dropout_rate == 0.0:
+        block = query_block_size(query.shape[1]) if mask is None and not is_causal else None
+        if block is not None:  # the encoder's 1500 positions
+            return blocked_attention(query, key, value, scale=scale, block=block)
         return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=is_causal)
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
     if is_causal:
@@ -685,6 +689,33 @@ def attention(query, key, value, *, mask=None, is_causal=False, dropout_rate=0.0
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def query_block_size(length: int) -> int | None:
+    """Queries per block for blocked_attention: a divisor of `length` from 128 down to 64 (125 for
+    1500 positions, 75 for the demo's 150), or None when the queries fit one block (or no such
+    divisor exists) and are attended at once."""
+    if length <= 128:
+        return None
+    return next((size for size in range(128, 63, -1) if length % size == 0), None)
+
+
+def blocked_attention(query, key, value, *, scale: float, block: int):
+    """Unmasked attention one block of queries at a time, each block's scores recomputed in the
+    backward pass rather than stored. The (batch, heads, T, S) scores never exist at once: at
+    the encoder's 1500 positions that is 2x faster on CPU (a block's scores stay in cache; bench
+    `train`) and saves 4 * batch * heads * 1500^2 bytes per layer of activations."""
+    batch, length, heads, head_dim = query.shape
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, heads, S, head_dim)
+
+    @jax.checkpoint
+    def attend(query_block):  # (B, block, heads, head_dim)
+        scores = jnp.einsum("bqhd,bhkd->bhqk", query_block, key, preferred_element_type=jnp.float32) * scale
+        weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+        return jnp.einsum("bhqk,bhkd->bqhd", weights, value)
+
+    blocks = query.reshape(batch, length // block, block, heads, head_dim).swapaxes(0, 1)
+    return jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(batch, length, heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -1468,6 +1499,14 @@ def any_host(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
 
 
+def sync_hosts(name: str):
+    """Wait until every host gets here (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # --- checkpointing and export ---
 # Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
 # state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
@@ -1528,6 +1567,20 @@ def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, mess
 
 class TrainingStopped(RuntimeError):
     """A run that must stop (non-finite loss, unreadable data): main() prints it and exits with status 1."""
+
+
+def drop_metrics_after(path: Path, step: int):
+    """Remove metrics.jsonl lines of steps after `step` (and a last line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(kept))
 
 
 class RunLog:
@@ -1735,10 +1788,14 @@ def run(argv: list[str] | None = None) -> int:
     if has_checkpoints and train_args.do_train and not train_args.resume_from_checkpoint and not train_args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
                           "pass --overwrite_output_dir to start over, or resume.")
-    if train_args.overwrite_output_dir and train_args.do_train and is_main:
-        for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
-            shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
-                output_dir / stale).unlink(missing_ok=True)
+    # Every host looks at the directory before process 0 changes it: a host that looked after
+    # process 0 wrote scream_config.json would refuse a fresh run as "not empty" and hang the rest.
+    sync_hosts("output_dir checked")
+    if train_args.overwrite_output_dir and train_args.do_train:
+        if is_main:
+            for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
+                shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
+                    output_dir / stale).unlink(missing_ok=True)
         has_checkpoints = False
     saved_config_path = output_dir / "scream_config.json"
     if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
@@ -1746,6 +1803,7 @@ def run(argv: list[str] | None = None) -> int:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         saved_config_path.write_text(json.dumps(run_config, indent=2, default=str))
+    sync_hosts("output_dir prepared")  # ... and no host opens the checkpoints before an overwrite removed them
     say(json.dumps(run_config, indent=2, default=str))
 
     # Train state: restored, pretrained or random; sharded from the start.
@@ -1760,6 +1818,8 @@ def run(argv: list[str] | None = None) -> int:
             raise ConfigError(f"The checkpoint at step {latest} was written by {restored_meta['num_processes']} "
                               f"processes; resume with the same number of hosts (now {jax.process_count()}).")
         say(f"resumed from {checkpoints_dir / str(latest)} (step {latest})")
+        if is_main:  # the steps after the checkpoint are redone: keep one log line per step
+            drop_metrics_after(output_dir / "metrics.jsonl", latest)
     else:
         if components.params is not None:
             params = stack_layers(components.params, model.dims) if model_args.scan_layers else components.params

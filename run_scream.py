@@ -232,8 +232,11 @@ class BatchPlan:
 def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) -> BatchPlan:
     """Derive and check the batch split; errors say which numbers to change."""
     if args.train_batch_size is None and args.per_device_train_batch_size is None:
-        raise ConfigError("Set the global batch with --train_batch_size (or --per_device_train_batch_size).")
-    global_batch = args.train_batch_size or args.per_device_train_batch_size * num_devices
+        if args.do_train or args.eval_batch_size is None:
+            raise ConfigError("Set the global batch with --train_batch_size (or --per_device_train_batch_size).")
+        global_batch = args.eval_batch_size  # evaluation only: the training batch is never used
+    else:
+        global_batch = args.train_batch_size or args.per_device_train_batch_size * num_devices
     if args.train_batch_size and args.per_device_train_batch_size:
         if args.per_device_train_batch_size * num_devices != args.train_batch_size:
             raise ConfigError(
@@ -1781,7 +1784,10 @@ def run(argv: list[str] | None = None) -> int:
     output_dir = Path(train_args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     has_checkpoints = checkpoints_dir.is_dir() and any(checkpoints_dir.iterdir())
-    if (output_dir.is_dir() and any(output_dir.iterdir()) and not has_checkpoints
+    # What a run writes before its first step: relaunching the fixed command after a misconfiguration
+    # found at start-up (a wrong column, a missing dataset) must not be refused as "not empty".
+    startup_files = {"scream_config.json", "checkpoints", "tensorboard"}
+    if (output_dir.is_dir() and any(p.name not in startup_files for p in output_dir.iterdir()) and not has_checkpoints
             and not train_args.overwrite_output_dir and train_args.do_train):
         raise ConfigError(f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
                           "choose another --output_dir, or pass --overwrite_output_dir.")

@@ -246,26 +246,29 @@ def train_step_runs(train_demo):
         "one_device": run(rs.make_mesh(1, devices=devices[:1]), 1),
         "data_parallel_8x1": run(rs.make_mesh(1), 1),
         "fsdp_4x2": run(rs.make_mesh(2), 1),
-        # 4 micro-batches of 2, each split over a 1x2 mesh (one row per device), parameters sharded
+        # 4 micro-batches of 2 rows inside the step
+        "accumulate_4_on_1_device": run(rs.make_mesh(1, devices=devices[:1]), 4),
+        # ... each micro-batch split over a 1x2 mesh (one row per device), parameters sharded
         "accumulate_4_on_1x2": run(rs.make_mesh(2, devices=devices[:2]), 4),
     }
     return {"runs": runs, "batches": batches, "model": model, "initial": initial, "mel_filters": mel_filters}
 
 
-# float32: the meshes sum the same numbers in different orders. Measured: loss within 2e-7
-# relative, parameters after 3 AdamW steps (LR 1e-3) within 4e-6 absolute.
+# float32: the meshes sum the same numbers in different orders. Measured: losses within 2e-7
+# relative; parameters after 3 AdamW steps (LR 1e-3, so each moves up to ~3e-3) within 3.3e-6
+# absolute (data parallel 3.2e-6, FSDP 1.4e-6, accumulation 0.5e-6 and 3.0e-6).
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 3e-5
 
 
-@pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1x2"])
+@pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1_device", "accumulate_4_on_1x2"])
 def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
     reference, run = train_step_runs["runs"]["one_device"], train_step_runs["runs"][name]
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=LOSS_RTOL)
     assert max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(reference["params"])) < PARAM_ATOL
     # The steps really moved the parameters (far more than the tolerance).
     moved = max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(train_step_runs["initial"].params))
-    assert moved > 100 * PARAM_ATOL
+    assert moved > 20 * PARAM_ATOL
 
 
 def test_fsdp_really_shards_parameters_and_moments(train_step_runs):

@@ -96,7 +96,8 @@ class DataArguments:
     prefetch_batches: int = field(default=4, metadata={"help": "Batches prepared ahead of the device."})
     read_retries: int = field(default=10, metadata={
         "help": "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
-                "each retry resumes after the last row read."})
+                "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
+                "retries of each file read."})
     read_retry_wait_s: float = field(default=1.0, metadata={
         "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."})
     host_log_mel: bool = field(
@@ -204,8 +205,14 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False)  # a typo must not silently match a flag
     *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        raise ConfigError(f"Unrecognised arguments: {' '.join(unknown)}. Every flag starts with -- and takes its "
-                          "value after a space; run with --help for the list.")
+        import difflib
+
+        known = [option for action in parser._actions for option in action.option_strings]
+        hints = [f"{flag} -> {close[0]}" for flag in unknown if flag.startswith("--")
+                 for close in [difflib.get_close_matches(flag.split("=")[0], known, n=1)] if close]
+        raise ConfigError(f"Unrecognised arguments: {' '.join(unknown)}. "
+                          + (f"Did you mean: {', '.join(hints)}? " if hints else "")
+                          + "Every flag starts with -- and takes its value after a space; run with --help for the list.")
     return groups
 
 

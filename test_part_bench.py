@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed, a process that starts JAX without this loads libtpu and holds
+# /tmp/libtpu_lockfile, and the compile-only TPU subprocesses below could not start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools
 import json
@@ -16,8 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-# Compile-only TPU work: libtpu must neither look for a TPU nor ask a metadata server.
-BENCH_TPU_ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", HF_HUB_OFFLINE="1")
+# Compile-only TPU work: libtpu must neither look for a TPU nor ask a metadata server, nor wait for
+# another process's libtpu lockfile (a parallel test process may hold it).
+BENCH_TPU_ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                     HF_HUB_OFFLINE="1")
 
 
 def bench_tables(text: str) -> dict[str, list[dict]]:
@@ -161,14 +166,14 @@ def test_bench_tpu_tiny_compiles_for_a_v4_8():
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = bench_table(bench_tables(result.stdout), "Per-chip memory of the real train step")
-    settings = {(r["sharding"], r["remat"]): r for r in rows}
-    assert sorted(settings) == [("FSDP 4", "full"), ("FSDP 4", "none"), ("data parallel", "full"),
-                                ("data parallel", "none")]
-    memory = {key: float(r["GiB/chip at seed batch"]) for key, r in settings.items()}
+    memory = {r["sharding"]: float(r["GiB/chip at seed batch"]) for r in rows}
+    assert sorted(memory) == ["FSDP 4", "data parallel"]
     assert all(0 < gib < 1 for gib in memory.values())
-    for remat in ("none", "full"):  # sharding parameters and optimizer state never costs memory per chip
-        assert memory[("FSDP 4", remat)] <= memory[("data parallel", remat)]
-    assert all(r["slice"] == "v4-8 (4 chips)" and r["fits"] == "yes" and r["largest batch/chip"] == ">= 4 (search cap)" for r in rows)
+    # Sharding parameters and optimizer state over the 4 chips holds less of them per chip.
+    assert memory["FSDP 4"] < memory["data parallel"]
+    for row in rows:
+        assert row["slice"] == "v4-8 (4 chips)" and row["remat"] == "dots" and row["scan"] == "on"
+        assert row["fits"] == "yes" and row["largest batch/chip"] == ">= 2 (search cap)"
 
 
 def test_bench_dry_run_reports_memory_per_chip_on_a_v4_8(tmp_path):

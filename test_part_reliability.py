@@ -174,14 +174,14 @@ def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[l
 
 def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, reliability_env,
                                                              reliability_reference, tmp_path):
-    kill_after = random.Random(7).randint(4, 8)  # seeded: the same step on every run of the suite
+    kill_after = random.Random(7).randint(5, 8)  # seeded: the same step on every run of the suite
     out = tmp_path / "run"
     process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
     wait_for_step(process, out, kill_after)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     committed = complete_checkpoints(out)
-    assert committed and committed[-1] < NUM_STEPS and not (out / "model.safetensors").exists()
+    assert committed and committed[-1] < NUM_STEPS and not (out / "model.safetensors").exists(), committed
 
     returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
@@ -253,9 +253,9 @@ def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(reliabilit
 
 class FlakyHub(http.server.ThreadingHTTPServer):
     """Just enough of the Hugging Face Hub's HTTP API to stream one parquet dataset repository,
-    served from a local directory. Every `fail_every`-th request is dropped: alternately a reset
-    before any response and a response cut off half-way through its body. `fail_every=1` is a
-    network that is down."""
+    served from a local directory. Every `fail_every`-th request is dropped: reset before any
+    response or, for every other dropped GET, cut off half-way through its body. `fail_every=1` is
+    a network that is down."""
 
     daemon_threads = True
     repo_id = "scream-tests/demo"
@@ -291,7 +291,7 @@ class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
         with hub.lock:
             hub.requests += 1
             drop = hub.requests % hub.fail_every == 0
-            cut = drop and not head and len(hub.dropped) % 2 == 1
+            cut = drop and not head and sum(d.startswith(("cut GET", "reset GET")) for d in hub.dropped) % 2 == 1
             if drop:
                 hub.dropped.append(("cut " if cut else "reset ") + f"{self.command} {path}")
         status, body, headers = self.route(path)
@@ -362,7 +362,8 @@ def test_reliability_dropped_connections_are_retried_without_losing_examples(rel
         hub.shutdown()
     assert returncode == 0, stderr[-3000:]
     assert len(hub.dropped) >= 5, hub.dropped
-    assert any("parquet" in d for d in hub.dropped) and any("parquet" not in d for d in hub.dropped), hub.dropped
+    assert any(d.startswith("cut GET") and "parquet" in d for d in hub.dropped), hub.dropped
+    assert any(d.startswith("reset") and "parquet" not in d for d in hub.dropped), hub.dropped
     assert "warning: reading the dataset failed" in stderr  # our retry, from the last row read
     assert_same_exported_params(tmp_path / "run", reliability_reference)
 
@@ -406,7 +407,6 @@ def test_reliability_a_dead_peer_process_stops_the_survivor(reliability_demo, re
                 process.wait()
     assert returncode != 0
     assert "another task died" in stderr or "unhealthy" in stderr, stderr[-3000:]
-    assert max(logged_steps(out)) < 100000
 
 
 NAN_BATCH_SCRIPT = """
@@ -524,6 +524,7 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
     import io
 
     import soundfile
+    import soxr
     from transformers import WhisperTokenizer
 
     import make_demo_dataset as demo_data
@@ -533,7 +534,7 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     clip = demo_data.synthesize("hei du", np.random.default_rng(0), sample_rate=8000, max_duration_s=1.0)
     buffer = io.BytesIO()
-    soundfile.write(buffer, np.stack([clip, clip], axis=1), 8000, format="WAV", subtype="FLOAT")
+    soundfile.write(buffer, np.stack([clip, 0.5 * clip], axis=1), 8000, format="WAV", subtype="FLOAT")
     text = "Hei ☃ 日本 🙂 done"
     example, reason = run_scream.prepare_example(
         {"audio": {"bytes": buffer.getvalue()}, "text": text, "id": 7}, audio_column="audio", text_column="text",
@@ -541,8 +542,9 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
         audio_settings=run_scream.AudioSettings(16000, 16000, 0.0, 1.0),
         text_settings=run_scream.TextSettings(False, False, 60))
     assert reason is None
-    assert example["audio"].ndim == 1 and abs(len(example["audio"]) - 2 * len(clip)) <= 2
-    assert np.corrcoef(example["audio"][::2][: len(clip) - 10], clip[: len(clip) - 10])[0, 1] > 0.99
+    assert example["audio"].ndim == 1 and example["audio"].dtype == np.float32
+    np.testing.assert_allclose(example["audio"], soxr.resample(0.75 * clip, 8000, 16000), atol=1e-6)  # mean of channels
+    assert len(example["audio"]) == 2 * len(clip)
     assert tokenizer.decode(example["tokens"], skip_special_tokens=True) == text
     assert example["id"] == "7"
 
@@ -566,7 +568,7 @@ def reliability_in_process(reliability_demo, monkeypatch, capfd, tmp_path):
         capfd.readouterr()
         args = ["--config_name", str(reliability_demo / "model"), "--dataset_name", str(reliability_demo / "data"),
                 "--output_dir", str(output_dir or tmp_path / "run"), "--do_train", "--train_batch_size", "8",
-                "--num_train_steps", "2", "--max_label_length", "40", "--report_to", "none",
+                "--num_train_steps", "2", "--max_label_length", "40", "--report_to", "none", "--streaming",
                 "--cache_dir", str(tmp_path / "hub_cache"), *flags]
         try:
             returncode = run_scream.main(args)
@@ -600,15 +602,16 @@ def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_
     assert_config_error(*reliability_in_process(*flags), *needles)
 
 
-def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(reliability_in_process, tmp_path):
+def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(reliability_demo, reliability_env,
+                                                                              reliability_in_process, tmp_path):
     """A run that stopped at a misconfiguration wrote only its start-up files; the fixed command
     must start there, not be refused as another run's directory."""
     out = tmp_path / "run"
     assert_config_error(*reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name")
     assert (out / "scream_config.json").exists()
-    returncode, stderr = reliability_in_process("--num_train_steps", "1", "--logging_steps", "1", output_dir=out)
+    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed")
     assert returncode == 0, stderr[-3000:]
-    assert logged_steps(out) == [1]
+    assert logged_steps(out) == [1] and (out / "model.safetensors").exists()
 
 
 def test_reliability_output_dir_with_other_files_is_refused(reliability_in_process, tmp_path):
@@ -641,4 +644,4 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"))
     result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
                             capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    assert_config_error(result.returncode, result.stderr, "--learning_rat", "--help")
+    assert_config_error(result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate")

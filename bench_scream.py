@@ -585,26 +585,53 @@ def make_clips(num_clips: int, seconds: float, rate: int, seed: int = 0) -> list
     return rows
 
 
+def numpy_feature_extractor(**kwargs):
+    """WhisperFeatureExtractor as transformers runs it where torch is not installed (numpy STFT)."""
+    from transformers import WhisperFeatureExtractor
+
+    class NumpyWhisperFeatureExtractor(WhisperFeatureExtractor):
+        def _torch_extract_fbank_features(self, waveform, device="cpu"):
+            return self._np_extract_fbank_features(waveform, device)
+
+    return NumpyWhisperFeatureExtractor(**kwargs)
+
+
 def bench_input(args):
+    import soundfile
+    import soxr
     import make_demo_dataset
     from transformers import WhisperFeatureExtractor
 
     import run_scream as rs
 
+    try:  # transformers' extractor computes with torch when torch is installed: one thread per core
+        import torch
+
+        torch.set_num_threads(1)
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
     print(f"## input: host pipeline, examples/s per core ({machine_line()})")
     work = Path(tempfile.mkdtemp(prefix="bench_input_"))
     tokenizer = make_demo_dataset.write_tokenizer(work / "tokenizer")
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     n_samples = int(args.chunk_s * SAMPLING_RATE)
-    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=int(args.chunk_s))
+    extractors = {"numpy": numpy_feature_extractor(feature_size=80, chunk_length=int(args.chunk_s))}
+    if torch_version:
+        extractors["torch"] = WhisperFeatureExtractor(feature_size=80, chunk_length=int(args.chunk_s))
     audio_settings = rs.AudioSettings(SAMPLING_RATE, n_samples, 0.0, args.chunk_s)
     text_settings = rs.TextSettings(False, False, args.label_length)
     prepare = functools.partial(rs.prepare_example, audio_column="audio", text_column="text", id_column="id",
                                 tokenizer=tokenizer, audio_settings=audio_settings, text_settings=text_settings)
     collate = functools.partial(rs.collate, batch_size=args.batch_size, n_samples=n_samples,
                                 max_label_length=args.label_length, pad_token_id=tokenizer.eos_token_id)
-    ours = (prepare, collate)
-    theirs = (rs.with_host_log_mel(prepare, extractor), rs.with_host_features(collate, extractor))
+    pipelines = {"ours": (prepare, collate)}
+    for backend, extractor in extractors.items():
+        pipelines[f"host log-mel ({backend})"] = (rs.with_host_log_mel(prepare, extractor),
+                                                  rs.with_host_features(collate, extractor))
+    titles = {"ours": "ours: decode + resample + tokenize + collate (log-mel on device)",
+              "host log-mel (numpy)": "host log-mel: the same + WhisperFeatureExtractor, numpy (no torch installed)",
+              "host log-mel (torch)": f"host log-mel: the same + WhisperFeatureExtractor, torch {torch_version} backend, 1 thread"}
 
     def per_example_s(rows, pipeline):
         prepare_fn, collate_fn = pipeline
@@ -618,50 +645,62 @@ def bench_input(args):
             collate_fn(examples)
         return (time.perf_counter() - start) / len(rows)
 
-    rows_out, sizes = [], {}
-    clips = {}
-    for rate in args.source_rates:
-        clips[rate] = make_clips(args.num_clips, args.chunk_s, rate)
-        raw = args.chunk_s * rate * 2
-        sizes[rate] = median([len(c["audio"]["bytes"]) for c in clips[rate]]) / raw
-    for rate in args.source_rates:
-        per_part = {"decode": [], "resample": [], "tokenize": [], "host log-mel": []}
-        ours_t, theirs_t = [], []
-        for _ in range(args.rounds):
-            sample_load()
-            ours_t.append(per_example_s(clips[rate], ours))
-            theirs_t.append(per_example_s(clips[rate], theirs))
-        # one pass over the parts, for the breakdown
-        import soundfile
-        import soxr
-        for row in clips[rate]:
+    def parts_s(rows):
+        """Seconds per example of each step, over the clips."""
+        spent = dict.fromkeys(["decode", "resample", "tokenize", "collate", *[f"log-mel {b}" for b in extractors]], 0.0)
+        examples = []
+        for row in rows:
             start = time.perf_counter()
             samples, source_rate = soundfile.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32", always_2d=True)
             samples = samples.mean(axis=1)
-            per_part["decode"].append(time.perf_counter() - start)
+            spent["decode"] += time.perf_counter() - start
             start = time.perf_counter()
             if source_rate != SAMPLING_RATE:
                 samples = soxr.resample(samples, source_rate, SAMPLING_RATE).astype(np.float32)
-            per_part["resample"].append(time.perf_counter() - start)
+            spent["resample"] += time.perf_counter() - start
             start = time.perf_counter()
-            tokenizer(row["text"]).input_ids
-            per_part["tokenize"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            extractor(samples, sampling_rate=SAMPLING_RATE, return_tensors="np")
-            per_part["host log-mel"].append(time.perf_counter() - start)
-        o, t = median(ours_t), median(theirs_t)
-        breakdown = ", ".join(f"{k} {median(v) * 1e3:.1f}" for k, v in per_part.items())
-        rows_out.append([f"ours: decode + resample + tokenize + collate (log-mel on device)", f"{rate / 1000:g} kHz",
-                         o * 1e3, 1 / o, o and t / o])
-        rows_out.append([f"host log-mel: the same + WhisperFeatureExtractor (numpy)", f"{rate / 1000:g} kHz",
-                         t * 1e3, 1 / t, 1.0])
-        rows_out.append([f"(parts, ms/example: {breakdown})", f"{rate / 1000:g} kHz", "", "", ""])
+            tokens = np.asarray(tokenizer(row["text"]).input_ids, np.int32)
+            spent["tokenize"] += time.perf_counter() - start
+            for backend, extractor in extractors.items():
+                start = time.perf_counter()
+                extractor(samples, sampling_rate=SAMPLING_RATE, return_tensors="np")
+                spent[f"log-mel {backend}"] += time.perf_counter() - start
+            examples.append({"audio": samples, "tokens": tokens})
+        start = time.perf_counter()
+        for i in range(0, len(examples), args.batch_size):
+            collate(examples[i:i + args.batch_size])
+        spent["collate"] += time.perf_counter() - start
+        return {k: v / len(rows) for k, v in spent.items()}
+
+    rows_out, sizes, clips = [], {}, {}
+    for rate in args.source_rates:
+        clips[rate] = make_clips(args.num_clips, args.chunk_s, rate)
+        sizes[rate] = median([len(c["audio"]["bytes"]) for c in clips[rate]]) / (args.chunk_s * rate * 2)
+    LOAD_SAMPLES.clear()
+    breakdown_rows = []
+    for rate in args.source_rates:
+        timings = {name: [] for name in pipelines}
+        parts = []
+        for _ in range(args.rounds):  # alternate the pipelines, then the parts
+            sample_load()
+            for name, pipeline in pipelines.items():
+                timings[name].append(per_example_s(clips[rate], pipeline))
+            parts.append(parts_s(clips[rate]))
+        ours_s = median(timings["ours"])
+        for name, values in timings.items():
+            seconds = median(values)
+            rows_out.append([titles[name], f"{rate / 1000:g} kHz", seconds * 1e3, 1 / seconds,
+                             1.0 if name == "ours" else seconds / ours_s])
+        breakdown_rows.append([f"{rate / 1000:g} kHz", *[median([p[k] for p in parts]) * 1e3 for k in parts[0]]])
     table(f"Host work per {args.chunk_s:g} s FLAC clip, one thread", ["pipeline", "source", "ms/example",
-          "examples/s per core", "speed-up"], rows_out,
+          "examples/s per core", "time vs ours"], rows_out,
           f"{args.num_clips} clips of synthetic speech (pulse train through moving formants, fricatives, pauses), "
-          "16-bit FLAC in memory; FLAC size / raw PCM: " +
+          "16-bit mono FLAC in memory; FLAC size / raw PCM: " +
           ", ".join(f"{r / 1000:g} kHz {sizes[r]:.2f}" for r in args.source_rates) +
-          f". Medians of {args.rounds} alternating passes; labels padded to {args.label_length}. {load_range()}.")
+          f". Medians of {args.rounds} alternating passes over all clips; batches of {args.batch_size}, labels padded "
+          f"to {args.label_length}. {load_range()}.")
+    table("Where the host time goes (ms per example, one thread)",
+          ["source", *list(parts_s(clips[args.source_rates[0]][:1]))], breakdown_rows)
 
     # Scaling: SpeechBatches over a local parquet dataset, worker threads 1, 2, ...
     import datasets
@@ -693,14 +732,14 @@ def bench_input(args):
         iterator.close()
         return count / elapsed
 
-    examples_per_s(ours, 1)  # builds datasets' cache of the parquet file
-    scaling = {(p, w): [] for p in ("ours", "host log-mel") for w in args.workers}
+    examples_per_s(pipelines["ours"], 1)  # builds datasets' cache of the parquet file
+    scaling = {(name, w): [] for name in pipelines for w in args.workers}
     LOAD_SAMPLES.clear()
     for _ in range(args.rounds):
         sample_load()
         for workers in args.workers:
-            scaling[("ours", workers)].append(examples_per_s(ours, workers))
-            scaling[("host log-mel", workers)].append(examples_per_s(theirs, workers))
+            for name, pipeline in pipelines.items():
+                scaling[(name, workers)].append(examples_per_s(pipeline, workers))
     rows_out = []
     for (pipeline, workers), values in scaling.items():
         eps = median(values)
@@ -824,7 +863,7 @@ def bench_tpu(args):
 
     print(f"## tpu: compile-only for TPU v4 slices from this CPU ({machine_line()})")
     print(f"jax {jax.__version__}; usable HBM per v4 chip taken as {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB")
-    rows = []
+    rows, blocked_rows = [], []
     for spec in args.plans:
         name, slice_name = spec.split("@")
         devices = rs.tpu_topology_devices(slice_name)
@@ -853,6 +892,11 @@ def bench_tpu(args):
                              ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())), elapsed])
                 print(f"  {name} {slice_name} fsdp {fsdp_size} remat {remat}: seed batch {seed_batch} "
                       f"{'fits' if at_seed['fits'] else 'does not fit'}, largest {best} ({elapsed:.0f} s)", flush=True)
+                if name in args.compare_unblocked and fsdp_size == len(devices) and remat in args.unblocked_remats:
+                    with attention_unblocked():
+                        dense = compile_at(per_chip_batch=seed_batch)
+                    blocked_rows.append([name, f"{slice_name} ({len(devices)} chips)", f"FSDP {fsdp_size}", remat,
+                                         seed_batch, gib_or_none(at_seed["bytes"]), gib_or_none(dense["bytes"])])
     table(f"Per-chip memory of the real train step, compiled for TPU v4 ({args.dtype}, {args.chunk_s:g} s audio, "
           f"{args.label_length}-token labels)",
           ["model", "slice", "sharding", "remat", "scan", "seed batch/chip", "GiB/chip at seed batch", "fits",
@@ -860,6 +904,14 @@ def bench_tpu(args):
           "memory = compiled.memory_analysis(): arguments + outputs + temporaries - aliased (donated) buffers. "
           f"Fits: no RESOURCE_EXHAUSTED and at most {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB; searched up to "
           f"{args.max_batch} per chip.")
+    if blocked_rows:
+        table("Encoder attention in query blocks (run_scream.blocked_attention) vs all at once: GiB per chip",
+              ["model", "slice", "sharding", "remat", "batch/chip", "blocked (as trained)", "unblocked"], blocked_rows,
+              "'does not fit': RESOURCE_EXHAUSTED at compile time.")
+
+
+def gib_or_none(value):
+    return "does not fit" if value is None else value / 2**30
 
 
 # --- main ---
@@ -915,6 +967,9 @@ def parse_args(argv=None):
     tpu.add_argument("--seed_batch", type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
                      default={"large-v2": 5, "tiny": 32}, help="per-chip batch of the 2023 runs, e.g. large-v2=5,tiny=32")
     tpu.add_argument("--max_batch", type=int, default=128)
+    tpu.add_argument("--compare_unblocked", type=parse_list, default=["large-v2"],
+                     help="models also compiled with attention unblocked (FSDP over all chips, seed batch)")
+    tpu.add_argument("--unblocked_remats", type=parse_list, default=["none", "dots"])
     tpu.add_argument("--dtype", default="bfloat16")
     tpu.add_argument("--chunk_s", type=float, default=30.0)
     tpu.add_argument("--label_length", type=int, default=128)
@@ -930,7 +985,7 @@ def parse_args(argv=None):
                           rounds=1, workers=[1, 2], scaling_batches=2),
             "compile": dict(models=["toy"], single_round_models=[], rounds=1, chunk_s=3.0, label_length=16),
             "tpu": dict(plans=["toy@v4-8"], scan_models=["toy"], seed_batch={"toy": 2}, max_batch=2, chunk_s=3.0,
-                        label_length=16, remats=["dots"]),  # one compile per sharding
+                        label_length=16, remats=["dots"], compare_unblocked=[]),  # one compile per sharding
         }[args.command]
         for key, value in toy.items():
             setattr(args, key, value)

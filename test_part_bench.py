@@ -129,16 +129,24 @@ def test_bench_train_tiny_prints_both_sides_flops_and_parts(capsys):
 
 def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
     tables = run_bench(capsys, "input", "--tiny")
-    rows = [r for r in bench_table(tables, "Host work per") if not r["pipeline"].startswith("(")]
-    assert [(r["pipeline"].split(":")[0], r["source"]) for r in rows] == [
-        ("ours", "16 kHz"), ("host log-mel", "16 kHz"), ("ours", "48 kHz"), ("host log-mel", "48 kHz")]
+    rows = bench_table(tables, "Host work per")
+    kinds = [(r["pipeline"].split(":")[0], r["source"]) for r in rows]
+    assert kinds == [(p, rate) for rate in ("16 kHz", "48 kHz") for p in ("ours", "host log-mel", "host log-mel")]
+    assert [("numpy" in r["pipeline"], "torch" in r["pipeline"]) for r in rows[:3]] == [
+        (False, False), (True, False), (False, True)]
     for row in rows:
         assert float(row["examples/s per core"]) * float(row["ms/example"]) == pytest.approx(1000, rel=0.02)
-    for ours, theirs in (rows[0:2], rows[2:4]):
-        assert float(ours["speed-up"]) == pytest.approx(float(theirs["ms/example"]) / float(ours["ms/example"]), rel=0.02)
+    for group in (rows[0:3], rows[3:6]):
+        ours_ms = float(group[0]["ms/example"])
+        for row in group:
+            assert float(row["time vs ours"]) == pytest.approx(float(row["ms/example"]) / ours_ms, rel=0.02)
+    parts = bench_table(tables, "Where the host time goes")
+    assert [r["source"] for r in parts] == ["16 kHz", "48 kHz"]
+    assert float(parts[0]["resample"]) < float(parts[1]["resample"])  # 16 kHz sources are not resampled
+    assert all(float(r["decode"]) > 0 and float(r["log-mel numpy"]) > 0 for r in parts)
     scaling = bench_table(tables, "SpeechBatches over a local parquet dataset")
     assert sorted((r["pipeline"], r["workers"]) for r in scaling) == [
-        ("host log-mel", "1"), ("host log-mel", "2"), ("ours", "1"), ("ours", "2")]
+        (p, w) for p in ("host log-mel (numpy)", "host log-mel (torch)", "ours") for w in ("1", "2")]
     assert all(float(r["examples/s"]) > 0 for r in scaling)
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent
-NUM_TRAIN = 40  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
-NUM_STEPS = 12
-SAVE_STEPS = 3
-RUN_TIMEOUT_S = 300  # a hang guard for each subprocess, not a performance bound
+RELIABILITY_NUM_TRAIN = 40  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
+RELIABILITY_NUM_STEPS = 12
+RELIABILITY_SAVE_STEPS = 3
+RELIABILITY_TIMEOUT_S = 300  # a hang guard for each subprocess, not a performance bound
 
 
 # --- fixtures and helpers ---
@@ -46,7 +46,7 @@ def reliability_demo(tmp_path_factory):
     import make_demo_dataset
 
     root = tmp_path_factory.mktemp("reliability_demo")
-    make_demo_dataset.main(["--output_dir", str(root), "--num_train", str(NUM_TRAIN), "--num_eval", "8",
+    make_demo_dataset.main(["--output_dir", str(root), "--num_train", str(RELIABILITY_NUM_TRAIN), "--num_eval", "8",
                             "--chunk_length_s", "1", "--num_train_shards", "4"])
     return root
 
@@ -63,13 +63,13 @@ def reliability_env(tmp_path_factory):
     return env
 
 
-def train_flags(demo: Path, output_dir: Path, *extra: str, dataset: str | None = None, steps: int = NUM_STEPS):
+def train_flags(demo: Path, output_dir: Path, *extra: str, dataset: str | None = None, steps: int = RELIABILITY_NUM_STEPS):
     """The one command every fault test runs (streaming, as on a pod; no shuffle buffer, so the
     order of examples is the files' own and a run is reproducible example for example)."""
     return ["--config_name", str(demo / "model"), "--dataset_name", dataset or str(demo / "data"), "--streaming",
             "--output_dir", str(output_dir), "--do_train", "--train_batch_size", "8", "--num_train_steps", str(steps),
             "--learning_rate", "3e-3", "--warmup_steps", "2", "--max_label_length", "40", "--logging_steps", "1",
-            "--save_steps", str(SAVE_STEPS), "--save_total_limit", "10", "--shuffle_buffer_size", "0",
+            "--save_steps", str(RELIABILITY_SAVE_STEPS), "--save_total_limit", "10", "--shuffle_buffer_size", "0",
             "--preprocessing_num_workers", "2", "--report_to", "none", *extra]
 
 
@@ -82,7 +82,7 @@ def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | 
                                 start_new_session=True)
 
 
-def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RUN_TIMEOUT_S):
+def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RELIABILITY_TIMEOUT_S):
     """Wait (bounded) and return (exit code, stdout, stderr)."""
     try:
         returncode = process.wait(timeout=timeout)
@@ -93,7 +93,7 @@ def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float =
     return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
 
 
-def run_to_end(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
+def reliability_run(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
     return finish(launch(env, flags, log_dir, name, script), log_dir, name)
 
 
@@ -108,7 +108,7 @@ def logged_steps(output_dir: Path) -> list[int]:
     return steps
 
 
-def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = RUN_TIMEOUT_S):
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = RELIABILITY_TIMEOUT_S):
     """Poll metrics.jsonl (a line per step) until `step` is logged; the run must still be going."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +144,7 @@ def resumed_step(stdout: str) -> int | None:
 def reliability_reference(reliability_demo, reliability_env, tmp_path_factory):
     """The uninterrupted run every fault test must reproduce exactly."""
     root = tmp_path_factory.mktemp("reliability_reference")
-    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, root / "run"), root, "run")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, root / "run"), root, "run")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) is None
     assert complete_checkpoints(root / "run") == [3, 6, 9, 12]
@@ -181,9 +181,9 @@ def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, r
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     committed = complete_checkpoints(out)
-    assert committed and committed[-1] < NUM_STEPS and not (out / "model.safetensors").exists(), committed
+    assert committed and committed[-1] < RELIABILITY_NUM_STEPS and not (out / "model.safetensors").exists(), committed
 
-    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == committed[-1]  # the last complete checkpoint
     assert_same_exported_params(out, reliability_reference)
@@ -193,12 +193,12 @@ def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, r
     # once per epoch.
     meta = json.loads((out / "checkpoints" / str(committed[-1]) / "meta" / "metadata").read_text())
     assert meta["step"] == committed[-1] and meta["examples_seen"] == 8 * committed[-1]
-    straight = batch_ids(reliability_demo, NUM_STEPS)
-    assert batch_ids(reliability_demo, NUM_STEPS - committed[-1], meta["data_states"][0]) == straight[committed[-1]:]
+    straight = batch_ids(reliability_demo, RELIABILITY_NUM_STEPS)
+    assert batch_ids(reliability_demo, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0]) == straight[committed[-1]:]
     read = [example_id for batch in straight for example_id in batch]
-    every_id = [f"train-{i:06d}" for i in range(NUM_TRAIN)]
-    assert read[:NUM_TRAIN] == every_id and read[NUM_TRAIN:2 * NUM_TRAIN] == every_id
-    assert read[2 * NUM_TRAIN:] == every_id[:8 * NUM_STEPS - 2 * NUM_TRAIN]
+    every_id = [f"train-{i:06d}" for i in range(RELIABILITY_NUM_TRAIN)]
+    assert read[:RELIABILITY_NUM_TRAIN] == every_id and read[RELIABILITY_NUM_TRAIN:2 * RELIABILITY_NUM_TRAIN] == every_id
+    assert read[2 * RELIABILITY_NUM_TRAIN:] == every_id[:8 * RELIABILITY_NUM_STEPS - 2 * RELIABILITY_NUM_TRAIN]
 
 
 def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(reliability_demo, reliability_env,
@@ -224,7 +224,7 @@ def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(rel
     lines = (reliability_reference / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(lines[:9]))
 
-    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == 6
     assert_same_exported_params(out, reliability_reference)
@@ -242,10 +242,10 @@ def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(reliabilit
     match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved, relaunch to resume", stdout)
     assert match, stdout[-2000:]
     stopped = int(match.group(1))
-    assert 4 < stopped < NUM_STEPS and complete_checkpoints(out)[-1] == stopped
+    assert 4 < stopped < RELIABILITY_NUM_STEPS and complete_checkpoints(out)[-1] == stopped
     assert max(logged_steps(out)) == stopped and not (out / "model.safetensors").exists()
 
-    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == stopped
     assert_same_exported_params(out, reliability_reference)
@@ -357,7 +357,7 @@ def test_reliability_dropped_connections_are_retried_without_losing_examples(rel
     hub = FlakyHub(reliability_demo / "data", fail_every=9)
     try:
         flags = train_flags(reliability_demo, tmp_path / "run", "--read_retry_wait_s", "0.1", dataset=FlakyHub.repo_id)
-        returncode, stdout, stderr = run_to_end(reliability_hub_env(hub), flags, tmp_path, "run")
+        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
     finally:
         hub.shutdown()
     assert returncode == 0, stderr[-3000:]
@@ -373,7 +373,7 @@ def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_d
     try:
         flags = train_flags(reliability_demo, tmp_path / "run", "--read_retries", "3", "--read_retry_wait_s", "0.1",
                             dataset=FlakyHub.repo_id)
-        returncode, stdout, stderr = run_to_end(reliability_hub_env(hub), flags, tmp_path, "run")
+        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
     finally:
         hub.shutdown()
     assert returncode == 1
@@ -432,7 +432,7 @@ def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoin
                                                                                    tmp_path):
     out = tmp_path / "run"
     flags = ["5", *train_flags(reliability_demo, out, "--save_steps", "2")]
-    returncode, stdout, stderr = run_to_end(reliability_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
+    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
     assert returncode == 1, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite loss" in errors[0] and "at step 5" in errors[0], stderr[-3000:]
@@ -508,7 +508,7 @@ def test_reliability_bad_input_is_skipped_and_counted_by_reason(reliability_demo
     out = tmp_path / "run"
     flags = train_flags(reliability_demo, out, dataset=str(tmp_path / "bad_data"), steps=2)
     flags.remove("--streaming")  # the downloaded (Arrow) path, the other way of reading
-    returncode, stdout, stderr = run_to_end(reliability_env, flags, tmp_path, "run")
+    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run")
     assert returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -609,7 +609,7 @@ def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(re
     out = tmp_path / "run"
     assert_config_error(*reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name")
     assert (out / "scream_config.json").exists()
-    returncode, stdout, stderr = run_to_end(reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed")
     assert returncode == 0, stderr[-3000:]
     assert logged_steps(out) == [1] and (out / "model.safetensors").exists()
 
@@ -643,5 +643,5 @@ def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(reliabi
 def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"))
     result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+                            capture_output=True, text=True, timeout=RELIABILITY_TIMEOUT_S)
     assert_config_error(result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate")

@@ -1,0 +1,2558 @@
+"""Scream's test-suite: CPU, tiny shapes, no network. Run: python -m pytest -q test_run_scream.py"""
+import os
+
+# Eight fake CPU devices for every test, so data parallelism and FSDP are really exercised;
+# set before anything imports jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import collections
+import functools
+import http.server
+import io
+import itertools
+import json
+import math
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from datasets import Audio, Features, Value
+from flax.serialization import msgpack_serialize
+from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperFeatureExtractor
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+import transformers.models.whisper.feature_extraction_whisper as feature_extraction_whisper
+
+import make_demo_dataset
+import make_demo_dataset as demo
+import run_scream
+import run_scream as rs
+
+
+# --- model ---
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# Two tiny configs that differ in everything a config can vary: width, heads (so head_dim),
+# layer counts (encoder deeper than decoder and the reverse), ffn sizes, vocabulary, 80 vs 128
+# mel bins (large-v3), max positions. B sets scale_embedding, which transformers' Whisper reads
+# but never applies.
+MODEL_CONFIGS = {
+    "a": dict(vocab_size=300, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=1,
+              encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=96,
+              max_source_positions=16, max_target_positions=24, pad_token_id=299, bos_token_id=299,
+              eos_token_id=299, decoder_start_token_id=298),
+    "b": dict(vocab_size=411, num_mel_bins=128, d_model=48, encoder_layers=1, decoder_layers=3,
+              encoder_attention_heads=3, decoder_attention_heads=6, encoder_ffn_dim=80, decoder_ffn_dim=112,
+              max_source_positions=25, max_target_positions=30, pad_token_id=400, bos_token_id=400,
+              eos_token_id=400, decoder_start_token_id=401, scale_embedding=True),
+}
+
+
+LOAD_FORMATS = ("safetensors", "sharded", "bin", "msgpack")
+
+
+LOGITS_TOLERANCE = 1e-4  # float32, from the issue; measured differences are about 1e-6
+
+
+def model_whisper_config(name: str) -> WhisperConfig:
+    return WhisperConfig(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **MODEL_CONFIGS[name])
+
+
+def model_randomize(torch_model, seed: int, std: float = 0.1):
+    """Overwrite every weight (biases and LayerNorms included) with noise, so that a wrongly
+    mapped or transposed tensor, or a bias left out, shows in the logits: transformers' own
+    init (zero biases, unit LayerNorms, std 0.02) would hide those."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in torch_model.named_parameters():  # proj_out is tied: listed once
+            noise = torch.randn(weight.shape, generator=generator) * std
+            if "layer_norm" in name and name.endswith(".weight"):
+                weight.copy_(1.0 + noise)
+            elif name.endswith("encoder.embed_positions.weight"):
+                weight.add_(noise)  # sinusoids plus noise: the checkpoint's values must be used
+            else:
+                weight.copy_(noise)
+    return torch_model.eval()
+
+
+def model_torch_logits(torch_model, features: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch_model(input_features=torch.from_numpy(features),
+                           decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def model_logits(model, params, features, ids):
+    return model.apply({"params": params}, features, ids)
+
+
+def model_inputs(config, seed: int, batch_size: int = 2, length: int = 5):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(batch_size, config.num_mel_bins, 2 * config.max_source_positions)).astype(np.float32)
+    ids = rng.integers(0, config.vocab_size, size=(batch_size, length)).astype(np.int64)
+    ids[:, 0] = config.decoder_start_token_id
+    return features, ids
+
+
+def model_old_flax_layout(state_dict: dict) -> dict:
+    """transformers-Flax's (2023) parameter tree, written independently of run_scream:
+    {"model": {"encoder": {"layers": {"0": {"self_attn": {"q_proj": {"kernel": (in, out)}}}}}}},
+    conv kernels (k, in, out), LayerNorm `scale`, embeddings `embedding`, no proj_out (tied)."""
+    tree: dict = {}
+    for name, tensor in state_dict.items():
+        if name == "proj_out.weight":
+            continue
+        weight = tensor.detach().numpy().astype(np.float32)
+        *modules, leaf = name.split(".")
+        if leaf == "weight":
+            if "layer_norm" in modules[-1]:
+                leaf = "scale"
+            elif modules[-1].startswith("embed_"):
+                leaf = "embedding"
+            elif weight.ndim == 3:  # Conv1d (out, in, k) -> nn.Conv (k, in, out)
+                leaf, weight = "kernel", weight.transpose(2, 1, 0)
+            else:  # Linear (out, in) -> nn.Dense (in, out)
+                leaf, weight = "kernel", weight.T
+        node = tree
+        for key in modules:  # "layers", "0", ... stay separate keys, as in transformers-Flax
+            node = node.setdefault(key, {})
+        node[leaf] = np.ascontiguousarray(weight)
+    return tree
+
+
+@pytest.fixture(scope="session")
+def model_checkpoints(tmp_path_factory):
+    """{config name: (torch model, {format: directory})}, each model saved in every format we read."""
+    root = tmp_path_factory.mktemp("model_checkpoints")
+    out = {}
+    for seed, name in enumerate(MODEL_CONFIGS):
+        config = model_whisper_config(name)
+        torch.manual_seed(seed)
+        torch_model = model_randomize(WhisperForConditionalGeneration(config), seed)
+        dirs = {fmt: root / f"{name}_{fmt}" for fmt in LOAD_FORMATS}
+        torch_model.save_pretrained(dirs["safetensors"])
+        torch_model.save_pretrained(dirs["sharded"], max_shard_size="50KB")
+        assert (dirs["sharded"] / "model.safetensors.index.json").exists()
+        assert len(list(dirs["sharded"].glob("model-*.safetensors"))) > 1
+        assert not (dirs["sharded"] / "model.safetensors").exists()
+        # transformers 5 writes safetensors even with safe_serialization=False, so pickle it ourselves.
+        config.save_pretrained(dirs["bin"])
+        torch.save(torch_model.state_dict(), dirs["bin"] / "pytorch_model.bin")
+        config.save_pretrained(dirs["msgpack"])
+        (dirs["msgpack"] / "flax_model.msgpack").write_bytes(
+            msgpack_serialize(model_old_flax_layout(torch_model.state_dict())))
+        for fmt, directory in dirs.items():
+            weight_files = {p.name for p in directory.iterdir() if p.name in run_scream.WEIGHT_FILES}
+            expected = {"safetensors": {"model.safetensors"}, "sharded": {"model.safetensors.index.json"},
+                        "bin": {"pytorch_model.bin"}, "msgpack": {"flax_model.msgpack"}}[fmt]
+            assert weight_files == expected, (fmt, weight_files)
+        out[name] = (torch_model, dirs)
+    return out
+
+
+# The generation test's model. Seed, weight scale, <|endoftext|> factor and suppressed tokens
+# were picked by looking at transformers' output: a batch of 6 gives 6 different rows, some
+# ending early and one running to max_new_tokens, both suppressions change tokens, and logits
+# stay small enough (|logit| < 7) for float32 agreement well inside 1e-4.
+MODEL_GENERATION_SEED = 14
+
+
+MODEL_GENERATION_STD = 0.2
+
+
+MODEL_EOS_SCALE = 3.0
+
+
+MODEL_SUPPRESSED = ("V", "|")  # (begin-suppressed, always suppressed)
+
+
+@pytest.fixture(scope="session")
+def model_generation_dir(tmp_path_factory):
+    """A tokenizer-backed model directory (real Whisper specials, 1 s chunks, 80 mel bins) with
+    random weights, and the generation config run_scream writes (language "no", transcribe).
+
+    The output projection is tied to the token embedding, so scaling a row scales its logit:
+    the <|endoftext|> row is scaled up so that some rows of a batch end early and others run to
+    max_new_tokens, and the timestamp rows are scaled down, as in a model that was trained
+    without timestamps (transformers cuts its output into segments at timestamp tokens, even
+    with return_timestamps=False)."""
+    directory = tmp_path_factory.mktemp("model_generation")
+    tokenizer = make_demo_dataset.write_tokenizer(directory)
+    config = make_demo_dataset.write_model_dir(directory, tokenizer, chunk_length_s=1, num_mel_bins=80)
+    assert config.max_source_positions == 50 and config.vocab_size == len(tokenizer)
+    base = GenerationConfig.from_pretrained(directory)
+    # Tokens this random model favours, suppressed at the start / always (V still comes later).
+    begin_suppressed, suppressed = tokenizer.convert_tokens_to_ids(list(MODEL_SUPPRESSED))
+    base.begin_suppress_tokens = [*base.begin_suppress_tokens, begin_suppressed]
+    base.suppress_tokens = [*base.suppress_tokens, suppressed]
+    generation_config = run_scream.whisper_generation_config(tokenizer, config, "norwegian", "transcribe", base=base)
+    torch.manual_seed(0)
+    torch_model = model_randomize(WhisperForConditionalGeneration(config), MODEL_GENERATION_SEED, MODEL_GENERATION_STD)
+    with torch.no_grad():
+        embedding = torch_model.model.decoder.embed_tokens.weight
+        embedding[config.eos_token_id] *= MODEL_EOS_SCALE
+        embedding[generation_config.no_timestamps_token_id + 1:] *= 0.01
+    torch_model.generation_config = generation_config
+    torch_model.save_pretrained(directory)
+    return directory, torch_model
+
+
+@pytest.mark.parametrize("fmt", LOAD_FORMATS)
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_model_load_formats_match_transformers_logits(model_checkpoints, name, fmt):
+    torch_model, dirs = model_checkpoints[name]
+    pretrained = run_scream.load_pretrained(str(dirs[fmt]))
+    assert pretrained.config.to_dict()["num_mel_bins"] == MODEL_CONFIGS[name]["num_mel_bins"]
+    model = run_scream.build_model(pretrained.config)
+    features, ids = model_inputs(pretrained.config, seed=1)
+    ours = np.asarray(model_logits(model, pretrained.params, features, ids.astype(np.int32)))
+    theirs = model_torch_logits(torch_model, features, ids)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape == (2, 5, MODEL_CONFIGS[name]["vocab_size"])
+    assert np.abs(theirs).max() > 0.5  # not a degenerate comparison
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=LOGITS_TOLERANCE)
+
+
+def test_model_export_loads_in_transformers_and_pipeline(model_generation_dir, tmp_path):
+    from transformers import pipeline
+
+    directory, _ = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    config = pretrained.config
+    model = run_scream.build_model(config)
+    features, ids = model_inputs(config, seed=2, batch_size=2, length=7)
+    ours = np.asarray(model_logits(model, pretrained.params, features, ids.astype(np.int32)))
+    stacked = run_scream.stack_layers(pretrained.params, model.dims)
+    exports = {"unrolled": pretrained.params, "scanned": stacked}
+    for kind, params in exports.items():
+        out_dir = tmp_path / kind
+        run_scream.export_pretrained(params, config, out_dir, tokenizer=pretrained.tokenizer,
+                                     feature_extractor=pretrained.feature_extractor,
+                                     generation_config=pretrained.generation_config)
+        loaded, info = WhisperForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        theirs = model_torch_logits(loaded.eval(), features, ids)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=LOGITS_TOLERANCE, err_msg=kind)
+
+    out_dir = tmp_path / "unrolled"
+    saved = json.loads((out_dir / "generation_config.json").read_text())
+    assert saved["language"] == "no" and saved["task"] == "transcribe"
+    assert saved["lang_to_id"]["<|no|>"] == pretrained.tokenizer.convert_tokens_to_ids("<|no|>")
+    assert not saved.get("_from_model_config", False)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"):
+        assert (out_dir / name).exists(), name
+
+    # pipeline() on a plain array, with the exported generation config (language, task) as is.
+    # (Its text is not compared with ours: its ASR decoding renders some lone bytes of this
+    # byte-level vocabulary differently from tokenizer.decode; generate()'s ids are compared in
+    # the greedy test.)
+    audio = np.random.default_rng(3).normal(scale=0.1, size=12000).astype(np.float32)
+    recognizer = pipeline("automatic-speech-recognition", model=str(out_dir), device="cpu")
+    result = recognizer(audio, generate_kwargs={"max_new_tokens": MODEL_MAX_NEW_TOKENS})
+    assert isinstance(result, dict) and isinstance(result["text"], str) and result["text"]
+
+
+model_generate = jax.jit(run_scream.generate, static_argnums=(0, 3))
+
+
+MODEL_MAX_NEW_TOKENS = 8
+
+
+def model_decoding_settings(pretrained, max_new_tokens: int) -> run_scream.DecodingSettings:
+    """As run_scream.run builds them: the tokenizer's prefix and the generation config's suppressions."""
+    tokenizer, generation_config = pretrained.tokenizer, pretrained.generation_config
+    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+    return run_scream.DecodingSettings(
+        prompt_ids=tuple(tokenizer.prefix_tokens), max_new_tokens=max_new_tokens,
+        eos_token_id=pretrained.config.eos_token_id, pad_token_id=pretrained.config.pad_token_id,
+        suppress_tokens=tuple(generation_config.suppress_tokens or ()),
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()))
+
+
+def test_model_greedy_generation_matches_transformers(model_generation_dir):
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    tokenizer, config = pretrained.tokenizer, pretrained.config
+    max_new_tokens = MODEL_MAX_NEW_TOKENS
+    settings = model_decoding_settings(pretrained, max_new_tokens)
+    ids = tokenizer.convert_tokens_to_ids
+    assert settings.prompt_ids == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
+    assert settings.suppress_tokens and settings.begin_suppress_tokens  # the generation config's, exercised
+
+    features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
+    ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, settings))
+    prompt_length = len(settings.prompt_ids)
+    assert ours.shape == (6, prompt_length + max_new_tokens)
+    generate = functools.partial(torch_model.generate, torch.from_numpy(features), num_beams=1, do_sample=False,
+                                 language="no", task="transcribe", max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        # The greedy search itself: prompt, tokens, eos, then pad to the longest row.
+        raw = generate(return_dict_in_generate=True).sequences.numpy()
+        # What generate() returns by default in transformers 5: the new tokens only, the final eos
+        # dropped, pad (the same id as eos) to the longest row.
+        theirs = generate().numpy()
+    np.testing.assert_array_equal(ours[:, :raw.shape[1]], raw)
+    assert (ours[:, raw.shape[1]:] == config.pad_token_id).all()
+    generated = ours[:, prompt_length:]
+    np.testing.assert_array_equal(generated[:, :theirs.shape[1]], theirs)
+    assert (generated[:, theirs.shape[1]:] == config.pad_token_id).all()
+
+    eos = config.eos_token_id
+    ended_early = [(row == eos).any() for row in generated]
+    assert any(ended_early) and not all(ended_early), generated  # both cases exercised
+    assert len({tuple(row) for row in generated}) >= 3, generated  # the inputs really differ
+
+
+def model_loss_and_logits(model, params, features, ids):
+    logits = model.apply({"params": params}, features, ids)
+    loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
+    return loss, logits
+
+
+def test_model_scan_and_remat_give_the_same_logits_and_gradients(model_generation_dir):
+    # The tokenizer-backed model: 2 encoder and 2 decoder layers, so both scans have an order to keep.
+    pretrained = run_scream.load_pretrained(str(model_generation_dir[0]))
+    config = pretrained.config
+    features, ids = model_inputs(config, seed=5, batch_size=2, length=6)
+    ids = jnp.asarray(ids, jnp.int32)
+
+    def logits_and_grads(scan, remat):
+        model = run_scream.build_model(config, scan_layers=scan, remat=remat)
+        params = run_scream.stack_layers(pretrained.params, model.dims) if scan else pretrained.params
+        step = jax.jit(jax.grad(functools.partial(model_loss_and_logits, model), has_aux=True))
+        grads, logits = step(params, features, ids)
+        grads = run_scream.unstack_layers(grads) if scan else grads
+        return np.asarray(logits), {k: np.asarray(v) for k, v in run_scream.flatten_tree(grads).items()}
+
+    reference, reference_grads = logits_and_grads(False, "none")
+    assert max(np.abs(g).max() for g in reference_grads.values()) > 0.1  # gradients of a real size
+    # remat full and dots with scan (how a pod trains; equal to unrolled/none also shows scan alone
+    # is right), and the unrolled remat path (prevent_cse).
+    for scan, remat in ((True, "full"), (True, "dots"), (False, "full")):
+        logits, grads = logits_and_grads(scan, remat)
+        np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-5, err_msg=f"scan={scan} remat={remat}")
+        assert grads.keys() == reference_grads.keys()
+        for path, grad in grads.items():
+            np.testing.assert_allclose(grad, reference_grads[path], rtol=0, atol=1e-5,
+                                       err_msg=f"scan={scan} remat={remat} {path}")
+    # The encoder positions are fixed (stop_gradient), as in transformers (requires_grad False).
+    assert not reference_grads[("encoder", "embed_positions", "embedding")].any()
+
+
+# Measured: max |logit| difference bfloat16 vs float32 0.013 here (logits up to 1.9), 0.02-0.05 on
+# the other test models; 0.1 leaves room for other seeds without hiding a real error (a wrong
+# cast or a lost layer moves logits by ~1).
+BFLOAT16_LOGITS_TOLERANCE = 0.1
+
+
+def test_model_bfloat16_stays_close_to_float32(model_checkpoints):
+    config = model_whisper_config("a")
+    pretrained = run_scream.load_pretrained(str(model_checkpoints["a"][1]["safetensors"]))
+    features, ids = model_inputs(config, seed=1)  # the inputs of the float32 test: compiled once
+    ids = ids.astype(np.int32)
+    full = np.asarray(model_logits(run_scream.build_model(config), pretrained.params, features, ids))
+    half_model = run_scream.build_model(config, dtype="bfloat16")
+    half = model_logits(half_model, pretrained.params, features, ids)
+    assert half.dtype == jnp.float32  # logits stay float32
+    abstract = jax.eval_shape(functools.partial(run_scream.init_params, half_model), jax.random.key(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))  # parameters stay float32
+    difference = np.abs(np.asarray(half) - full).max()
+    print(f"bfloat16 vs float32: max |logit difference| {difference:.4f}, max |logit| {np.abs(full).max():.2f}")
+    assert 0 < difference < BFLOAT16_LOGITS_TOLERANCE, difference
+
+
+def model_populate_hub_cache(cache: Path, repo_id: str, source: Path) -> str:
+    """huggingface_hub's cache layout: models--org--name/{blobs, snapshots/<commit>, refs/main}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_model_hub_id_loads_from_offline_cache(model_checkpoints, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    torch_model, dirs = model_checkpoints["a"]
+    cache = tmp_path / "hub"
+    commit = model_populate_hub_cache(cache, "scream-test/tiny-whisper", dirs["sharded"])
+    monkeypatch.chdir(tmp_path)  # "scream-test/tiny-whisper" is no local directory here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads these at import time; set what the environment above would have set.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    features, ids = model_inputs(torch_model.config, seed=7)
+    theirs = model_torch_logits(torch_model, features, ids)
+    for cache_dir in (None, str(cache)):  # the cache from the environment, then named explicitly
+        if cache_dir is not None:
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+        pretrained = run_scream.load_pretrained("scream-test/tiny-whisper", cache_dir=cache_dir)
+        snapshot = cache / "models--scream-test--tiny-whisper" / "snapshots" / commit
+        assert Path(pretrained.source).resolve() == snapshot.resolve()
+        ours = np.asarray(model_logits(run_scream.build_model(pretrained.config), pretrained.params, features,
+                                       ids.astype(np.int32)))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=LOGITS_TOLERANCE)
+    with pytest.raises(run_scream.ConfigError, match="scream-test/not-cached"):
+        run_scream.load_pretrained("scream-test/not-cached")
+
+
+def test_model_missing_and_unexpected_weights_are_listed(model_checkpoints, tmp_path):
+    from safetensors.torch import save_file
+
+    torch_model, dirs = model_checkpoints["a"]
+    state = {k: v.clone().contiguous() for k, v in torch_model.state_dict().items() if k != "proj_out.weight"}
+    del state["model.encoder.layers.1.fc1.bias"]
+    state["model.decoder.layers.0.extra_proj.weight"] = torch.zeros(4, 4)
+    shutil.copy(dirs["safetensors"] / "config.json", tmp_path / "config.json")
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(run_scream.ConfigError) as error:
+        run_scream.load_pretrained(str(tmp_path))
+    message = str(error.value)
+    assert re.search(r"missing.*encoder[./]layers[._]1[./]fc1[./]bias", message), message
+    assert re.search(r"unexpected.*decoder[./]layers[._]0[./]extra_proj[./]", message), message
+
+
+def test_model_pytorch_bin_without_torch_says_so(model_checkpoints, monkeypatch):
+    _, dirs = model_checkpoints["a"]
+    import transformers.configuration_utils
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    # ... and transformers says what it says without torch (else its config loader imports torch).
+    monkeypatch.setattr(transformers.configuration_utils, "is_torch_available", lambda: False)
+    with pytest.raises(run_scream.ConfigError, match=r"(?s)pytorch_model\.bin.*\btorch\b"):
+        run_scream.load_pretrained(str(dirs["bin"]))
+
+
+def test_model_nonexistent_path_is_a_config_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(run_scream.ConfigError, match="such-model"):
+        run_scream.load_pretrained(str(missing))
+
+
+def test_model_init_params_follow_transformers_init():
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    config = model_whisper_config("b")
+    config.init_std = 0.05  # not the default, and far from flax's lecun_normal (~1/sqrt(fan_in))
+    model = run_scream.build_model(config)
+    params = run_scream.init_params(model, jax.random.key(0))
+    again = run_scream.init_params(model, jax.random.key(0))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))  # seeded
+
+    torch.manual_seed(0)
+    torch_model = WhisperForConditionalGeneration(config)
+    # Bit-for-bit would need torch's own float32 exp/sin kernels (about 1 ulp from correctly
+    # rounded); measured 1.2e-7 here (the earlier float64 table was 1.8e-6 off).
+    positions = np.asarray(params["encoder"]["embed_positions"]["embedding"])
+    reference = sinusoids(config.max_source_positions, config.d_model).numpy()
+    np.testing.assert_allclose(positions, reference, rtol=0, atol=2.5e-7)
+    assert np.array_equal(reference, torch_model.model.encoder.embed_positions.weight.detach().numpy())
+    # transformers zeroes the padding row of the token embedding (nn.Embedding padding_idx).
+    embedding = np.asarray(params["decoder"]["embed_tokens"]["embedding"])
+    assert not embedding[config.pad_token_id].any()
+    assert not torch_model.model.decoder.embed_tokens.weight[config.pad_token_id].any()
+
+    flat = run_scream.flatten_tree(params)
+    assert flat.keys() == run_scream.flatten_tree(run_scream.torch_to_flax(
+        {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})).keys()
+    for path, value in flat.items():
+        value = np.asarray(value)
+        if "layer_norm" in path[-2]:
+            assert (value == (1.0 if path[-1] == "scale" else 0.0)).all(), path
+        elif path[-1] == "bias":
+            assert not value.any(), path
+        elif path != ("encoder", "embed_positions", "embedding"):
+            if path[-2] == "embed_tokens":
+                value = np.delete(value, config.pad_token_id, axis=0)
+            assert abs(value.mean()) < 0.01 and abs(value.std() / config.init_std - 1) < 0.1, (path, value.std())
+
+
+# --- data ---
+
+DATA_SAMPLE_RATE = 16000
+
+
+DATA_CHUNK_S = 3  # the demo model's window; the bad-data test uses Whisper's real 30 s
+
+
+DATA_MAX_LABEL_LENGTH = 48
+
+
+DATA_FEATURES = Features({"id": Value("string"), "audio": Audio(sampling_rate=DATA_SAMPLE_RATE),
+                          "text": Value("string"), "source": Value("string")})
+
+
+@pytest.fixture(scope="session")
+def data_hf_cache(tmp_path_factory):
+    """A private datasets cache, so no run reads (or leaves) arrow files in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("data_hf_cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def data_env(tmp_path_factory, data_hf_cache):
+    """The demo tokenizer (prefix set from --language norwegian, as run() does), a weightless tiny
+    model directory, and two small demo datasets: 40 train rows in 4 shards and 30 in 3."""
+    root = tmp_path_factory.mktemp("data_env")
+    tokenizer = make_demo_dataset.write_tokenizer(root / "tokenizer")
+    config = make_demo_dataset.write_model_dir(root / "model", tokenizer, DATA_CHUNK_S, 80)
+    tokenizer.set_prefix_tokens(language=run_scream.language_code("norwegian"), task="transcribe",
+                                predict_timestamps=False)
+    for name, num_train, shards in (("four_shards", 40, 4), ("three_shards", 30, 3)):
+        make_demo_dataset.write_dataset(root / name, num_train, 6, 0, DATA_CHUNK_S, shards)
+    feature_extractor = make_demo_dataset.make_feature_extractor(DATA_CHUNK_S, 80)
+    return {"root": root, "tokenizer": tokenizer, "config": config, "model_dir": root / "model",
+            "feature_extractor": feature_extractor, "four_shards": str(root / "four_shards"),
+            "three_shards": str(root / "three_shards")}
+
+
+def data_ids(split, num):
+    return [f"{split}-{i:06d}" for i in range(num)]
+
+
+def data_args(dataset_name, **overrides):
+    return run_scream.DataArguments(dataset_name=dataset_name, **overrides)
+
+
+def data_prepare(tokenizer, *, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE, max_duration_s=DATA_CHUNK_S,
+                 min_duration_s=0.0, max_label_length=DATA_MAX_LABEL_LENGTH):
+    return functools.partial(
+        run_scream.prepare_example, audio_column="audio", text_column="text", id_column="id", tokenizer=tokenizer,
+        audio_settings=run_scream.AudioSettings(DATA_SAMPLE_RATE, n_samples, min_duration_s, max_duration_s),
+        text_settings=run_scream.TextSettings(False, False, max_label_length))
+
+
+def data_batches(env, dataset_name, *, batch_size, repeat, state=None, shuffle=None, num_workers=2,
+                 prepare=None, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE, max_label_length=DATA_MAX_LABEL_LENGTH,
+                 **arg_overrides):
+    """SpeechBatches wired as run() wires them (one host)."""
+    args = data_args(dataset_name, **arg_overrides)
+    make_source = functools.partial(run_scream.load_source, args, "train", process_index=0, process_count=1, seed=0,
+                                    shuffle=repeat if shuffle is None else shuffle, max_samples=None)
+    collate_fn = functools.partial(run_scream.collate, batch_size=batch_size, n_samples=n_samples,
+                                   max_label_length=max_label_length, pad_token_id=env["config"].pad_token_id)
+    return run_scream.SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare or data_prepare(env["tokenizer"]),
+                                    batch_size=batch_size, collate_fn=collate_fn, repeat=repeat,
+                                    num_workers=num_workers, prefetch_batches=2, state=state)
+
+
+def data_take(batches, num):
+    """The first `num` (batch, ids, state after it) of an iterator; stops its reader thread."""
+    out = []
+    iterator = iter(batches)
+    for batch, examples in iterator:
+        out.append((batch, [e["id"] for e in examples], json.loads(json.dumps(batches.state_dict()))))
+        if len(out) == num:
+            break
+    iterator.close()
+    return out
+
+
+def data_encode(waveform, rate, fmt, subtype=None):
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def data_tone(freq_hz, seconds, rate=DATA_SAMPLE_RATE, amplitude=0.5):
+    return (amplitude * np.sin(2 * np.pi * freq_hz * np.arange(int(round(seconds * rate))) / rate)).astype(np.float32)
+
+
+def data_peak_hz(waveform, rate=DATA_SAMPLE_RATE):
+    spectrum = np.abs(np.fft.rfft(waveform * np.hanning(len(waveform))))
+    return np.argmax(spectrum) * rate / len(waveform)
+
+
+def data_write_parquet(directory, rows, num_shards):
+    """Rows as the hub stores them: data/train-0000i-of-0000N.parquet, audio as an Audio struct."""
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    for shard, indices in enumerate(np.array_split(np.arange(len(rows)), num_shards)):
+        table = pa.Table.from_pylist([rows[i] for i in indices], schema=DATA_FEATURES.arrow_schema)
+        pq.write_table(table, directory / "data" / f"train-{shard:05d}-of-{num_shards:05d}.parquet")
+    return str(directory)
+
+
+def data_clips(n_samples, rng):
+    """Varied clips: silence, clipping, noise, tones, a chirp, a click, speech-like, loud and quiet, short."""
+    t = np.arange(n_samples) / DATA_SAMPLE_RATE
+    speech_text = make_demo_dataset.make_sentence(rng)
+    speech = make_demo_dataset.synthesize(speech_text, rng, max_duration_s=n_samples / DATA_SAMPLE_RATE)
+    click = np.zeros(n_samples, np.float32)
+    click[n_samples // 3] = 1.0
+    clips = {
+        "silence": np.zeros(n_samples),
+        "clipping_square": np.sign(np.sin(2 * np.pi * 220 * t)),  # +-1: the loudest input there is
+        "clipped_loud_noise": np.clip(rng.normal(0, 2.0, n_samples), -1, 1),
+        "white_noise": rng.normal(0, 0.1, n_samples),
+        "quiet_noise": rng.normal(0, 1e-4, n_samples),
+        "tone_100hz": 0.5 * np.sin(2 * np.pi * 100 * t),
+        "tone_1khz_full_scale": np.sin(2 * np.pi * 1000 * t),
+        "tone_7900hz": 0.3 * np.sin(2 * np.pi * 7900 * t),
+        "tone_quiet": 1e-5 * np.sin(2 * np.pi * 3000 * t),
+        "chirp": 0.4 * np.sin(2 * np.pi * (50 + 3000 * t / t[-1]) * t),
+        "click": click,
+        "dc_offset": 0.5 + 0.01 * rng.normal(0, 1, n_samples),
+        "speech_like": speech,
+        "short_0.1s_tone": data_tone(440, 0.1),
+        "short_0.1s_noise": rng.normal(0, 0.3, int(0.1 * DATA_SAMPLE_RATE)),
+        "half_chunk_speech": speech[: len(speech) // 2],
+    }
+    return {name: np.asarray(clip, np.float32) for name, clip in clips.items()}
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_whisper_feature_extractor(n_mels, monkeypatch):
+    """16 clips in Whisper's real 30 s chunk and the same 16 in the demo's 3 s chunk, each row of
+    one batch (so the max-minus-8 floor must be per example), against the extractor's numpy path."""
+    monkeypatch.setattr(feature_extraction_whisper, "is_torch_available", lambda: False)  # the numpy reference
+    rng = np.random.default_rng(n_mels)
+    worst = {}
+    for chunk_length_s in (30, 3):
+        extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=chunk_length_s,
+                                            sampling_rate=DATA_SAMPLE_RATE)
+        clips = data_clips(extractor.n_samples, rng)
+        reference = np.stack([
+            extractor(clip, sampling_rate=DATA_SAMPLE_RATE, padding="max_length", return_tensors="np").input_features[0]
+            for clip in clips.values()])
+        padded = np.stack([np.pad(clip, (0, extractor.n_samples - len(clip))) for clip in clips.values()])
+        ours = np.asarray(jax.jit(run_scream.log_mel)(padded, np.asarray(extractor.mel_filters, np.float32)))
+        assert ours.shape == reference.shape == (len(clips), n_mels, extractor.n_samples // 160)
+        for name, difference in zip(clips, np.abs(ours - reference).max(axis=(1, 2))):
+            worst[f"{chunk_length_s}s/{name}"] = float(difference)
+    name, largest = max(worst.items(), key=lambda item: item[1])
+    print(f"\nlog-mel {n_mels} bins: max abs difference {largest:.2e} ({name}) over {len(worst)} clips")
+    assert len(worst) >= 20
+    assert largest < 1e-3, worst
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_streaming_and_non_streaming_give_the_same_rows(data_env, epoch):
+    """Same rows in the same order (the non-streaming path is iterated like a stream): with
+    --shuffle_buffer_size 0 that is the files' order, in every epoch."""
+    ids = {}
+    for streaming in (False, True):
+        source = run_scream.load_source(data_args(data_env["four_shards"], streaming=streaming, shuffle_buffer_size=0),
+                                        "train", process_index=0, process_count=1, seed=0, shuffle=True, epoch=epoch,
+                                        max_samples=None)
+        rows = list(source)
+        ids[streaming] = [row["id"] for row in rows]
+        assert set(rows[0]) == {"id", "audio", "text"}  # only the columns the run reads
+        assert rows[0]["audio"]["bytes"][:4] == b"fLaC"  # not decoded by datasets
+    assert ids[False] == ids[True] == data_ids("train", 40)
+
+
+# The card push_to_hub writes: split -> file patterns. datasets keys its cache of a local directory
+# with such a card by the directory's name and the card alone, not by the files.
+DATA_HUB_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+---
+"""
+
+
+def test_local_dataset_is_not_read_from_a_stale_cache(tmp_path, data_hf_cache):
+    """A second `data` directory, or one regenerated in place, must not load the first one's rows
+    (non-streaming: the path that converts to a cached Arrow file)."""
+
+    def write(name, num):
+        make_demo_dataset.write_dataset(tmp_path / name / "data", num, 2, 1, DATA_CHUNK_S, 2)
+        (tmp_path / name / "data" / "README.md").write_text(DATA_HUB_CARD)
+
+    def loaded_ids(name):
+        source = run_scream.load_source(data_args(str(tmp_path / name / "data")), "train", process_index=0,
+                                        process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None)
+        return [row["id"] for row in source]
+
+    write("first", 12)
+    write("second", 7)
+    assert loaded_ids("first") == data_ids("train", 12)
+    assert loaded_ids("second") == data_ids("train", 7)
+    write("first", 5)  # regenerated in place
+    assert loaded_ids("first") == data_ids("train", 5)
+
+
+@pytest.mark.parametrize("fmt,subtype,lossy", [("WAV", "PCM_16", False), ("FLAC", "PCM_16", False),
+                                               ("OGG", "VORBIS", True), ("MP3", "MPEG_LAYER_III", True)])
+def test_decode_audio_formats(fmt, subtype, lossy, tmp_path):
+    """16 kHz mono and 8 kHz stereo in each container: mono float32 at 16 kHz, same duration,
+    same pitch; stereo is averaged (left 0.6 and right 0.2 of one tone give 0.4)."""
+    seconds = 1.5
+    cases = {
+        "16k_mono": (data_tone(440, seconds, amplitude=0.4), DATA_SAMPLE_RATE),
+        "8k_stereo": (np.stack([data_tone(1000, seconds, 8000, 0.6), data_tone(1000, seconds, 8000, 0.2)], 1), 8000),
+    }
+    for name, (waveform, rate) in cases.items():
+        encoded = data_encode(waveform, rate, fmt, subtype)
+        path = tmp_path / f"{name}.{fmt.lower()}"
+        path.write_bytes(encoded)
+        for audio in ({"bytes": encoded, "path": None}, {"bytes": None, "path": str(path)}):
+            decoded = run_scream.decode_audio(audio, DATA_SAMPLE_RATE)
+            assert decoded.dtype == np.float32 and decoded.ndim == 1, name
+            length_tolerance = 0.02 * seconds * DATA_SAMPLE_RATE if lossy else 0
+            assert abs(len(decoded) - seconds * DATA_SAMPLE_RATE) <= length_tolerance, name
+            expected_hz = 440 if name == "16k_mono" else 1000
+            assert abs(data_peak_hz(decoded) - expected_hz) < 3, (name, data_peak_hz(decoded))
+            middle = decoded[len(decoded) // 4: -len(decoded) // 4]  # away from codec edges and resampler ramps
+            assert abs(np.abs(middle).max() - 0.4) < (0.1 if lossy else 0.005), (name, np.abs(middle).max())
+
+
+@pytest.mark.parametrize("dataset,streaming,shuffle", [
+    ("four_shards", True, False),  # 4 files / 2 hosts: each host reads its own 2 files
+    ("three_shards", True, False),  # 3 files / 2 hosts: both read all and keep 1 row in 2
+    ("three_shards", True, True),
+    ("four_shards", False, True),  # non-streaming: 40 one-row shards, shuffled
+])
+def test_two_hosts_see_every_example_once(data_env, dataset, streaming, shuffle, capsys):
+    num = 40 if dataset == "four_shards" else 30
+    seen = []
+    for process_index in range(2):
+        source = run_scream.load_source(data_args(data_env[dataset], streaming=streaming, shuffle_buffer_size=8),
+                                        "train", process_index=process_index, process_count=2, seed=0,
+                                        shuffle=shuffle, epoch=1, max_samples=None)
+        seen.append([row["id"] for row in source])
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == data_ids("train", num)
+    assert abs(len(seen[0]) - len(seen[1])) <= num // 4  # a share each, not one host doing it all
+    warning = capsys.readouterr().err
+    if dataset == "three_shards" and streaming:
+        assert "3 shards do not divide over 2 hosts" in warning and "keeps 1 in 2 rows" in warning
+    else:
+        assert "do not divide" not in warning
+
+
+def test_two_hosts_batches_cover_the_split(data_env):
+    """Through SpeechBatches (decoding and all): the two hosts' batches hold every id once."""
+    seen = []
+    for process_index in range(2):
+        make_source = functools.partial(run_scream.load_source, data_args(data_env["three_shards"], streaming=True),
+                                        "validation", process_index=process_index, process_count=2, seed=0,
+                                        shuffle=False, max_samples=None)
+        batches = run_scream.SpeechBatches(
+            lambda epoch: make_source(epoch=epoch), data_prepare(data_env["tokenizer"]), batch_size=2,
+            collate_fn=functools.partial(run_scream.collate, batch_size=2, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+                                         max_label_length=DATA_MAX_LABEL_LENGTH,
+                                         pad_token_id=data_env["config"].pad_token_id),
+            repeat=False, num_workers=2, prefetch_batches=2)
+        seen += [e["id"] for _, examples in batches for e in examples]
+    assert sorted(seen) == data_ids("validation", 6)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_yields_the_next_batch_exactly(data_env, streaming):
+    """No shuffle buffer: restored from the state after batch k, the iterator yields batch k+1,
+    ids and arrays, also when k is past the first epoch (40 rows, batches of 6)."""
+    make = functools.partial(data_batches, data_env, data_env["four_shards"], batch_size=6, repeat=True,
+                             streaming=streaming, shuffle_buffer_size=0)
+    reference = data_take(make(), 10)
+    ids = [batch_ids for _, batch_ids, _ in reference]
+    assert sum(ids, [])[:40] == data_ids("train", 40) and sum(ids, [])[40:] == data_ids("train", 20)
+    assert [state["epoch"] for _, _, state in reference] == [0] * 6 + [1] * 4  # batch 7 spans the boundary
+    for k in (3, 6, 7):
+        resumed = data_take(make(state=reference[k - 1][2]), 3)
+        for (batch, batch_ids, state), (want_batch, want_ids, want_state) in zip(resumed, reference[k: k + 3]):
+            assert batch_ids == want_ids, k
+            # (the source's own state may differ inside, e.g. how far it has read ahead)
+            assert {key: state[key] for key in ("epoch", "examples_read", "skipped")} == {
+                key: want_state[key] for key in ("epoch", "examples_read", "skipped")}, k
+            for key in want_batch:
+                np.testing.assert_array_equal(batch[key], want_batch[key], err_msg=f"{key} after k={k}")
+
+
+def test_resume_with_shuffling_across_epochs(data_env):
+    """With a shuffle buffer (16): every epoch is a new permutation of the split and the epoch
+    counter moves on. A resume is exact only up to the buffer (datasets does not store its
+    contents): the rest of the epoch is the unseen rows give or take 16, and from the next epoch
+    on the order is exactly that of the uninterrupted run."""
+    buffer_size = 16
+    make = functools.partial(data_batches, data_env, data_env["four_shards"], batch_size=8, repeat=True,
+                             shuffle_buffer_size=buffer_size)
+    reference = data_take(make(), 15)  # 5 batches an epoch
+    epochs = [sum((ids for _, ids, _ in reference[5 * e: 5 * e + 5]), []) for e in range(3)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]) == data_ids("train", 40)
+    assert len({tuple(epochs[0]), tuple(epochs[1]), tuple(epochs[2]), tuple(data_ids("train", 40))}) == 4
+    assert [state["epoch"] for _, _, state in reference] == [0] * 5 + [1] * 5 + [2] * 5
+    unseen = set(epochs[1][16:])  # after 2 batches of epoch 1
+    resumed = data_take(make(state=reference[6][2]), 6)
+    assert resumed[0][2]["epoch"] == 1 and resumed[-1][2]["epoch"] == 2
+    resumed_ids = sum((ids for _, ids, _ in resumed), [])
+    rest = next(r for r in range(len(resumed_ids) + 1) if resumed_ids[r:] == epochs[2][: len(resumed_ids) - r])
+    assert len(unseen) - buffer_size <= rest <= len(unseen) + buffer_size
+    assert len(unseen & set(resumed_ids[:rest])) >= len(unseen) - buffer_size
+    assert len(resumed_ids) - rest >= 8  # a real stretch of epoch 2, in the uninterrupted order
+
+
+DATA_BAD_COUNTS = {"undecodable": 3, "empty_audio": 1, "non_finite_audio": 2, "too_short": 1, "too_long": 1,
+                   "empty_text": 3, "too_many_tokens": 2}
+
+
+DATA_MAX_LABELS_30S = 128
+
+
+@pytest.fixture(scope="session")
+def data_bad_dataset(data_env):
+    """Good rows (FLAC, WAV by path, 8 kHz stereo, MP3, OGG, any Unicode, a label exactly at
+    --max_label_length) between bad rows of every kind, in two hub-style parquet shards."""
+    root = data_env["root"] / "bad"
+    rng = np.random.default_rng(3)
+    speech = [make_demo_dataset.synthesize("hei du", rng) for _ in range(4)]
+    flac = [make_demo_dataset.encode_flac(s) for s in speech]
+    wav_path = root / "files" / "on-disk.wav"
+    wav_path.parent.mkdir(parents=True)
+    wav_path.write_bytes(data_encode(speech[1], DATA_SAMPLE_RATE, "WAV"))
+    stereo_8k = np.stack([data_tone(600, 1.25, 8000, 0.5), data_tone(600, 1.25, 8000, 0.3)], 1)
+    prefix_tokens = len(data_env["tokenizer"].prefix_tokens)  # + text bytes + <|endoftext|>, minus 1 shifted
+    at_limit = "a" * (DATA_MAX_LABELS_30S - prefix_tokens)
+    nan_audio = speech[2].copy()
+    nan_audio[100] = np.nan
+    inf_audio = speech[3].copy()
+    inf_audio[-1] = np.inf
+    audio = lambda data: {"bytes": data, "path": None}  # noqa: E731
+    good = [
+        ("good-flac-0", audio(flac[0]), "Hei du"),
+        ("good-wav-path", {"bytes": None, "path": str(wav_path)}, "Vi går hjem"),
+        ("good-8k-stereo", audio(data_encode(stereo_8k, 8000, "WAV", "PCM_16")), "Stereo fra telefon"),
+        ("good-mp3", audio(data_encode(speech[0], DATA_SAMPLE_RATE, "MP3")), "mp3"),
+        ("good-ogg", audio(data_encode(speech[0], DATA_SAMPLE_RATE, "OGG", "VORBIS")), "ogg"),
+        ("good-unicode", audio(flac[1]), "Ωmega 😀 中文 ŋ ß «æøå»"),
+        ("good-label-at-limit", audio(flac[2]), at_limit),
+        ("good-29s", audio(data_encode(data_tone(300, 29.0, amplitude=0.1), DATA_SAMPLE_RATE, "FLAC")), "lang"),
+        ("good-flac-3", audio(flac[3]), "  Padded with spaces  "),
+    ]
+    bad = [
+        ("bad-undecodable", audio(b"this is not audio at all"), "tekst", "undecodable"),
+        ("bad-missing-file", {"bytes": None, "path": str(root / "nowhere.flac")}, "tekst", "undecodable"),
+        ("bad-null-audio", None, "tekst", "undecodable"),
+        ("bad-zero-length", audio(data_encode(np.zeros(0, np.float32), DATA_SAMPLE_RATE, "WAV")), "tekst",
+         "empty_audio"),
+        ("bad-nan", audio(data_encode(nan_audio, DATA_SAMPLE_RATE, "WAV", "FLOAT")), "tekst", "non_finite_audio"),
+        ("bad-inf", audio(data_encode(inf_audio, DATA_SAMPLE_RATE, "WAV", "FLOAT")), "tekst", "non_finite_audio"),
+        ("bad-too-short", audio(data_encode(data_tone(440, 0.02), DATA_SAMPLE_RATE, "WAV")), "tekst", "too_short"),
+        ("bad-45s", audio(data_encode(data_tone(300, 45.0, amplitude=0.1), DATA_SAMPLE_RATE, "FLAC")), "tekst",
+         "too_long"),
+        ("bad-empty-text", audio(flac[0]), "", "empty_text"),
+        ("bad-none-text", audio(flac[0]), None, "empty_text"),
+        ("bad-blank-text", audio(flac[0]), " \t ", "empty_text"),
+        ("bad-1000-tokens", audio(flac[0]), "x" * 1000, "too_many_tokens"),
+        ("bad-label-over-limit", audio(flac[0]), at_limit + "a", "too_many_tokens"),
+    ]
+    assert collections.Counter(reason for *_, reason in bad) == DATA_BAD_COUNTS
+    assert set(DATA_BAD_COUNTS) == set(run_scream.SKIP_REASONS)  # every kind there is
+    rows = []
+    for i in range(max(len(good), len(bad))):  # interleaved, so bad rows sit inside batches
+        for table, kind in ((good, "good"), (bad, "bad")):
+            if i < len(table):
+                rows.append({"id": table[i][0], "audio": table[i][1], "text": table[i][2], "source": kind})
+    path = data_write_parquet(root / "dataset", rows, 2)
+    return {"path": path, "good": {g[0]: g[2] for g in good}, "num_rows": len(rows)}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_examples_are_counted_and_good_ones_all_arrive(data_env, data_bad_dataset, streaming):
+    """Whisper's 30 s window, --min_duration_in_seconds 0.05, --max_label_length 128, 4 decoding
+    threads: each good row arrives once, intact; each bad one is one count of its reason."""
+    tokenizer = data_env["tokenizer"]
+    prepare = data_prepare(tokenizer, n_samples=30 * DATA_SAMPLE_RATE, max_duration_s=30.0, min_duration_s=0.05,
+                           max_label_length=DATA_MAX_LABELS_30S)
+    batches = data_batches(data_env, data_bad_dataset["path"], batch_size=4, repeat=False, shuffle=False,
+                           num_workers=4, prepare=prepare, n_samples=30 * DATA_SAMPLE_RATE,
+                           max_label_length=DATA_MAX_LABELS_30S, streaming=streaming)
+    arrived, masks = {}, []
+    for batch, examples in batches:
+        masks.append(batch["example_mask"].tolist())
+        for row, example in enumerate(examples):
+            assert example["id"] not in arrived
+            arrived[example["id"]] = (example, batch["audio"][row])
+    assert sorted(arrived) == sorted(data_bad_dataset["good"])
+    assert dict(batches.skipped) == DATA_BAD_COUNTS
+    assert batches.examples_read == data_bad_dataset["num_rows"]
+    assert masks[-1] == [1] * (len(arrived) % 4) + [0] * (4 - len(arrived) % 4)  # the ragged last batch
+    for example_id, text in data_bad_dataset["good"].items():
+        example, batch_audio = arrived[example_id]
+        assert example["text"] == text.strip()
+        # any character round-trips (byte-level tokens)
+        assert tokenizer.decode(example["tokens"], skip_special_tokens=True) == text.strip()
+        assert np.isfinite(batch_audio).all()
+    stereo = arrived["good-8k-stereo"][0]["audio"]
+    assert len(stereo) == int(1.25 * DATA_SAMPLE_RATE) and abs(data_peak_hz(stereo) - 600) < 3
+    assert abs(np.abs(stereo[5000:15000]).max() - 0.4) < 0.01  # (0.5 + 0.3) / 2
+    assert len(arrived["good-29s"][0]["audio"]) == 29 * DATA_SAMPLE_RATE
+
+
+def test_missing_column_is_a_config_error(data_env):
+    with pytest.raises(run_scream.ConfigError) as error:
+        run_scream.load_source(data_args(data_env["four_shards"], text_column_name="transcript"), "train",
+                               process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None)
+    message = str(error.value)
+    assert "--text_column_name 'transcript'" in message
+    assert "id, audio, text, source" in message  # what the dataset has
+
+
+def test_main_reports_a_missing_column_and_an_unknown_language(data_env, tmp_path, capsys):
+    """What a user sees: exit status 2 and one `error:` line naming the flag."""
+    common = ["--config_name", str(data_env["model_dir"]), "--dataset_name", data_env["four_shards"],
+              "--do_eval", "--eval_batch_size", "8", "--train_batch_size", "8", "--report_to", "none"]
+    assert run_scream.main(common + ["--output_dir", str(tmp_path / "a"), "--language", "klingon"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --language 'klingon' is not a Whisper language" in err
+    assert run_scream.main(common + ["--output_dir", str(tmp_path / "b"), "--audio_column_name", "speech"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --audio_column_name 'speech' is not a column" in err and "id, audio, text, source" in err
+    assert run_scream.language_code("norwegian") == run_scream.language_code("<|no|>") == "no"
+
+
+def test_no_surviving_example_stops_with_the_flag_to_fix(data_env):
+    """Every clip longer than --max_duration_in_seconds: an error after one epoch, not an endless loop."""
+    batches = data_batches(data_env, data_env["four_shards"], batch_size=4, repeat=True,
+                           prepare=data_prepare(data_env["tokenizer"], max_duration_s=0.2))
+    outcome = {}
+
+    def consume():
+        try:
+            next(iter(batches))
+        except Exception as error:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(60)  # only a guard against the old endless loop
+    assert isinstance(outcome.get("error"), run_scream.ConfigError), outcome
+    assert "too_long 40" in str(outcome["error"]) and "--max_duration_in_seconds" in str(outcome["error"])
+
+
+def data_examples(env, texts_and_seconds):
+    prepare = data_prepare(env["tokenizer"])
+    rng = np.random.default_rng(5)
+    examples = []
+    for text, seconds in texts_and_seconds:
+        waveform = rng.normal(0, 0.1, int(seconds * DATA_SAMPLE_RATE)).astype(np.float32)
+        row = {"id": text, "audio": {"bytes": make_demo_dataset.encode_flac(waveform)}, "text": text}
+        example, reason = prepare(row)
+        assert reason is None, (text, reason)
+        examples.append(example)
+    return examples
+
+
+def test_collate_pads_a_ragged_last_batch(data_env):
+    tokenizer, pad = data_env["tokenizer"], data_env["config"].pad_token_id
+    token_id = tokenizer.convert_tokens_to_ids
+    examples = data_examples(data_env, [("Hei", 0.1), ("God dag på deg", 2.5), ("Søt høst", 3.0)])
+    batch = run_scream.collate(examples, batch_size=4, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+                               max_label_length=DATA_MAX_LABEL_LENGTH, pad_token_id=pad)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        "audio": ((4, 48000), np.float32), "labels": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
+        "decoder_input_ids": ((4, DATA_MAX_LABEL_LENGTH), np.int32), "example_mask": ((4,), np.int32)}
+    assert batch["example_mask"].tolist() == [1, 1, 1, 0]
+    prefix = [token_id(t) for t in ("<|no|>", "<|transcribe|>", "<|notimestamps|>")]
+    for row, example in enumerate(examples):
+        text_ids = tokenizer.encode(example["text"], add_special_tokens=False)
+        n = len(text_ids) + 4  # <|no|><|transcribe|><|notimestamps|> text <|endoftext|>
+        assert batch["labels"][row, :n].tolist() == prefix + text_ids + [token_id("<|endoftext|>")]
+        assert (batch["labels"][row, n:] == -100).all()
+        assert batch["decoder_input_ids"][row, :n].tolist() == [token_id("<|startoftranscript|>")] + prefix + text_ids
+        assert (batch["decoder_input_ids"][row, n:] == pad).all()
+        length = len(example["audio"])
+        np.testing.assert_array_equal(batch["audio"][row, :length], example["audio"])
+        assert (batch["audio"][row, length:] == 0).all()
+    assert (batch["audio"][3] == 0).all() and (batch["labels"][3] == -100).all()
+    assert (batch["decoder_input_ids"][3] == pad).all()
+    assert token_id("<|no|>") == 287 and token_id("<|startoftranscript|>") == 257  # the demo's canonical ids
+
+
+def test_train_step_compiles_once(data_env):
+    """Batches of clips from 0.1 s to the full chunk and labels from 5 to 30 tokens, a ragged one
+    included: one trace, one compiled executable."""
+    config = data_env["config"]
+    model = run_scream.build_model(config)
+    train_args = run_scream.TrainingArguments(learning_rate=1e-3, num_train_steps=10)
+    optimizer = run_scream.make_optimizer(train_args, run_scream.learning_rate_schedule(1e-3, 0, 10, "linear"))
+    params = run_scream.init_params(model, jax.random.PRNGKey(0))
+    state = run_scream.TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.PRNGKey(1))
+    traces = []
+
+    def counted_step(state, batch):
+        traces.append(1)  # runs only while tracing
+        return run_scream.train_step(state, batch, model=model, optimizer=optimizer,
+                                     mel_filters=np.asarray(data_env["feature_extractor"].mel_filters, np.float32),
+                                     accumulation_steps=1, label_smoothing=0.0)
+
+    step = jax.jit(counted_step, donate_argnums=0)
+    collate = functools.partial(run_scream.collate, batch_size=2, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+                                max_label_length=DATA_MAX_LABEL_LENGTH, pad_token_id=config.pad_token_id)
+    batches = [
+        collate(data_examples(data_env, [("a", 0.1), ("Vi går hjem til mor og far nå", 3.0)])),
+        collate(data_examples(data_env, [("Hei du", 1.2), ("Katt", 0.4)])),
+        collate(data_examples(data_env, [("Stor hund i skogen", 2.2)])),  # ragged: one row masked
+    ]
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert int(state.step) == 3 and all(np.isfinite(losses))
+
+
+# --- train ---
+
+HERE = Path(__file__).resolve().parent
+
+
+CHUNK_S = 1  # 1-second windows: 100 mel frames, max_source_positions 50
+
+
+NUM_TRAIN, NUM_EVAL = 40, 12  # 5 steps of 8 per epoch, so a 6-step run starts a second epoch
+
+
+GLOBAL_BATCH, EVAL_BATCH = 8, 8  # 12 eval examples: the second eval batch is half padding
+
+
+NUM_STEPS, SAVE_STEPS, SAVE_LIMIT = 6, 2, 2
+
+
+PEAK_LR, WARMUP = 3e-3, 2
+
+
+RUN_TIMEOUT_S = 420  # a hung run fails the test instead of blocking the suite
+
+
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
+
+
+@pytest.fixture(scope="session")
+def train_demo(tmp_path_factory):
+    """A small demo setup: tokenizer, weightless model dir, 40 train (2 shards) + 12 eval clips."""
+    root = tmp_path_factory.mktemp("train_demo")
+    tokenizer = demo.write_tokenizer(root / "tokenizer")
+    demo.write_model_dir(root / "model", tokenizer, CHUNK_S, 80)
+    demo.write_dataset(root / "data", NUM_TRAIN, NUM_EVAL, seed=0, chunk_length_s=CHUNK_S, num_shards=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+    """Environment of the run_scream.py subprocesses: 8 CPU devices and a shared compilation cache.
+
+    XLA's CPU collectives abort a process whose devices do not all reach a collective within 40 s;
+    on a machine loaded by other jobs that happened once in these tests, so the limit is raised
+    (a real hang still fails, at RUN_TIMEOUT_S)."""
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("train_jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(HERE),
+    })
+    return env
+
+
+def train_command(demo_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The one command of the whole-run tests. No shuffle buffer, so that the data order is fixed."""
+    return [
+        "--config_name", str(demo_dir / "model"), "--dataset_name", str(demo_dir / "data"),
+        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--predict_with_generate",
+        "--train_batch_size", str(GLOBAL_BATCH), "--eval_batch_size", str(EVAL_BATCH),
+        "--num_train_steps", str(NUM_STEPS), "--logging_steps", "1", "--save_steps", str(SAVE_STEPS),
+        "--save_total_limit", str(SAVE_LIMIT), "--learning_rate", str(PEAK_LR), "--warmup_steps", str(WARMUP),
+        "--weight_decay", "0.01", "--max_label_length", "32", "--shuffle_buffer_size", "0",
+        "--preprocessing_num_workers", "2", "--seed", "0", *extra,
+    ]
+
+
+# A launcher that runs run_scream.main with one test hook (TRAIN_HOOK=<kind>:<n>):
+#   sigterm_at_call:N   SIGTERM arrives while the N-th train batch of this launch is being put on the
+#                       devices (a preemption notice in the middle of a step)
+#   hang_at_call:N      at the N-th train batch of this launch, once every checkpoint save started so
+#                       far is finalized, write TRAIN_HOOK_MARKER and hang, to be SIGKILLed
+#   slow_start:S        sleep S seconds after joining the other processes (a slow host)
+HOOKED_MAIN = """
+import os, signal, sys, time
+from pathlib import Path
+import run_scream as rs
+
+kind, n = os.environ["TRAIN_HOOK"].split(":")
+n = int(n)
+calls, managers = [], []
+original_to_global_batch, original_checkpoint_manager = rs.to_global_batch, rs.checkpoint_manager
+original_initialise_distributed = rs.initialise_distributed
+
+
+def checkpoint_manager(*args, **kwargs):
+    managers.append(original_checkpoint_manager(*args, **kwargs))
+    return managers[-1]
+
+
+def to_global_batch(host_batch, sharding):
+    calls.append(1)
+    if len(calls) == n and kind == "sigterm_at_call":
+        os.kill(os.getpid(), signal.SIGTERM)
+    if len(calls) == n and kind == "hang_at_call":
+        managers[0].wait_until_finished()
+        Path(os.environ["TRAIN_HOOK_MARKER"]).write_text(str(managers[0].latest_step()))
+        time.sleep(3600)
+    return original_to_global_batch(host_batch, sharding)
+
+
+def initialise_distributed(dist):
+    original_initialise_distributed(dist)
+    if kind == "slow_start":
+        time.sleep(n)
+
+
+rs.checkpoint_manager, rs.to_global_batch = checkpoint_manager, to_global_batch
+rs.initialise_distributed = initialise_distributed
+sys.exit(rs.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="session")
+def train_hooked_main(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train_hooks") / "hooked_main.py"
+    path.write_text(HOOKED_MAIN)
+    return path
+
+
+def start_run(args, env, log_path: Path, *, script=None, extra_env=None) -> subprocess.Popen:
+    with log_path.open("w") as log:
+        return subprocess.Popen([sys.executable, str(script or HERE / "run_scream.py"), *args], cwd=HERE,
+                                env={**env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish_run(process: subprocess.Popen, log_path: Path, *, expect_rc=0, timeout=RUN_TIMEOUT_S) -> str:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"run timed out after {timeout}s; log:\n{log_path.read_text()[-4000:]}")
+    text = log_path.read_text()
+    assert process.returncode == expect_rc, f"exit {process.returncode}; log:\n{text[-4000:]}"
+    return text
+
+
+def run_to_end(args, env, log_path: Path, **kwargs) -> str:
+    return finish_run(start_run(args, env, log_path, **kwargs), log_path)
+
+
+def metrics_lines(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_lines(output_dir: Path) -> dict[int, dict]:
+    lines = [m for m in metrics_lines(output_dir) if "train/loss" in m]
+    steps = [m["step"] for m in lines]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {m["step"]: m for m in lines}
+
+
+def eval_lines(output_dir: Path) -> list[dict]:
+    return [m for m in metrics_lines(output_dir) if "eval/loss" in m]
+
+
+def exported_arrays(output_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="session")
+def train_straight(train_demo, train_env, tmp_path_factory):
+    """The reference run: one process, 8 devices, 6 steps straight through."""
+    out = tmp_path_factory.mktemp("train_straight") / "out"
+    log = run_to_end(train_command(train_demo, out), train_env, out.parent / "log.txt")
+    return out, log
+
+
+@pytest.fixture(scope="session")
+def train_step_runs(train_demo):
+    """Three optimizer steps of `train_step` on the same global batches on several meshes, jitted
+    with in/out shardings and donation as run() does. Returns per-run losses, parameters and state."""
+    pretrained = rs.load_pretrained(str(train_demo / "model"), weights=False)
+    config, tokenizer, feature_extractor = pretrained.config, pretrained.tokenizer, pretrained.feature_extractor
+    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+    source = rs.load_source(rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0), "train",
+                            process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=22)
+    prepare = functools.partial(
+        rs.prepare_example, audio_column="audio", text_column="text", id_column="id", tokenizer=tokenizer,
+        audio_settings=rs.AudioSettings(16000, feature_extractor.n_samples, 0.0, CHUNK_S),
+        text_settings=rs.TextSettings(False, False, 32))
+    examples = [prepare(row)[0] for row in source]
+    assert all(e is not None for e in examples)
+    collate = functools.partial(rs.collate, batch_size=GLOBAL_BATCH, n_samples=feature_extractor.n_samples,
+                                max_label_length=32, pad_token_id=config.pad_token_id)
+    # The third batch has 6 examples and 2 padding rows (no labels).
+    batches = [collate(examples[0:8]), collate(examples[8:16]), collate(examples[16:22])]
+
+    model = rs.build_model(config)
+    train_args = rs.TrainingArguments(learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.01,
+                                      max_grad_norm=1.0)
+    optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
+    mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
+    params = jax.device_get(rs.init_params(model, jax.random.PRNGKey(0)))
+    initial = rs.TrainState(np.int32(0), params, jax.device_get(optimizer.init(params)),
+                            np.asarray(jax.random.PRNGKey(1)))
+
+    def run(mesh, accumulation_steps):
+        sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
+        data_sharding = rs.batch_sharding(mesh)
+        step_fn = jax.jit(
+            functools.partial(rs.train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
+                              accumulation_steps=accumulation_steps, label_smoothing=0.0, mesh=mesh),
+            in_shardings=(sharding, data_sharding), out_shardings=(sharding, None), donate_argnums=0)
+        state = jax.device_put(initial, sharding)
+        losses = []
+        for batch in batches:
+            state, metrics = step_fn(state, rs.to_global_batch(batch, data_sharding))
+            losses.append(float(metrics["loss"]))
+        return {"losses": np.array(losses), "params": jax.device_get(state.params), "state": state}
+
+    devices = jax.devices()
+    assert len(devices) == 8, "the tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    runs = {
+        "one_device": run(rs.make_mesh(1, devices=devices[:1]), 1),
+        "data_parallel_8x1": run(rs.make_mesh(1), 1),
+        "fsdp_4x2": run(rs.make_mesh(2), 1),
+        # 4 micro-batches of 2 rows inside the step
+        "accumulate_4_on_1_device": run(rs.make_mesh(1, devices=devices[:1]), 4),
+        # ... each micro-batch split over a 1x2 mesh (one row per device), parameters sharded
+        "accumulate_4_on_1x2": run(rs.make_mesh(2, devices=devices[:2]), 4),
+    }
+    return {"runs": runs, "batches": batches, "model": model, "initial": initial, "mel_filters": mel_filters}
+
+
+# float32: the meshes sum the same numbers in different orders. Measured: losses within 2e-7
+# relative; parameters after 3 AdamW steps (LR 1e-3, so each moves up to ~3e-3) within 3.3e-6
+# absolute (data parallel 3.2e-6, FSDP 1.4e-6, accumulation 0.5e-6 and 3.0e-6).
+LOSS_RTOL = 1e-5
+
+
+PARAM_ATOL = 3e-5
+
+
+@pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1_device", "accumulate_4_on_1x2"])
+def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
+    reference, run = train_step_runs["runs"]["one_device"], train_step_runs["runs"][name]
+    np.testing.assert_allclose(run["losses"], reference["losses"], rtol=LOSS_RTOL)
+    assert max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(reference["params"])) < PARAM_ATOL
+    # The steps really moved the parameters (far more than the tolerance).
+    moved = max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(train_step_runs["initial"].params))
+    assert moved > 20 * PARAM_ATOL
+
+
+def test_fsdp_really_shards_parameters_and_moments(train_step_runs):
+    state = train_step_runs["runs"]["fsdp_4x2"]["state"]
+    for tree in (state.params, state.opt_state):
+        sharded = [leaf for leaf in jax.tree.leaves(tree)
+                   if "fsdp" in str(leaf.sharding.spec) and leaf.addressable_shards[0].data.size * 2 == leaf.size]
+        assert sharded, "no leaf is sharded over the fsdp axis"
+    embedding = state.params["decoder"]["embed_tokens"]["embedding"]  # (1865, 64): 64 is the divisible one
+    assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert embedding.addressable_shards[0].data.shape == (1865, 32)
+    data_parallel = train_step_runs["runs"]["data_parallel_8x1"]["state"]
+    assert all(leaf.addressable_shards[0].data.shape == leaf.shape for leaf in jax.tree.leaves(data_parallel.params))
+
+
+def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
+    """Step 1's loss = sum of token losses / label tokens over all 8 rows, computed here from logits."""
+    model, initial = train_step_runs["model"], train_step_runs["initial"]
+    batch = train_step_runs["batches"][0]
+    features = rs.log_mel(jnp.asarray(batch["audio"]), train_step_runs["mel_filters"])
+    logits = np.asarray(model.apply({"params": initial.params}, features, batch["decoder_input_ids"]), np.float64)
+    labels = batch["labels"]
+    mask = labels != -100
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    token_nll = -np.take_along_axis(log_probs, np.where(mask, labels, 0)[..., None], -1)[..., 0] * mask
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 2  # uneven label lengths
+    token_mean = token_nll.sum() / mask.sum()
+    example_mean = np.mean(token_nll.sum(1) / lengths)
+    assert abs(token_mean - example_mean) > 1e-4  # so a per-example average would be caught
+    for name, run in train_step_runs["runs"].items():
+        assert run["losses"][0] == pytest.approx(token_mean, rel=1e-5), name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def train_two_processes(train_demo, train_env, train_hooked_main, tmp_path_factory):
+    """The straight run's command on 2 processes x 4 devices, joined through jax.distributed on
+    localhost. Process 1 is a slow host: it dawdles 4 s after joining, so that process 0 reaches
+    the output directory first (which once made process 1 refuse the run as "not empty")."""
+    out = tmp_path_factory.mktemp("train_two_processes") / "out"
+    port = free_port()
+    env = {**train_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT_FLAG}"}
+    processes = [
+        start_run(train_command(train_demo, out, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                "--process_id", str(i), "--distributed_timeout_s", "120"),
+                  env, out.parent / f"log{i}.txt", script=train_hooked_main,
+                  extra_env={"TRAIN_HOOK": "slow_start:4" if i == 1 else "none:0"})
+        for i in range(2)
+    ]
+    try:
+        logs = [finish_run(p, out.parent / f"log{i}.txt") for i, p in enumerate(processes)]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out, logs
+
+
+def test_two_processes_give_the_losses_of_one(train_demo, train_straight, train_two_processes):
+    # The global batch is host 0's rows, then host 1's. Both layouts must see the same *set* of
+    # examples per step, or the losses would differ for a legitimate reason. The train split is
+    # iterated as 40 one-row shards; split_dataset_by_node deals them round-robin, so host 0
+    # reads examples 0, 2, 4, ... and host 1 reads 1, 3, 5, ...: with 4 rows per host, step k
+    # sees examples 8k..8k+7 on one process and on two (in another row order, which the
+    # token-summed loss does not care about). This is checked here first.
+    data_args = rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0)
+
+    def ids(process_index, process_count):
+        source = rs.load_source(data_args, "train", process_index=process_index, process_count=process_count,
+                                seed=0, shuffle=True, epoch=0, max_samples=None)
+        return [row["id"] for row in source]
+
+    one, host0, host1 = ids(0, 1), ids(0, 2), ids(1, 2)
+    per_host = GLOBAL_BATCH // 2
+    for step in range(NUM_TRAIN // GLOBAL_BATCH):
+        two_process_batch = host0[step * per_host:(step + 1) * per_host] + host1[step * per_host:(step + 1) * per_host]
+        assert sorted(two_process_batch) == sorted(one[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+
+    straight, _ = train_straight
+    out, logs = train_two_processes
+    config = json.loads((out / "scream_config.json").read_text())["resolved"]
+    assert (config["processes"], config["devices"], config["per_host_batch_size"]) == (2, 8, 4)
+    one_process, two_processes = train_lines(straight), train_lines(out)
+    assert sorted(two_processes) == list(range(1, NUM_STEPS + 1))  # process 0 wrote each step once
+    # Measured: equal to 2e-7 relative (float32 sums in another order).
+    for step in range(1, NUM_STEPS + 1):
+        assert two_processes[step]["train/loss"] == pytest.approx(one_process[step]["train/loss"], rel=LOSS_RTOL)
+        assert two_processes[step]["train/grad_norm"] == pytest.approx(one_process[step]["train/grad_norm"], rel=1e-4)
+    # Eval data is split across the hosts; every example counted once.
+    (eval_one,), (eval_two,) = eval_lines(straight), eval_lines(out)
+    assert eval_two["eval/num_tokens"] == eval_one["eval/num_tokens"]
+    assert eval_two["eval/num_examples"] == eval_one["eval/num_examples"] == NUM_EVAL
+    assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
+    predictions = [json.loads(line) for line in (out / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in predictions) == [f"validation-{i:06d}" for i in range(NUM_EVAL)]
+    assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) < PARAM_ATOL
+
+
+@pytest.fixture(scope="session")
+def train_resumed(train_demo, train_env, train_hooked_main, tmp_path_factory):
+    """The straight run's command, interrupted twice and relaunched unchanged each time:
+    launch 1 gets SIGTERM during step 3 (it saves checkpoint 3 and exits 0); launch 2 resumes from
+    3, saves checkpoint 4 on its cadence, logs steps 4 and 5, and is SIGKILLed during step 6 (once
+    checkpoint 4 is finalized, so the kill is deterministic); launch 3 resumes from 4, redoes step 5
+    and finishes."""
+    root = tmp_path_factory.mktemp("train_resumed")
+    out = root / "out"
+    args = train_command(train_demo, out)
+
+    first = run_to_end(args, train_env, root / "log1.txt", script=train_hooked_main,
+                       extra_env={"TRAIN_HOOK": "sigterm_at_call:3"})
+    checkpoints_after_first = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+
+    marker, log2 = root / "hanging", root / "log2.txt"
+    process = start_run(args, train_env, log2, script=train_hooked_main,
+                        extra_env={"TRAIN_HOOK": "hang_at_call:3", "TRAIN_HOOK_MARKER": str(marker)})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    hanging = marker.exists() and process.poll() is None
+    process.kill()  # SIGKILL
+    process.wait()
+    assert hanging, f"launch 2 never reached step 6 (exit {process.returncode}); log:\n{log2.read_text()[-4000:]}"
+    second = log2.read_text()
+    latest_at_kill = int(marker.read_text())
+    steps_logged_at_kill = [m["step"] for m in metrics_lines(out) if "train/loss" in m]
+
+    third = run_to_end(args, train_env, root / "log3.txt")
+    return {"out": out, "logs": (first, second, third), "checkpoints_after_first": checkpoints_after_first,
+            "latest_at_kill": latest_at_kill, "steps_logged_at_kill": steps_logged_at_kill}
+
+
+def test_resume_after_sigterm_and_sigkill_matches_a_straight_run(train_straight, train_resumed):
+    straight, _ = train_straight
+    out, (first, second, third) = train_resumed["out"], train_resumed["logs"]
+    assert "stopped by SIGTERM after step 3" in first
+    assert train_resumed["checkpoints_after_first"] == [2, 3]  # the cadence's 2 and the SIGTERM's 3
+    assert "resumed from" in second and "(step 3)" in second
+    # Killed during step 6 with steps 4 and 5 logged but only checkpoint 4 on disk.
+    assert train_resumed["latest_at_kill"] == 4 and train_resumed["steps_logged_at_kill"] == [1, 2, 3, 4, 5]
+    assert "resumed from" in third and "(step 4)" in third
+    # Each step logged exactly once over the three launches (step 5, done twice, too), with the
+    # straight run's numbers. Measured: bit-identical (same executable, state and data position).
+    resumed, reference = train_lines(out), train_lines(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(1, NUM_STEPS + 1))
+    for step in range(1, NUM_STEPS + 1):
+        for key in ("train/loss", "train/grad_norm", "train/learning_rate", "examples_seen", "train/epoch"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=0), (step, key)
+    assert resumed[NUM_STEPS]["train/epoch"] == 1  # the run crossed an epoch boundary
+    (eval_resumed,), (eval_reference,) = eval_lines(out), eval_lines(straight)
+    assert eval_resumed["eval/loss"] == pytest.approx(eval_reference["eval/loss"], rel=1e-6)
+    # Same final parameters, read back from both exported models.
+    assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) <= 1e-7
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]
+
+
+def expected_lr(kind: str, step: int, peak: float, warmup: int, total: int) -> float:
+    if kind != "constant" and step < warmup:
+        return peak * step / warmup
+    if kind == "linear":
+        return peak * max(0.0, (total - step) / (total - warmup))
+    return peak
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_learning_rate_schedule_is_the_formula(kind, warmup):
+    schedule = rs.learning_rate_schedule(1e-3, warmup, 100, kind)
+    for step in (0, 1, 5, 9, 10, 11, 50, 99, 100, 120):
+        assert float(schedule(step)) == pytest.approx(expected_lr(kind, step, 1e-3, warmup, 100), rel=1e-5, abs=1e-12), step
+
+
+def test_effective_learning_rate_scaling():
+    def scaled(kind):
+        args = rs.TrainingArguments(learning_rate=2e-5, lr_scaling=kind, lr_reference_batch_size=512)
+        return rs.effective_learning_rate(args, 1024)
+
+    assert f"{scaled('sqrt'):.4g}" == "2.828e-05"
+    assert scaled("linear") == pytest.approx(4e-5)
+    assert scaled("none") == 2e-5
+    with pytest.raises(rs.ConfigError, match="--lr_reference_batch_size"):
+        rs.TrainingArguments(lr_scaling="sqrt")
+
+
+def test_logged_learning_rate_is_the_schedule(train_straight):
+    straight, _ = train_straight
+    lines = train_lines(straight)
+    # The line of step s reports the LR of the update that produced step s (optax counts from 0).
+    for step, line in lines.items():
+        want = expected_lr("linear", step - 1, PEAK_LR, WARMUP, NUM_STEPS)
+        assert line["train/learning_rate"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
+    assert lines[1]["train/learning_rate"] == 0.0 and lines[WARMUP + 1]["train/learning_rate"] == pytest.approx(PEAK_LR)
+
+
+TRAIN_KEYS = {"step", "examples_seen", "train/loss", "train/learning_rate", "train/grad_norm", "train/examples_per_s",
+              "train/data_wait_fraction"}
+
+
+EVAL_KEYS = {"step", "eval/loss", "eval/wer", "eval/cer", "eval/wer_normalized", "eval/cer_normalized"}
+
+
+def test_metrics_jsonl(train_straight):
+    straight, _ = train_straight
+    lines = metrics_lines(straight)
+    train, evals = [m for m in lines if "train/loss" in m], [m for m in lines if "eval/loss" in m]
+    assert [m["step"] for m in train] == list(range(1, NUM_STEPS + 1))
+    assert [m["step"] for m in evals] == [NUM_STEPS]  # eval_steps defaults to the end
+    for m in train:
+        assert TRAIN_KEYS <= m.keys()
+        assert m["examples_seen"] == m["step"] * GLOBAL_BATCH
+        assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 and m["train/examples_per_s"] > 0
+        assert 0 <= m["train/data_wait_fraction"] <= 1
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert EVAL_KEYS <= evals[0].keys()
+    assert all(0 <= evals[0][k] for k in EVAL_KEYS - {"step"})
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_predictions_each_eval_example_once(train_demo, train_straight):
+    straight, _ = train_straight
+    rows = [json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()]
+    assert all(row.keys() == {"id", "reference", "prediction"} for row in rows)
+    references = {f"validation-{i:06d}": demo.make_example(0, "validation", i, CHUNK_S)[0] for i in range(NUM_EVAL)}
+    assert {row["id"]: row["reference"] for row in rows} == references
+    assert len(rows) == NUM_EVAL  # 12 examples in batches of 8: the padded rows of the last batch are not counted
+    # Eval tokens: every example's label tokens (prefix + text + eot, less the first), padding excluded.
+    tokenizer = rs.load_pretrained(str(train_demo / "model"), weights=False).tokenizer
+    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+    num_tokens = sum(len(tokenizer(text).input_ids) - 1 for text in references.values())
+    (final,) = eval_lines(straight)
+    assert final["eval/num_tokens"] == num_tokens and final["eval/num_examples"] == NUM_EVAL
+    # WER as jiwer computes it from these very rows.
+    wer = rs.transcription_metrics([r["reference"] for r in rows], [r["prediction"] for r in rows])["wer"]
+    assert final["eval/wer"] == pytest.approx(wer)
+
+
+def test_checkpoints_config_and_model_card(train_straight):
+    straight, _ = train_straight
+    # Saved at 2, 4 and 6; --save_total_limit 2 keeps the last two, each complete.
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["4", "6"]
+    for step in ("4", "6"):
+        assert (straight / "checkpoints" / step / "state").is_dir() and (straight / "checkpoints" / step / "meta").is_dir()
+        assert not list((straight / "checkpoints").glob(f"{step}.*tmp*"))
+    config = json.loads((straight / "scream_config.json").read_text())
+    resolved = config["resolved"]
+    assert resolved["devices"] == 8 and resolved["processes"] == 1 and resolved["mesh"] == {"data": 8, "fsdp": 1}
+    assert (resolved["global_batch_size"], resolved["per_device_batch_size"], resolved["eval_batch_size"]) == (8, 1, 8)
+    assert resolved["effective_learning_rate"] == PEAK_LR
+    assert resolved["total_train_examples"] == GLOBAL_BATCH * NUM_STEPS
+    assert config["training"]["num_train_steps"] == NUM_STEPS and config["training"]["save_total_limit"] == SAVE_LIMIT
+    card = (straight / "README.md").read_text()
+    (final,) = eval_lines(straight)
+    for key in ("eval/loss", "eval/wer", "eval/cer", "eval/wer_normalized"):
+        assert f"- {key}: {final[key]:.4g}" in card
+    assert '"num_train_steps": 6' in card
+
+
+def test_exported_model_loads_in_transformers_with_our_logits(train_demo, train_straight):
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    straight, _ = train_straight
+    torch_model = WhisperForConditionalGeneration.from_pretrained(str(straight)).eval()
+    ours = rs.load_pretrained(str(straight))
+    model = rs.build_model(ours.config)
+    rng = np.random.default_rng(0)
+    n_samples = ours.feature_extractor.n_samples
+    audio = np.stack([np.pad(clip, (0, n_samples - len(clip)))
+                      for clip in (demo.make_example(0, "validation", i, CHUNK_S)[1] for i in range(2))])
+    features = np.asarray(rs.log_mel(jnp.asarray(audio), np.asarray(ours.feature_extractor.mel_filters, np.float32)))
+    decoder_ids = rng.integers(0, ours.config.vocab_size, (2, 12)).astype(np.int32)
+    logits = np.asarray(model.apply({"params": ours.params}, features, decoder_ids))
+    with torch.no_grad():
+        torch_logits = torch_model(input_features=torch.from_numpy(np.array(features)),
+                                   decoder_input_ids=torch.from_numpy(decoder_ids).long()).logits.numpy()
+    assert np.max(np.abs(logits - torch_logits)) < 1e-4
+
+
+def test_eval_only_of_the_exported_model(train_demo, train_env, train_straight, tmp_path):
+    """--do_eval alone on the exported model: the final eval of training again, and
+    --log_max_eval_predictions 3 writes 3 rows."""
+    straight, _ = train_straight
+    out = tmp_path / "eval"
+    run_to_end(["--model_name_or_path", str(straight), "--dataset_name", str(train_demo / "data"),
+                "--output_dir", str(out), "--do_eval", "--predict_with_generate", "--train_batch_size", str(GLOBAL_BATCH),
+                "--eval_batch_size", str(EVAL_BATCH), "--max_label_length", "32", "--log_max_eval_predictions", "3",
+                "--preprocessing_num_workers", "2", "--report_to", "none"], train_env, tmp_path / "log.txt")
+    (final,), (again,) = eval_lines(straight), eval_lines(out)
+    assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+    assert again["eval/num_examples"] == NUM_EVAL
+    rows = (out / "predictions" / "step_0.jsonl").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def test_refuses_a_non_empty_output_dir_without_checkpoints(train_demo, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("someone's files")
+    code = rs.main(train_command(train_demo, tmp_path, "--report_to", "none"))
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "--output_dir" in message and "--overwrite_output_dir" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
+
+
+def test_batch_not_divisible_by_devices(train_demo, tmp_path, capsys):
+    code = rs.main(train_command(train_demo, tmp_path / "out", "--train_batch_size", "12"))
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "--train_batch_size 12" in message and "multiple of 8" in message
+    assert not (tmp_path / "out").exists()
+
+
+# --- scripts ---
+
+REPO = Path(__file__).resolve().parent
+
+
+# The real dims of the two base models; a dry run reads config, tokenizer and feature extractor only.
+HUB_MODELS = {
+    "openai/whisper-tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
+                                decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536),
+    "openai/whisper-large-v2": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
+                                    decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120),
+}
+
+
+# ../shared/EXPERIMENTS.md, "The five runs" and the v4-8 learning-rate search.
+EXPERIMENTS = {
+    "run_tiny_nrk.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_nrk_v5", global_batch=512,
+                            effective_learning_rate=2e-5, warmup_steps=10000, num_train_steps=250000, eval_steps=5000,
+                            eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_nrk"),
+    "run_tiny_all.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_all_v5", global_batch=512,
+                            effective_learning_rate=2e-5, warmup_steps=10000, num_train_steps=250000, eval_steps=5000,
+                            eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_all"),
+    "run_tiny_1024bs.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_all_v5", global_batch=1024,
+                               effective_learning_rate=2.828e-5, warmup_steps=5000, num_train_steps=125000,
+                               eval_steps=2500, eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_all_1024bs"),
+    "run_large_2e6.sh": dict(model="openai/whisper-large-v2", dataset="NbAiLab/NCC_speech_all_v5", global_batch=160,
+                             effective_learning_rate=2e-6, warmup_steps=5000, num_train_steps=100000, eval_steps=2500,
+                             eval_batch=160, hub_model_id="NbAiLab/scream_large_sept_2e6"),
+    "run_large_8e6.sh": dict(model="openai/whisper-large-v2", dataset="NbAiLab/NCC_speech_all_v5", global_batch=160,
+                             effective_learning_rate=8e-6, warmup_steps=5000, num_train_steps=100000, eval_steps=2500,
+                             eval_batch=160, hub_model_id="NbAiLab/scream_large_sept_8e6"),
+}
+
+
+LR_SEARCH = {
+    "tiny_8tpu_1e5_constant": (1e-5, "constant_with_warmup"),
+    "tiny_8tpu_1e5_linear": (1e-5, "linear"),
+    "tiny_8tpu_2e5_linear": (2e-5, "linear"),
+    "tiny_8tpu_3e5_linear": (3e-5, "linear"),
+}
+
+
+@pytest.fixture(scope="session")
+def scripts_hub_cache(tmp_path_factory):
+    """A Hugging Face hub cache holding the two base models' configs, as a machine that once
+    downloaded them has it (refs/main -> snapshots/<commit>/...)."""
+    import make_demo_dataset
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+
+    cache = tmp_path_factory.mktemp("hub_cache")
+    tokenizer = make_demo_dataset.write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    for index, (repo_id, dims) in enumerate(HUB_MODELS.items()):
+        repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+        commit = f"{index + 1:040x}"
+        snapshot = repo_dir / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(commit)
+        WhisperConfig(vocab_size=51865, num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
+                      pad_token_id=50257, bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
+                      **dims).save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        WhisperFeatureExtractor(feature_size=80).save_pretrained(snapshot)
+    return cache
+
+
+def dry_run(script: Path, cache: Path, *extra: str) -> dict:
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache),
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(["bash", str(script), *extra, "--dry_run", "--no_dry_run_compile"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan_lines = [line for line in result.stdout.splitlines() if line.startswith("plan_json: ")]
+    assert len(plan_lines) == 1, result.stdout[-3000:]
+    return json.loads(plan_lines[0].removeprefix("plan_json: "))
+
+
+@pytest.mark.parametrize("script", sorted(EXPERIMENTS))
+def test_experiment_script_pins_the_seed_values(script, scripts_hub_cache):
+    plan = dry_run(REPO / script, scripts_hub_cache)
+    expected = EXPERIMENTS[script]
+    assert plan["model"] == expected["model"]
+    assert plan["dataset"] == expected["dataset"]
+    assert plan["language"] == "no" and plan["task"] == "transcribe"
+    assert plan["global_batch"] == expected["global_batch"]
+    assert plan["eval_batch"] == expected["eval_batch"]
+    assert plan["effective_learning_rate"] == pytest.approx(expected["effective_learning_rate"], rel=1e-3)
+    assert plan["lr_scheduler_type"] == "linear"
+    assert plan["warmup_steps"] == expected["warmup_steps"]
+    assert plan["num_train_steps"] == expected["num_train_steps"]
+    assert plan["eval_steps"] == expected["eval_steps"]
+    assert plan["total_train_examples"] == expected["global_batch"] * expected["num_train_steps"]
+    assert plan["hub_model_id"] == expected["hub_model_id"]
+    assert plan["dtype"] == "bfloat16"
+    assert plan["parameters"] > (1_500_000_000 if "large" in script else 37_000_000)
+
+
+def test_1024bs_lines_up_with_tiny_all_example_for_example(scripts_hub_cache):
+    tiny_all = dry_run(REPO / "run_tiny_all.sh", scripts_hub_cache)
+    doubled = dry_run(REPO / "run_tiny_1024bs.sh", scripts_hub_cache)
+    for key in ("total_train_examples",):
+        assert doubled[key] == tiny_all[key]
+    assert doubled["eval_steps"] * doubled["global_batch"] == tiny_all["eval_steps"] * tiny_all["global_batch"]
+    assert doubled["warmup_steps"] * doubled["global_batch"] == tiny_all["warmup_steps"] * tiny_all["global_batch"]
+    assert doubled["effective_learning_rate"] == pytest.approx(2.828e-5, abs=5e-9)
+
+
+def test_a_copied_script_writes_elsewhere(scripts_hub_cache, tmp_path):
+    for name in ("run_scream.py", "run_large_8e6.sh"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "run_large_8e6.sh", tmp_path / "run_large_8e6_warmup10k.sh")
+    original = dry_run(tmp_path / "run_large_8e6.sh", scripts_hub_cache)
+    copy = dry_run(tmp_path / "run_large_8e6_warmup10k.sh", scripts_hub_cache)
+    assert copy["output_dir"] != original["output_dir"]
+    assert copy["hub_model_id"] != original["hub_model_id"]
+    assert copy["hub_model_id"] == "NbAiLab/scream_large_8e6_warmup10k"
+    assert Path(copy["output_dir"]).name == "scream_large_8e6_warmup10k"
+
+
+def test_lr_search_runs_the_four_seed_settings(scripts_hub_cache):
+    for name, (learning_rate, schedule) in LR_SEARCH.items():
+        plan = dry_run(REPO / "run_lr_search_v4-8.sh", scripts_hub_cache, name)
+        assert plan["model"] == "openai/whisper-tiny" and plan["dataset"] == "NbAiLab/NCC_speech_all_v5"
+        assert plan["global_batch"] == 512 and plan["eval_batch"] == 128
+        assert plan["effective_learning_rate"] == pytest.approx(learning_rate)
+        assert plan["lr_scheduler_type"] == schedule
+        assert (plan["warmup_steps"], plan["num_train_steps"], plan["eval_steps"]) == (10000, 100000, 2500)
+        assert plan["hub_model_id"] == f"NbAiLab/scream_{name}"
+
+
+def test_lr_search_table_reports_each_runs_best_wer(tmp_path):
+    root = tmp_path / "runs"
+    for name, wers in (("tiny_8tpu_2e5_linear", [40.0, 31.5, 33.0]), ("tiny_8tpu_3e5_linear", [35.0])):
+        (root / f"scream_{name}").mkdir(parents=True)
+        lines = [{"step": 2500 * (i + 1), "eval/wer_normalized": wer} for i, wer in enumerate(wers)]
+        (root / f"scream_{name}" / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    env = dict(os.environ, PYTHON=sys.executable, SCREAM_OUTPUT_ROOT=str(root))
+    table = subprocess.run(["bash", str(REPO / "run_lr_search_v4-8.sh"), "--table"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    assert "| tiny_8tpu_2e5_linear | 31.50 | 5000 | 3 |" in table
+    assert "| tiny_8tpu_3e5_linear | 35.00 | 2500 | 1 |" in table
+    assert "| tiny_8tpu_1e5_linear | - | - | 0 |" in table
+
+
+def test_a_typo_in_a_flag_is_an_error_with_status_2(scripts_hub_cache):
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(scripts_hub_cache))
+    result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--learning_rat" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- bench ---
+
+# With libtpu installed, a process that starts JAX without this loads libtpu and holds
+# /tmp/libtpu_lockfile, and the compile-only TPU subprocesses below could not start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+sys.path.insert(0, str(REPO))
+
+
+# Compile-only TPU work: libtpu must neither look for a TPU nor ask a metadata server, nor wait for
+# another process's libtpu lockfile (a parallel test process may hold it).
+BENCH_TPU_ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                     HF_HUB_OFFLINE="1")
+
+
+def bench_tables(text: str) -> dict[str, list[dict]]:
+    """The markdown tables that bench_scream prints: {title: [row as {header: cell}]}."""
+    tables, title, headers = {}, None, None
+    for line in text.splitlines():
+        heading = re.match(r"\*\*(.+?)\*\*", line)
+        if heading:
+            title, headers = heading.group(1), None
+            continue
+        if title and line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if headers is None:
+                headers = cells
+                tables[title] = []
+            elif not set(line) <= set("|-"):
+                assert len(cells) == len(headers), line
+                tables[title].append(dict(zip(headers, cells)))
+    return tables
+
+
+def bench_table(tables: dict, prefix: str) -> list[dict]:
+    matches = [rows for title, rows in tables.items() if title.startswith(prefix)]
+    assert len(matches) == 1, f"no single table titled {prefix!r} in {list(tables)}"
+    return matches[0]
+
+
+def run_bench(capsys, *argv) -> dict:
+    import bench_scream
+
+    assert bench_scream.main(list(argv)) == 0
+    return bench_tables(capsys.readouterr().out)
+
+
+def test_bench_flops_formula_counts_whisper_tiny_and_large_v2():
+    """Training FLOPs per example from the dimensions, checked against sums done by hand."""
+    import bench_scream
+
+    tiny = bench_scream.whisper_config("tiny")
+    parts = bench_scream.forward_flops(tiny, 128)
+    assert parts["conv stem"] == 2 * 3000 * 240 * 384 + 2 * 1500 * 1152 * 384
+    assert parts["encoder attention QK^T, AV"] == 4 * 4 * 1500 * 1500 * 384
+    assert parts["output projection"] == 2 * 128 * 384 * 51865
+    assert bench_scream.training_flops_per_example(tiny, 128) == pytest.approx(146.9e9, rel=1e-3)
+    large = bench_scream.whisper_config("large-v2")
+    assert large.max_source_positions == 1500 and large.vocab_size == 51865
+    assert bench_scream.training_flops_per_example(large, 128) == pytest.approx(8.478e12, rel=1e-3)
+
+
+def test_bench_blocked_attention_matches_dense_attention():
+    """The encoder's blocked attention gives dot_product_attention's outputs and gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    import run_scream
+
+    assert run_scream.query_block_size(1500) == 125
+    assert run_scream.query_block_size(150) == 75
+    assert run_scream.query_block_size(128) is None and run_scream.query_block_size(131) is None
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32) for _ in range(3))
+    cotangent = jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32)
+
+    def loss(attend, q, k, v):
+        return (attend(q, k, v) * cotangent).sum()
+
+    ours = jax.jit(jax.value_and_grad(functools.partial(loss, run_scream.attention), argnums=(0, 1, 2)))
+    dense = jax.jit(jax.value_and_grad(functools.partial(
+        loss, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16 ** -0.5)), argnums=(0, 1, 2)))
+    (value, grads), (ref_value, ref_grads) = ours(q, k, v), dense(q, k, v)
+    assert "while" in jax.jit(run_scream.attention).lower(q, k, v).as_text()  # the blocked path ran
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_train_tiny_prints_both_sides_flops_and_parts(capsys):
+    tables = run_bench(capsys, "train", "--tiny")
+    rows = bench_table(tables, "Training step throughput")
+    assert [r["model"].split(" ")[0] for r in rows] == ["toy", "toy"]
+    ours, theirs = rows
+    assert "ours" in ours["model"] and "PyTorch" in theirs["model"] and "precomputed" in theirs["model"]
+    for row in rows:
+        seconds, examples_per_s = float(row["s/step"]), float(row["examples/s"])
+        assert seconds > 0 and examples_per_s > 0
+        assert seconds * examples_per_s == pytest.approx(2, rel=0.02)  # batch 2
+        assert 0 < float(row["fraction of matmul peak"]) < 2
+    assert float(ours["vs PyTorch"]) == pytest.approx(float(ours["examples/s"]) / float(theirs["examples/s"]), rel=0.02)
+    assert float(theirs["vs PyTorch"]) == 1
+    (flops,) = bench_table(tables, "Training FLOPs per example")
+    parts = [float(flops[h]) for h in ("conv stem", "encoder projections + MLP", "encoder attention QK^T, AV",
+                                       "decoder projections + MLP", "decoder attention QK^T, AV", "output projection")]
+    assert all(p > 0 for p in parts)
+    assert sum(parts) == pytest.approx(float(flops["formula"]), rel=0.02)
+    # XLA's own count of the compiled step adds log-mel and elementwise work: a bit above the formula.
+    assert 1.0 <= float(flops["XLA / formula"]) < 1.3
+    profile = bench_table(tables, "Where the time goes")
+    names = [r["part"] for r in profile]
+    for expected in ("log-mel", "conv stem", "encoder layer", "self-attention core", "decoder layer",
+                     "output projection", "AdamW"):
+        assert any(expected in name for name in names), expected
+    assert all(float(r["ours (jit)"]) > 0 for r in profile)
+
+
+def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
+    tables = run_bench(capsys, "input", "--tiny")
+    rows = bench_table(tables, "Host work per")
+    kinds = [(r["pipeline"].split(":")[0], r["source"]) for r in rows]
+    assert kinds == [(p, rate) for rate in ("16 kHz", "48 kHz") for p in ("ours", "host log-mel", "host log-mel")]
+    assert [("numpy" in r["pipeline"], "torch" in r["pipeline"]) for r in rows[:3]] == [
+        (False, False), (True, False), (False, True)]
+    for row in rows:
+        assert float(row["examples/s per core"]) * float(row["ms/example"]) == pytest.approx(1000, rel=0.02)
+    for group in (rows[0:3], rows[3:6]):
+        ours_ms = float(group[0]["ms/example"])
+        for row in group:
+            assert float(row["time vs ours"]) == pytest.approx(float(row["ms/example"]) / ours_ms, rel=0.02)
+    parts = bench_table(tables, "Where the host time goes")
+    assert [r["source"] for r in parts] == ["16 kHz", "48 kHz"]
+    assert float(parts[0]["resample"]) < float(parts[1]["resample"])  # 16 kHz sources are not resampled
+    assert all(float(r["decode"]) > 0 and float(r["log-mel numpy"]) > 0 for r in parts)
+    scaling = bench_table(tables, "SpeechBatches over a local parquet dataset")
+    assert sorted((r["pipeline"], r["workers"]) for r in scaling) == [
+        (p, w) for p in ("host log-mel (numpy)", "host log-mel (torch)", "ours") for w in ("1", "2")]
+    assert all(float(r["examples/s"]) > 0 for r in scaling)
+
+
+def test_bench_input_clips_compress_like_speech():
+    """The synthetic clips are neither silence nor noise to FLAC: 16-bit speech compresses to ~40-70%."""
+    import bench_scream
+
+    clip = bench_scream.make_clips(1, 4.0, 16000)[0]
+    ratio = len(clip["audio"]["bytes"]) / (4.0 * 16000 * 2)
+    assert 0.25 < ratio < 0.8
+
+
+def test_bench_compile_tiny_times_unrolled_and_scan(capsys):
+    tables = run_bench(capsys, "compile", "--tiny")
+    (row,) = bench_table(tables, "Train step compile time")
+    assert row["model"] == "toy" and row["layers"] == "2+2"
+    unrolled, scanned = float(row["unrolled: lower + compile"]), float(row["scan: lower + compile"])
+    assert unrolled > float(row["unrolled: lower"]) > 0 and scanned > float(row["scan: lower"]) > 0
+    assert float(row["scan speed-up"]) == pytest.approx(unrolled / scanned, rel=0.02)
+
+
+def test_bench_tpu_tiny_compiles_for_a_v4_8():
+    """bench_scream tpu --tiny: run_scream's real step compiled for a TPU v4-8 from this CPU."""
+    result = subprocess.run([sys.executable, str(REPO / "bench_scream.py"), "tpu", "--tiny"], env=BENCH_TPU_ENV,
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = bench_table(bench_tables(result.stdout), "Per-chip memory of the real train step")
+    memory = {r["sharding"]: float(r["GiB/chip at seed batch"]) for r in rows}
+    assert sorted(memory) == ["FSDP 4", "data parallel"]
+    assert all(0 < gib < 1 for gib in memory.values())
+    # Sharding parameters and optimizer state over the 4 chips holds less of them per chip.
+    assert memory["FSDP 4"] < memory["data parallel"]
+    for row in rows:
+        assert row["slice"] == "v4-8 (4 chips)" and row["remat"] == "dots" and row["scan"] == "on"
+        assert row["fits"] == "yes" and row["largest batch/chip"] == ">= 2 (search cap)"
+
+
+def test_bench_dry_run_reports_memory_per_chip_on_a_v4_8(tmp_path):
+    """run_scream --dry_run --dry_run_topology v4-8 compiles the real step for 4 TPU v4 chips."""
+    import make_demo_dataset
+
+    tokenizer = make_demo_dataset.write_tokenizer(tmp_path / "tokenizer")
+    make_demo_dataset.write_model_dir(tmp_path / "model", tokenizer, chunk_length_s=3, num_mel_bins=80)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_scream.py"), "--config_name", str(tmp_path / "model"), "--dry_run",
+         "--dry_run_topology", "v4-8", "--train_batch_size", "16", "--max_label_length", "32", "--dtype", "bfloat16",
+         "--fsdp_size", "-1", "--scan_layers", "--remat", "dots", "--output_dir", str(tmp_path / "out")],
+        env=BENCH_TPU_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan_lines = [line for line in result.stdout.splitlines() if line.startswith("plan_json: ")]
+    assert len(plan_lines) == 1, result.stdout[-3000:]
+    plan = json.loads(plan_lines[0].removeprefix("plan_json: "))
+    assert plan["devices"] == 4 and "v4" in plan["device_kind"].lower()
+    assert plan["mesh"] == {"data": 1, "fsdp": 4} and plan["per_device_batch"] == 4
+    assert plan["memory_per_device_bytes"] > 0 and plan["fits"] is True
+    assert "memory_per_device" in result.stdout and "GiB" in result.stdout
+
+
+# --- reliability ---
+
+RELIABILITY_NUM_TRAIN = 40  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
+
+
+RELIABILITY_NUM_STEPS = 12
+
+
+RELIABILITY_SAVE_STEPS = 3
+
+
+RELIABILITY_TIMEOUT_S = 300  # a hang guard for each subprocess, not a performance bound
+
+
+@pytest.fixture(scope="session")
+def reliability_demo(tmp_path_factory):
+    """The demo's tokenizer, tiny model (1 s windows) and a 40 + 8 example dataset in 4 train shards."""
+    import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("reliability_demo")
+    make_demo_dataset.main(["--output_dir", str(root), "--num_train", str(RELIABILITY_NUM_TRAIN), "--num_eval", "8",
+                            "--chunk_length_s", "1", "--num_train_shards", "4"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def reliability_env(tmp_path_factory):
+    """Environment of every subprocess: 1 CPU device, offline, a shared compilation cache."""
+    root = tmp_path_factory.mktemp("reliability_env")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("HF_ENDPOINT", None)
+    return env
+
+
+def train_flags(demo: Path, output_dir: Path, *extra: str, dataset: str | None = None, steps: int = RELIABILITY_NUM_STEPS):
+    """The one command every fault test runs (streaming, as on a pod; no shuffle buffer, so the
+    order of examples is the files' own and a run is reproducible example for example)."""
+    return ["--config_name", str(demo / "model"), "--dataset_name", dataset or str(demo / "data"), "--streaming",
+            "--output_dir", str(output_dir), "--do_train", "--train_batch_size", "8", "--num_train_steps", str(steps),
+            "--learning_rate", "3e-3", "--warmup_steps", "2", "--max_label_length", "40", "--logging_steps", "1",
+            "--save_steps", str(RELIABILITY_SAVE_STEPS), "--save_total_limit", "10", "--shuffle_buffer_size", "0",
+            "--preprocessing_num_workers", "2", "--report_to", "none", *extra]
+
+
+def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None) -> subprocess.Popen:
+    """Start run_scream.py (or a wrapper script around its main) with stdout/stderr in log_dir."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "run_scream.py")]
+    with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
+        return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err,
+                                start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RELIABILITY_TIMEOUT_S):
+    """Wait (bounded) and return (exit code, stdout, stderr)."""
+    try:
+        returncode = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{name} did not finish within {timeout} s:\n{(log_dir / f'{name}.err').read_text()[-3000:]}")
+    return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
+
+
+def reliability_run(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
+    return finish(launch(env, flags, log_dir, name, script), log_dir, name)
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    path = output_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):  # a line being written
+            pass
+    return steps
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = RELIABILITY_TIMEOUT_S):
+    """Poll metrics.jsonl (a line per step) until `step` is logged; the run must still be going."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run exited ({process.returncode}) before step {step}"
+        if max(logged_steps(output_dir), default=0) >= step:
+            return
+        time.sleep(0.01)
+    process.kill()
+    pytest.fail(f"step {step} not reached within {timeout} s")
+
+
+def complete_checkpoints(output_dir: Path) -> list[int]:
+    """Committed orbax steps; a write in progress lives in '<step>.orbax-checkpoint-tmp'."""
+    directory = output_dir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def assert_same_exported_params(output_dir: Path, reference_dir: Path):
+    from safetensors.numpy import load_file
+
+    got, want = load_file(output_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    different = [name for name in want if not np.array_equal(got[name], want[name])]
+    assert not different, f"{len(different)} of {len(want)} tensors differ from the uninterrupted run: {different[:5]}"
+
+
+def resumed_step(stdout: str) -> int | None:
+    match = re.search(r"^resumed from .* \(step (\d+)\)$", stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+@pytest.fixture(scope="session")
+def reliability_reference(reliability_demo, reliability_env, tmp_path_factory):
+    """The uninterrupted run every fault test must reproduce exactly."""
+    root = tmp_path_factory.mktemp("reliability_reference")
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, root / "run"), root, "run")
+    assert returncode == 0, stderr[-3000:]
+    assert resumed_step(stdout) is None
+    assert complete_checkpoints(root / "run") == [3, 6, 9, 12]
+    return root / "run"
+
+
+def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[list[str]]:
+    """Example ids of the next `num_batches` training batches, as the run reads them (same source,
+    same order), starting fresh or from a checkpoint's data state."""
+    import run_scream
+
+    data_args = run_scream.DataArguments(dataset_name=str(demo / "data"), streaming=True, shuffle_buffer_size=0)
+    make_source = functools.partial(run_scream.load_source, data_args, "train", process_index=0, process_count=1,
+                                    seed=0, shuffle=True, max_samples=None)
+    batches = run_scream.SpeechBatches(lambda epoch: make_source(epoch=epoch), lambda row: ({"id": row["id"]}, None),
+                                       batch_size=8, collate_fn=lambda examples: None, repeat=True, num_workers=1,
+                                       prefetch_batches=1, state=state)
+    iterator = iter(batches)
+    try:
+        return [[example["id"] for example in examples] for _, examples in itertools.islice(iterator, num_batches)]
+    finally:
+        iterator.close()
+
+
+def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, reliability_env,
+                                                             reliability_reference, tmp_path):
+    kill_after = random.Random(7).randint(5, 8)  # seeded: the same step on every run of the suite
+    out = tmp_path / "run"
+    process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
+    wait_for_step(process, out, kill_after)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    committed = complete_checkpoints(out)
+    assert committed and committed[-1] < RELIABILITY_NUM_STEPS and not (out / "model.safetensors").exists(), committed
+
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    assert returncode == 0, stderr[-3000:]
+    assert resumed_step(stdout) == committed[-1]  # the last complete checkpoint
+    assert_same_exported_params(out, reliability_reference)
+
+    # Example ids across that real checkpoint's boundary: the data state it stored continues with
+    # exactly the batches an uninterrupted reader gives next, and 12 batches read every example
+    # once per epoch.
+    meta = json.loads((out / "checkpoints" / str(committed[-1]) / "meta" / "metadata").read_text())
+    assert meta["step"] == committed[-1] and meta["examples_seen"] == 8 * committed[-1]
+    straight = batch_ids(reliability_demo, RELIABILITY_NUM_STEPS)
+    assert batch_ids(reliability_demo, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0]) == straight[committed[-1]:]
+    read = [example_id for batch in straight for example_id in batch]
+    every_id = [f"train-{i:06d}" for i in range(RELIABILITY_NUM_TRAIN)]
+    assert read[:RELIABILITY_NUM_TRAIN] == every_id and read[RELIABILITY_NUM_TRAIN:2 * RELIABILITY_NUM_TRAIN] == every_id
+    assert read[2 * RELIABILITY_NUM_TRAIN:] == every_id[:8 * RELIABILITY_NUM_STEPS - 2 * RELIABILITY_NUM_TRAIN]
+
+
+def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(reliability_demo, reliability_env,
+                                                                              reliability_reference, tmp_path):
+    """A process killed while orbax writes step 9 leaves checkpoints/9.orbax-checkpoint-tmp (orbax
+    writes there and renames on commit) next to the committed 3 and 6, and metrics up to step 9.
+    That state is built here from the reference run's own files, deterministically."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(reliability_reference / "scream_config.json", out)
+    (out / "checkpoints").mkdir()
+    for step in (3, 6):
+        shutil.copytree(reliability_reference / "checkpoints" / str(step), out / "checkpoints" / str(step))
+    partial = out / "checkpoints" / "9.orbax-checkpoint-tmp"
+    shutil.copytree(reliability_reference / "checkpoints" / "9", partial)
+    shutil.rmtree(partial / "meta")  # not written yet
+    for path in sorted(partial.rglob("*")):
+        if path.is_file() and (path.name == "commit_success.txt" or "manifest" in path.name):
+            path.unlink()
+    data_files = sorted(p for p in (partial / "state").rglob("*") if p.is_file())
+    for path in data_files[len(data_files) // 2:]:  # half the array data on disk
+        path.unlink()
+    lines = (reliability_reference / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:9]))
+
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    assert returncode == 0, stderr[-3000:]
+    assert resumed_step(stdout) == 6
+    assert_same_exported_params(out, reliability_reference)
+    assert complete_checkpoints(out) == [3, 6, 9, 12] and not partial.exists()
+
+
+def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(reliability_demo, reliability_env,
+                                                                      reliability_reference, tmp_path):
+    out = tmp_path / "run"
+    process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
+    wait_for_step(process, out, 4)
+    process.send_signal(signal.SIGTERM)
+    returncode, stdout, stderr = finish(process, tmp_path, "first")
+    assert returncode == 0, stderr[-3000:]
+    match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved, relaunch to resume", stdout)
+    assert match, stdout[-2000:]
+    stopped = int(match.group(1))
+    assert 4 < stopped < RELIABILITY_NUM_STEPS and complete_checkpoints(out)[-1] == stopped
+    assert max(logged_steps(out)) == stopped and not (out / "model.safetensors").exists()
+
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    assert returncode == 0, stderr[-3000:]
+    assert resumed_step(stdout) == stopped
+    assert_same_exported_params(out, reliability_reference)
+
+
+class FlakyHub(http.server.ThreadingHTTPServer):
+    """Just enough of the Hugging Face Hub's HTTP API to stream one parquet dataset repository,
+    served from a local directory. Every `fail_every`-th request is dropped: reset before any
+    response or, for every other dropped GET, cut off half-way through its body. `fail_every=1` is
+    a network that is down."""
+
+    daemon_threads = True
+    repo_id = "scream-tests/demo"
+    sha = "5c" * 20
+
+    def __init__(self, root: Path, fail_every: int):
+        self.root, self.fail_every = root, fail_every
+        self.requests, self.dropped = 0, []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), FlakyHubHandler)
+        threading.Thread(target=self.serve_forever, daemon=True, name="flaky-hub").start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the hub client expects
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.respond(head=True)
+
+    def do_GET(self):
+        self.respond(head=False)
+
+    def respond(self, head: bool):
+        hub: FlakyHub = self.server
+        path = self.path.split("?")[0]
+        with hub.lock:
+            hub.requests += 1
+            drop = hub.requests % hub.fail_every == 0
+            cut = drop and not head and sum(d.startswith(("cut GET", "reset GET")) for d in hub.dropped) % 2 == 1
+            if drop:
+                hub.dropped.append(("cut " if cut else "reset ") + f"{self.command} {path}")
+        status, body, headers = self.route(path)
+        if drop and not cut:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            self.close_connection = True
+            return
+        rng = self.headers.get("range")
+        if status == 200 and rng and body is not None:
+            start, _, end = rng.removeprefix("bytes=").partition("-")
+            start, end = int(start), min(int(end) if end else len(body) - 1, len(body) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+            status, body = 206, body[start:end + 1]
+        body = body or b""
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body[: len(body) // 2] if cut else body)
+        if cut:
+            self.close_connection = True
+
+    def route(self, path: str):
+        hub: FlakyHub = self.server
+        repo = FlakyHub.repo_id
+        files = sorted(p for p in hub.root.rglob("*") if p.is_file())
+        if path in (f"/api/datasets/{repo}", f"/api/datasets/{repo}/revision/main",
+                    f"/api/datasets/{repo}/revision/{hub.sha}"):
+            info = {"id": repo, "sha": hub.sha, "private": False, "tags": [], "cardData": {},
+                    "siblings": [{"rfilename": str(p.relative_to(hub.root))} for p in files]}
+            return 200, json.dumps(info).encode(), {"Content-Type": "application/json"}
+        if path.startswith(f"/api/datasets/{repo}/tree/"):
+            folder = hub.root / path.removeprefix(f"/api/datasets/{repo}/tree/").partition("/")[2]
+            if not folder.is_dir():
+                return 404, b"{}", {"Content-Type": "application/json", "X-Error-Code": "EntryNotFound"}
+            entries = [{"type": "directory", "path": str(p.relative_to(hub.root)), "oid": "0" * 40, "size": 0}
+                       if p.is_dir() else
+                       {"type": "file", "path": str(p.relative_to(hub.root)), "oid": "1" * 40, "size": p.stat().st_size}
+                       for p in sorted(folder.iterdir())]
+            return 200, json.dumps(entries).encode(), {"Content-Type": "application/json"}
+        if path.startswith(f"/datasets/{repo}/resolve/"):
+            file = hub.root / path.removeprefix(f"/datasets/{repo}/resolve/").partition("/")[2]
+            if not file.is_file():
+                return 404, b"", {"X-Error-Code": "EntryNotFound"}
+            data = file.read_bytes()
+            return 200, data, {"ETag": f'"{abs(hash(data)):x}"', "X-Repo-Commit": hub.sha, "Accept-Ranges": "bytes"}
+        return 404, b"{}", {"Content-Type": "application/json", "X-Error-Code": "RepoNotFound"}
+
+
+@pytest.fixture
+def reliability_hub_env(reliability_env, tmp_path):
+    def hub_env(hub: FlakyHub) -> dict:
+        return dict(reliability_env, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+    return hub_env
+
+
+def test_reliability_dropped_connections_are_retried_without_losing_examples(reliability_demo, reliability_hub_env,
+                                                                             reliability_reference, tmp_path):
+    """Streams the dataset from a hub that drops every 9th request (the dataset's metadata, file
+    listings and parquet byte ranges alike; each epoch opens the dataset anew): the run must go
+    on and end with exactly the uninterrupted run's parameters."""
+    hub = FlakyHub(reliability_demo / "data", fail_every=9)
+    try:
+        flags = train_flags(reliability_demo, tmp_path / "run", "--read_retry_wait_s", "0.1", dataset=FlakyHub.repo_id)
+        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
+    finally:
+        hub.shutdown()
+    assert returncode == 0, stderr[-3000:]
+    assert len(hub.dropped) >= 5, hub.dropped
+    assert any(d.startswith("cut GET") and "parquet" in d for d in hub.dropped), hub.dropped
+    assert any(d.startswith("reset") and "parquet" not in d for d in hub.dropped), hub.dropped
+    assert "warning: reading the dataset failed" in stderr  # our retry, from the last row read
+    assert_same_exported_params(tmp_path / "run", reliability_reference)
+
+
+def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_demo, reliability_hub_env, tmp_path):
+    hub = FlakyHub(reliability_demo / "data", fail_every=1)
+    try:
+        flags = train_flags(reliability_demo, tmp_path / "run", "--read_retries", "3", "--read_retry_wait_s", "0.1",
+                            dataset=FlakyHub.repo_id)
+        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
+    finally:
+        hub.shutdown()
+    assert returncode == 1
+    assert stderr.count("warning: reading the dataset failed") == 3
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "failed 4 times in a row" in errors[0] and "--read_retries" in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not complete_checkpoints(tmp_path / "run")
+
+
+def test_reliability_a_dead_peer_process_stops_the_survivor(reliability_demo, reliability_env, tmp_path):
+    """Two processes (2 CPU devices each) on localhost; process 1 is killed after training
+    started. Process 0 must exit with an error (JAX's coordination service notices the missing
+    heartbeats) instead of waiting forever in the next collective."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(reliability_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = tmp_path / "run"
+    processes = [launch(env, train_flags(reliability_demo, out, "--coordinator_address", f"127.0.0.1:{port}",
+                                         "--num_processes", "2", "--process_id", str(i), "--distributed_timeout_s", "60",
+                                         steps=100000), tmp_path, f"process{i}") for i in range(2)]
+    try:
+        wait_for_step(processes[0], out, 3)
+        os.kill(processes[1].pid, signal.SIGKILL)
+        returncode, stdout, stderr = finish(processes[0], tmp_path, "process0", timeout=120)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert returncode != 0
+    assert "another task died" in stderr or "unhealthy" in stderr, stderr[-3000:]
+
+
+NAN_BATCH_SCRIPT = """
+import sys
+import numpy as np
+import run_scream
+
+collate, calls = run_scream.collate, []
+
+def collate_with_nan(examples, **kwargs):  # the training batch of step int(argv[1]) gets a NaN sample
+    batch = collate(examples, **kwargs)
+    calls.append(len(examples))
+    if len(calls) == int(sys.argv[1]):
+        batch["audio"][0, 100] = np.nan
+    return batch
+
+run_scream.collate = collate_with_nan
+sys.exit(run_scream.main(sys.argv[2:]))
+"""
+
+
+def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoint(reliability_demo, reliability_env,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    flags = ["5", *train_flags(reliability_demo, out, "--save_steps", "2")]
+    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
+    assert returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0] and "at step 5" in errors[0], stderr[-3000:]
+    assert "last checkpoint (step 4) is intact" in errors[0]
+    assert "Traceback" not in stderr
+    assert complete_checkpoints(out) == [2, 4] and max(logged_steps(out)) == 4
+
+    # The checkpoint is whole: it restores, and its parameters are finite and not the initial ones.
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(out / "checkpoints", item_names=("state", "meta")) as manager:
+        restored = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                               meta=ocp.args.JsonRestore()))
+    assert restored["meta"]["step"] == 4 and int(restored["state"]["step"]) == 4
+    leaves = [np.asarray(leaf) for leaf in __import__("jax").tree.leaves(restored["state"]["params"])]
+    assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
+
+
+def write_bad_input_dataset(root: Path, demo: Path) -> dict:
+    """A parquet train split of good clips and every kind of bad one; returns the expected skip counts."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile
+
+    import make_demo_dataset as demo_data
+
+    def wav(samples, rate=16000, subtype="PCM_16"):
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
+        return buffer.getvalue()
+
+    good = [demo_data.make_example(0, "train", i, 1) for i in range(14)]
+    rng = np.random.default_rng(0)
+    with_nan = good[0][1].copy()
+    with_nan[10:20] = np.nan
+    stereo_8k = demo_data.synthesize("hei du", rng, sample_rate=8000, max_duration_s=1.0)
+    bad = [  # (id, audio bytes, text, skip reason or None when it must be used)
+        ("undecodable", b"RIFF\x00\x00 this is not audio", "hei", "undecodable"),
+        ("zero_length", wav(np.zeros(0, np.float32)), "hei", "empty_audio"),
+        ("nan_samples", wav(with_nan, subtype="FLOAT"), "hei", "non_finite_audio"),
+        ("stereo_8khz", wav(np.stack([stereo_8k, 0.5 * stereo_8k], axis=1), rate=8000), "hei du", None),
+        ("clip_45s", demo_data.encode_flac(0.1 * rng.standard_normal(45 * 16000).astype(np.float32)), "hei", "too_long"),
+        ("empty_text", demo_data.encode_flac(good[1][1]), "", "empty_text"),
+        ("none_text", demo_data.encode_flac(good[2][1]), None, "empty_text"),
+        ("1000_tokens", demo_data.encode_flac(good[3][1]), "hei " * 250, "too_many_tokens"),
+        ("outside_vocab", demo_data.encode_flac(good[4][1]), "Hei ☃ 日本 🙂 done", None),
+    ]
+    rows = []
+    for i, (text, waveform) in enumerate(good):  # a bad row after each good one; the last row is good
+        rows.append({"id": f"good-{i}", "audio": {"bytes": demo_data.encode_flac(waveform), "path": f"good-{i}.flac"},
+                     "text": text, "source": "demo"})
+        if i < len(bad):
+            name, audio, text, _ = bad[i]
+            rows.append({"id": name, "audio": {"bytes": audio, "path": f"{name}.wav"}, "text": text, "source": "bad"})
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=demo_data.FEATURES.arrow_schema),
+                   root / "data" / "train-00000-of-00001.parquet")
+    expected = {}
+    for *_, reason in bad:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert len(good) + sum(reason is None for *_, reason in bad) == 16  # two full batches, one epoch
+    return expected
+
+
+def test_reliability_bad_input_is_skipped_and_counted_by_reason(reliability_demo, reliability_env, tmp_path):
+    expected = write_bad_input_dataset(tmp_path / "bad_data", reliability_demo)
+    out = tmp_path / "run"
+    flags = train_flags(reliability_demo, out, dataset=str(tmp_path / "bad_data"), steps=2)
+    flags.remove("--streaming")  # the downloaded (Arrow) path, the other way of reading
+    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run")
+    assert returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and last["train/epoch"] == 0
+    skipped = {key.removeprefix("data/skipped_"): value for key, value in last.items() if key.startswith("data/skipped_")}
+    assert skipped == expected  # 8 kHz stereo and characters outside the vocabulary are used, not skipped
+    assert (out / "model.safetensors").exists()
+
+
+def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliability_demo):
+    """The two bad-input rows that are used: 8 kHz stereo becomes 16 kHz mono of the same length,
+    and characters outside the byte-level vocabulary's letters round-trip through its bytes."""
+    import io
+
+    import soundfile
+    import soxr
+    from transformers import WhisperTokenizer
+
+    import make_demo_dataset as demo_data
+    import run_scream
+
+    tokenizer = WhisperTokenizer.from_pretrained(reliability_demo / "model")
+    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+    clip = demo_data.synthesize("hei du", np.random.default_rng(0), sample_rate=8000, max_duration_s=1.0)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([clip, 0.5 * clip], axis=1), 8000, format="WAV", subtype="FLOAT")
+    text = "Hei ☃ 日本 🙂 done"
+    example, reason = run_scream.prepare_example(
+        {"audio": {"bytes": buffer.getvalue()}, "text": text, "id": 7}, audio_column="audio", text_column="text",
+        id_column="id", tokenizer=tokenizer,
+        audio_settings=run_scream.AudioSettings(16000, 16000, 0.0, 1.0),
+        text_settings=run_scream.TextSettings(False, False, 60))
+    assert reason is None
+    assert example["audio"].ndim == 1 and example["audio"].dtype == np.float32
+    np.testing.assert_allclose(example["audio"], soxr.resample(0.75 * clip, 8000, 16000), atol=1e-6)  # mean of channels
+    assert len(example["audio"]) == 2 * len(clip)
+    assert tokenizer.decode(example["tokens"], skip_special_tokens=True) == text
+    assert example["id"] == "7"
+
+
+@pytest.fixture
+def reliability_in_process(reliability_demo, monkeypatch, capfd, tmp_path):
+    """run_scream.main in this process, offline; returns (exit code, stderr). SIGTERM's handler is
+    put back afterwards."""
+    import huggingface_hub
+
+    import run_scream
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def main(*flags: str, output_dir: Path | None = None) -> tuple[int, str]:
+        capfd.readouterr()
+        args = ["--config_name", str(reliability_demo / "model"), "--dataset_name", str(reliability_demo / "data"),
+                "--output_dir", str(output_dir or tmp_path / "run"), "--do_train", "--train_batch_size", "8",
+                "--num_train_steps", "2", "--max_label_length", "40", "--report_to", "none", "--streaming",
+                "--cache_dir", str(tmp_path / "hub_cache"), *flags]
+        try:
+            returncode = run_scream.main(args)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        return returncode, capfd.readouterr().err
+
+    return main
+
+
+def assert_config_error(returncode: int, stderr: str, *needles: str):
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [i for i, line in enumerate(stderr.splitlines()) if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    message = "\n".join(stderr.splitlines()[errors[0]:])
+    assert "\n\n" not in message.strip(), message  # one paragraph
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--train_batch_size", "12"], ["--train_batch_size 12", "multiple of 8"]),
+    (["--text_column_name", "transcript"], ["--text_column_name 'transcript'", "it has: "]),
+    (["--language", "klingon"], ["--language 'klingon'", "norwegian"]),
+    (["--dataset_name", "/nonexistent/scream/data"], ["--dataset_name '/nonexistent/scream/data'", "local directory"]),
+    (["--config_name", "scream-tests/no-such-whisper"], ["'scream-tests/no-such-whisper'", "--config_name",
+                                                          "HF_HUB_OFFLINE"]),
+], ids=["batch_not_divisible", "missing_column", "unknown_language", "no_such_dataset", "no_such_model"])
+def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_in_process, tmp_path, flags, needles):
+    assert_config_error(*reliability_in_process(*flags), *needles)
+
+
+def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(reliability_demo, reliability_env,
+                                                                              reliability_in_process, tmp_path):
+    """A run that stopped at a misconfiguration wrote only its start-up files; the fixed command
+    must start there, not be refused as another run's directory."""
+    out = tmp_path / "run"
+    assert_config_error(*reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name")
+    assert (out / "scream_config.json").exists()
+    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed")
+    assert returncode == 0, stderr[-3000:]
+    assert logged_steps(out) == [1] and (out / "model.safetensors").exists()
+
+
+def test_reliability_output_dir_with_other_files_is_refused(reliability_in_process, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's")
+    assert_config_error(*reliability_in_process(output_dir=out), f"--output_dir {out}", "--overwrite_output_dir")
+    assert (out / "notes.txt").exists() and not (out / "scream_config.json").exists()
+
+
+@pytest.mark.parametrize("changed", ["dataset", "model"])
+def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(reliability_demo, reliability_reference,
+                                                                         reliability_in_process, tmp_path, changed):
+    out = tmp_path / "run"
+    shutil.copytree(reliability_reference, out, ignore=shutil.ignore_patterns("[0-9]", "[0-9][0-9]"))
+    shutil.copytree(reliability_reference / "checkpoints" / "3", out / "checkpoints" / "3")
+    if changed == "dataset":
+        shutil.copytree(reliability_demo / "data", tmp_path / "other_data")
+        flags, needle = ["--dataset_name", str(tmp_path / "other_data")], "--dataset_name"
+    else:
+        shutil.copytree(reliability_demo / "model", tmp_path / "other_model")
+        flags, needle = ["--config_name", str(tmp_path / "other_model")], "--config_name"
+    saved = (out / "scream_config.json").read_text()
+    assert_config_error(*reliability_in_process(*flags, output_dir=out), "another run's checkpoints", needle,
+                        "--overwrite_output_dir")
+    assert (out / "scream_config.json").read_text() == saved  # nothing of the other run touched
+
+
+def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"))
+    result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
+                            capture_output=True, text=True, timeout=RELIABILITY_TIMEOUT_S)
+    assert_config_error(result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate")

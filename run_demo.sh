@@ -2,7 +2,7 @@
 # The Scream demo: make a small synthetic Norwegian speech dataset, train a tiny Whisper from
 # scratch on it on this machine's CPU, print WER falling, and export a transformers model.
 #   hardware: any CPU (2 cores is enough); global batch 32; no downloads
-#   expect:   normalized eval WER at or below 10% within about 5 minutes on 2 cores
+#   expect:   normalized eval WER 1.5-3% after 800 steps, about 4 minutes on 2 cores (seeds 0-3 measured)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -24,8 +24,8 @@ PYTHON=${PYTHON:-python}
   --learning_rate 3e-3 \
   --lr_scheduler_type linear \
   --warmup_steps 30 \
-  --num_train_steps 600 \
-  --eval_steps 100 \
+  --num_train_steps 800 \
+  --eval_steps 200 \
   --logging_steps 50 \
   --max_label_length 48 \
   --shuffle_buffer_size 500 \

@@ -387,7 +387,7 @@ def profile_parts(name: str, args):
             out = module.apply(p, *xs)
             return (out[0] if isinstance(out, tuple) else out).sum()
         argnums = tuple(range(len(inputs) + 1)) if input_grads else (0,)
-        grad = jax.jit(jax.grad(loss, argnums=argnums))
+        grad = jax.jit(jax.value_and_grad(loss, argnums=argnums))  # the value keeps the forward pass alive
         xs = [jnp.asarray(x) for x in inputs]
         return lambda: jax.block_until_ready(grad(params, *xs))
 
@@ -429,9 +429,8 @@ def profile_parts(name: str, args):
     q = rng.standard_normal((B, S, heads, d // heads)).astype(np.float32)
     scale = (d // heads) ** -0.5
 
-    def our_attention(q_, k_, v_):
-        return rs.attention(q_, k_, v_).sum()
-    attn_grad = jax.jit(jax.grad(our_attention, argnums=(0, 1, 2)))
+    # value_and_grad: with grad alone XLA would drop the forward pass (its output is not needed).
+    attn_grad = jax.jit(jax.value_and_grad(lambda q_, k_, v_: rs.attention(q_, k_, v_).sum(), argnums=(0, 1, 2)))
     qj = jnp.asarray(q)
     tq = torch.tensor(q.transpose(0, 2, 1, 3).copy(), requires_grad=True)
 
@@ -441,8 +440,8 @@ def profile_parts(name: str, args):
         tq.grad = None
     parts.append(("  of which self-attention core (QK^T, softmax, AV)", lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
                   torch_attention))
-    dense_grad = jax.jit(jax.grad(lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(),
-                                  argnums=(0, 1, 2)))
+    dense_grad = jax.jit(jax.value_and_grad(
+        lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(), argnums=(0, 1, 2)))
     parts.append(("  the same, unblocked (jax.nn.dot_product_attention)", lambda: jax.block_until_ready(dense_grad(qj, qj, qj)),
                   None))
 
@@ -463,7 +462,7 @@ def profile_parts(name: str, args):
         logits = jnp.einsum("btd,vd->btv", x, embedding_)
         losses, mask = rs.token_losses(logits, jnp.asarray(labels))
         return losses.sum() / mask.sum()
-    head_grad = jax.jit(jax.grad(our_head, argnums=(0, 1)))
+    head_grad = jax.jit(jax.value_and_grad(our_head, argnums=(0, 1)))
     ej, xj = jnp.asarray(embedding), jnp.asarray(dec_in)
     te = torch.tensor(embedding, requires_grad=True)
     tx = torch.tensor(dec_in, requires_grad=True)

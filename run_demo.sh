@@ -2,7 +2,7 @@
 # The Scream demo: make a small synthetic Norwegian speech dataset, train a tiny Whisper from
 # scratch on it on this machine's CPU, print WER falling, and export a transformers model.
 #   hardware: any CPU (2 cores is enough); global batch 32; no downloads
-#   expect:   normalized eval WER 1.5-3% after 800 steps, about 4 minutes on 2 cores (seeds 0-3 measured)
+#   expect:   normalized eval WER about 1.5-3% after 800 steps, under 4 minutes on 2 cores (seeds 1, 3)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}

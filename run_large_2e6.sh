@@ -2,9 +2,9 @@
 # Scream "septimus" experiment 3: whisper-large-v2 on all_v5 at LR 2e-6 (run_large_8e6.sh: 8e-6).
 #   slice:       TPU v4-64 (32 chips, 8 hosts); run this same script on every host
 #   batch:       160 global = 5 per chip, as in 2023; parameters and optimizer state sharded over
-#                all 32 chips (FSDP), layers scanned, matmul outputs kept under remat: the setting
-#                that fits large-v2 best on a v4-64 (README, performance); the 2023 pmap run
-#                could not go above 5 per chip
+#                all 32 chips (FSDP), layers scanned and fully rematerialised: the setting that
+#                fits large-v2 best on a v4-64 (compile-only, bench_scream.py tpu: up to 50 per
+#                chip, vs 15 with dots remat, 13 data parallel; the 2023 pmap run fit 5)
 #   schedule:    AdamW 2e-6, 5k warmup, linear decay to 0 at 100k steps, eval every 2.5k
 #   result:      hub repo NbAiLab/scream_large_sept_2e6 (private)
 # Launch on a pod:  gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cd scream && bash run_large_2e6.sh"
@@ -37,7 +37,7 @@ OUTPUT_ROOT=${SCREAM_OUTPUT_ROOT:-runs}  # on a pod: a filesystem every host sha
   --gradient_accumulation_steps 1 \
   --fsdp_size -1 \
   --scan_layers \
-  --remat dots \
+  --remat full \
   --dtype bfloat16 \
   --learning_rate 2e-6 \
   --lr_scaling none \

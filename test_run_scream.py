@@ -1814,7 +1814,8 @@ def test_bench_flops_formula_counts_whisper_tiny_and_large_v2():
 
 
 def test_bench_blocked_attention_matches_dense_attention():
-    """The encoder's blocked attention gives dot_product_attention's outputs and gradients."""
+    """The encoder's blocked attention (both layouts: per example on CPU, whole batch per step
+    elsewhere) gives dot_product_attention's outputs and gradients."""
     import jax
     import jax.numpy as jnp
 
@@ -1824,20 +1825,24 @@ def test_bench_blocked_attention_matches_dense_attention():
     assert run_scream.query_block_size(150) == 75
     assert run_scream.query_block_size(128) is None and run_scream.query_block_size(131) is None
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32) for _ in range(3))
-    cotangent = jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32)
+    q, k, v, cotangent = (jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32) for _ in range(4))
 
     def loss(attend, q, k, v):
         return (attend(q, k, v) * cotangent).sum()
 
-    ours = jax.jit(jax.value_and_grad(functools.partial(loss, run_scream.attention), argnums=(0, 1, 2)))
-    dense = jax.jit(jax.value_and_grad(functools.partial(
-        loss, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16 ** -0.5)), argnums=(0, 1, 2)))
-    (value, grads), (ref_value, ref_grads) = ours(q, k, v), dense(q, k, v)
-    assert "while" in jax.jit(run_scream.attention).lower(q, k, v).as_text()  # the blocked path ran
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for grad, ref in zip(grads, ref_grads):
-        np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+    def value_and_grads(attend):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2)))(q, k, v)
+
+    ref_value, ref_grads = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16 ** -0.5))
+    assert "while" in jax.jit(run_scream.attention).lower(q, k, v).as_text()  # 300 queries: the blocked path
+    variants = [run_scream.attention] + [
+        functools.partial(run_scream.query_block_attention, scale=16 ** -0.5, block=100, per_example=per_example)
+        for per_example in (True, False)]
+    for attend in variants:
+        value, grads = value_and_grads(attend)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        for grad, ref in zip(grads, ref_grads):
+            np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bench_train_tiny_prints_both_sides_flops_and_parts(capsys):
@@ -1873,8 +1878,8 @@ def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
     rows = bench_table(tables, "Host work per")
     kinds = [(r["pipeline"].split(":")[0], r["source"]) for r in rows]
     assert kinds == [(p, rate) for rate in ("16 kHz", "48 kHz") for p in ("ours", "host log-mel", "host log-mel")]
-    assert [("numpy" in r["pipeline"], "torch" in r["pipeline"]) for r in rows[:3]] == [
-        (False, False), (True, False), (False, True)]
+    assert [("numpy" in r["pipeline"], "backend" in r["pipeline"]) for r in rows[:3]] == [
+        (False, False), (True, False), (False, True)]  # ours, WhisperFeatureExtractor numpy, and torch-backed
     for row in rows:
         assert float(row["examples/s per core"]) * float(row["ms/example"]) == pytest.approx(1000, rel=0.02)
     for group in (rows[0:3], rows[3:6]):

@@ -889,13 +889,14 @@ def bench_tpu(args):
                              "none" if not best else f">= {best} (search cap)" if best == args.max_batch else best,
                              "-" if not at_best else at_best / 2**30,
                              ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())), elapsed])
-                print(f"  {name} {slice_name} fsdp {fsdp_size} remat {remat}: seed batch {seed_batch} "
-                      f"{'fits' if at_seed['fits'] else 'does not fit'}, largest {best} ({elapsed:.0f} s)", flush=True)
-                if name in args.compare_unblocked and fsdp_size == len(devices) and remat in args.unblocked_remats:
+                print("  progress: | " + " | ".join(map(str, rows[-1])) + " |", flush=True)  # a long run loses nothing
+                if (name in args.compare_unblocked and fsdp_size == len(devices) and remat in args.unblocked_remats
+                        and best):  # at the largest batch that fits blocked
                     with attention_unblocked():
-                        dense = compile_at(per_chip_batch=seed_batch)
+                        dense = compile_at(per_chip_batch=best)
                     blocked_rows.append([name, f"{slice_name} ({len(devices)} chips)", f"FSDP {fsdp_size}", remat,
-                                         seed_batch, gib_or_none(at_seed["bytes"]), gib_or_none(dense["bytes"])])
+                                         best, gib_or_none(known[best]["bytes"]), gib_or_none(dense["bytes"])])
+                    print("  progress: | " + " | ".join(map(str, blocked_rows[-1])) + " |", flush=True)
     table(f"Per-chip memory of the real train step, compiled for TPU v4 ({args.dtype}, {args.chunk_s:g} s audio, "
           f"{args.label_length}-token labels)",
           ["model", "slice", "sharding", "remat", "scan", "seed batch/chip", "GiB/chip at seed batch", "fits",

@@ -129,8 +129,15 @@ def load_range() -> str:
     return f"1-minute load average during the timed rounds {min(LOAD_SAMPLES):.1f}-{max(LOAD_SAMPLES):.1f}"
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what taskset allows, not what the machine has
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def machine_line() -> str:
-    return f"{os.cpu_count()} CPU cores, {load_average()} (at start)"
+    return f"{usable_cores()} of {os.cpu_count()} CPU cores usable, {load_average()} (at start)"
 
 
 def table(title: str, headers: list[str], rows: list[list], note: str | None = None):
@@ -295,7 +302,12 @@ def matmul_gflops(n: int, repeats: int = 5) -> float:
 
 
 def timed(fn, steps: int) -> float:
-    """Seconds per call over `steps` calls."""
+    """Seconds per call over `steps` calls, after one untimed call.
+
+    The untimed call matters when two frameworks alternate in one process: the first call after
+    the other side ran finds its buffers returned to the OS and faults gigabytes of memory back
+    in (seconds of system time), which a training loop running step after step never does."""
+    fn()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
@@ -309,7 +321,8 @@ def bench_train(args):
 
     print(f"## train: our jitted step vs transformers PyTorch + AdamW ({machine_line()})")
     print(f"float32, 1 CPU device, batch {args.batch_size}, {args.chunk_s:g} s audio, {args.label_length}-token labels, "
-          f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}")
+          f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     results, flops_rows, matmul = [], [], []
     for name in args.models:
         config = whisper_config(name, args.chunk_s)
@@ -338,7 +351,8 @@ def bench_train(args):
         rows.append([f"{name} (PyTorch eager, {attention} attention, features precomputed)", theirs_t, theirs_eps, 1.0,
                      theirs_eps * formula / 1e9 / peak])
     table("Training step throughput", ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"], rows,
-          f"Medians of {args.rounds} alternating runs of {args.steps} steps each. Matmul peak: jnp.dot "
+          f"Medians of {args.rounds} alternating runs of {args.steps} timed steps each, after an untimed step "
+          f"(steady state, as in a training loop). Matmul peak: jnp.dot "
           f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
           f"training FLOPs/example (formula below) x examples/s / peak. {load_range()}.")
     table("Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
@@ -516,7 +530,7 @@ def profile_parts(name: str, args):
         rows.append([part, ot, "-" if tt is None else tt, "-" if tt is None else tt / ot])
     table(f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
           ["part", "ours (jit)", "PyTorch", "PyTorch / ours"], rows,
-          f"Medians of {args.rounds} alternating runs. Layer rows are one layer; the whole model has "
+          f"Medians of {args.rounds} alternating runs (each after an untimed call). Layer rows are one layer; the whole model has "
           f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention. "
           f"{load_range()}.")
 
@@ -742,11 +756,11 @@ def bench_input(args):
     rows_out = []
     for (pipeline, workers), values in scaling.items():
         eps = median(values)
-        rows_out.append([pipeline, workers, eps, eps / min(workers, os.cpu_count() or 1)])
+        rows_out.append([pipeline, workers, eps, eps / min(workers, usable_cores())])
     table(f"SpeechBatches over a local parquet dataset ({args.source_rates[0] / 1000:g} kHz FLAC), "
           "--preprocessing_num_workers threads", ["pipeline", "workers", "examples/s", "examples/s per core used"],
           rows_out, f"{args.scaling_batches} batches of {args.batch_size} after the first, medians of {args.rounds} "
-          f"alternating runs; this machine has {os.cpu_count()} cores. {load_range()}.")
+          f"alternating runs; {usable_cores()} cores usable. {load_range()}.")
 
 
 # --- compile ---
@@ -966,7 +980,7 @@ def parse_args(argv=None):
     tpu.add_argument("--scan_models", type=parse_list, default=["large-v2"])
     tpu.add_argument("--seed_batch", type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
                      default={"large-v2": 5, "tiny": 32}, help="per-chip batch of the 2023 runs, e.g. large-v2=5,tiny=32")
-    tpu.add_argument("--max_batch", type=int, default=128)
+    tpu.add_argument("--max_batch", type=int, default=64)
     tpu.add_argument("--compare_unblocked", type=parse_list, default=["large-v2"],
                      help="models also compiled with attention unblocked (FSDP over all chips, seed batch)")
     tpu.add_argument("--unblocked_remats", type=parse_list, default=["none", "dots"])

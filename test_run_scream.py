@@ -1293,6 +1293,38 @@ def test_fsdp_really_shards_parameters_and_moments(train_step_runs):
     assert all(leaf.addressable_shards[0].data.shape == leaf.shape for leaf in jax.tree.leaves(data_parallel.params))
 
 
+def fsdp_step_hlo(train_step_runs, monkeypatch, pinned: bool) -> str:
+    """The compiled FSDP-8 train step's HLO, with or without keep_batch_sharded's pins."""
+    if not pinned:
+        monkeypatch.setattr(rs, "keep_batch_sharded", lambda x: x)
+    model, initial = train_step_runs["model"], train_step_runs["initial"]
+    optimizer = rs.make_optimizer(rs.TrainingArguments(), rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
+    mesh = rs.make_mesh(8)
+    sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
+    step_fn = jax.jit(functools.partial(rs.train_step, model=model, optimizer=optimizer,
+                                        mel_filters=train_step_runs["mel_filters"], accumulation_steps=1,
+                                        label_smoothing=0.0, mesh=mesh),
+                      in_shardings=(sharding, rs.batch_sharding(mesh)), out_shardings=(sharding, None))
+    batch = train_step_runs["batches"][0]
+    abstract = rs.abstract_batch(8, n_samples=batch["audio"].shape[1], max_label_length=batch["labels"].shape[1],
+                                 sharding=rs.batch_sharding(mesh))
+    text = step_fn.lower(jax.eval_shape(lambda: initial), abstract).compile().as_text()
+    monkeypatch.undo()
+    return text
+
+
+def test_fsdp_moves_weights_not_activations(train_step_runs, monkeypatch):
+    """Under FSDP the layers' activations stay split by batch and the weights are gathered:
+    no all-to-all reshuffles activations, except the token-embedding lookup (its table is split
+    along d_model). Without the pins XLA does reshuffle them (more memory per chip on TPU)."""
+    def activation_all_to_alls(text):
+        return [line for line in text.splitlines()
+                if re.search(r" all-to-all(-start)?\(", line) and "embed_tokens" not in line]
+
+    assert activation_all_to_alls(fsdp_step_hlo(train_step_runs, monkeypatch, pinned=True)) == []
+    assert len(activation_all_to_alls(fsdp_step_hlo(train_step_runs, monkeypatch, pinned=False))) > 0
+
+
 def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
     """Step 1's loss = sum of token losses / label tokens over all 8 rows, computed here from logits."""
     model, initial = train_step_runs["model"], train_step_runs["initial"]

@@ -3,7 +3,7 @@
 #   slice:       TPU v4-64 (32 chips, 8 hosts); run this same script on every host
 #   batch:       160 global = 5 per chip, as in 2023; parameters and optimizer state sharded over
 #                all 32 chips (FSDP), layers scanned and fully rematerialised: the setting that
-#                fits large-v2 best on a v4-64 (compile-only, bench_scream.py tpu: up to 50 per
+#                fits large-v2 best on a v4-64 (compile-only, bench_scream.py tpu: up to 76 per
 #                chip, vs 15 with dots remat, 13 data parallel; the 2023 pmap run fit 5)
 #   schedule:    AdamW 8e-6, 5k warmup, linear decay to 0 at 100k steps, eval every 2.5k
 #   result:      hub repo NbAiLab/scream_large_sept_8e6 (private)

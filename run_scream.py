@@ -677,6 +677,12 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
 
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+# The mesh's two axes (see make_mesh); a batch is split over both, parameters over "fsdp".
+BATCH_AXES = ("data", "fsdp")
+
+
 def keep_batch_sharded(x):
     """Pin an activation's leading (batch) axis to the mesh's batch axes, when the caller set one
     (train_step and eval_step do). Under FSDP the weights are split over "fsdp" along a feature
@@ -1314,10 +1320,6 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
 # One mesh: ("data", "fsdp"). Batches split over both axes; parameters and optimizer state are
 # sharded over "fsdp" along their largest divisible dimension (never the scanned layer axis),
 # replicated over "data". fsdp_size 1 is plain data parallelism. No pmap.
-
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(fsdp_size: int, devices=None):

@@ -12,6 +12,7 @@ a busy machine slows both sides alike; each table's caption gives the load avera
 Everything runs on this machine's CPU (JAX_PLATFORMS=cpu); `tpu` needs libtpu (pip install
 "jax[tpu]") but no TPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,24 @@ def whisper_config(name: str, chunk_s: float = 30.0):
     vocab = TOY_VOCAB if name == "toy" else WHISPER_VOCAB
     eot = vocab - 2 if name == "toy" else 50257
     return WhisperConfig(
-        vocab_size=vocab, num_mel_bins=80, d_model=dims["d_model"],
-        encoder_layers=dims["layers"], decoder_layers=dims["layers"],
-        encoder_attention_heads=dims["heads"], decoder_attention_heads=dims["heads"],
-        encoder_ffn_dim=dims["ffn"], decoder_ffn_dim=dims["ffn"],
-        max_source_positions=int(chunk_s * SAMPLING_RATE / HOP_LENGTH) // 2, max_target_positions=448,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=eot + 1,
+        vocab_size=vocab,
+        num_mel_bins=80,
+        d_model=dims["d_model"],
+        encoder_layers=dims["layers"],
+        decoder_layers=dims["layers"],
+        encoder_attention_heads=dims["heads"],
+        decoder_attention_heads=dims["heads"],
+        encoder_ffn_dim=dims["ffn"],
+        decoder_ffn_dim=dims["ffn"],
+        max_source_positions=int(chunk_s * SAMPLING_RATE / HOP_LENGTH) // 2,
+        max_target_positions=448,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=eot + 1,
     )
 
 
@@ -83,16 +95,24 @@ def forward_flops(config, label_length: int) -> dict[str, float]:
     softmax and the loss (elementwise, under 1%) and the log-mel front end (input, no gradient).
     """
     d, S, T, V = config.d_model, config.max_source_positions, label_length, config.vocab_size
-    f_enc, f_dec, L_enc, L_dec = config.encoder_ffn_dim, config.decoder_ffn_dim, config.encoder_layers, config.decoder_layers
+    f_enc, f_dec, L_enc, L_dec = (
+        config.encoder_ffn_dim,
+        config.decoder_ffn_dim,
+        config.encoder_layers,
+        config.decoder_layers,
+    )
     mels = config.num_mel_bins
     return {
         "conv stem": 2 * (2 * S) * (3 * mels) * d + 2 * S * (3 * d) * d,
         "encoder projections + MLP": L_enc * (4 * 2 * S * d * d + 2 * 2 * S * d * f_enc),
         "encoder attention QK^T, AV": L_enc * (2 * 2 * S * S * d),
-        "decoder projections + MLP": L_dec * (4 * 2 * T * d * d      # self-attention q, k, v, out
-                                              + 2 * 2 * T * d * d    # cross-attention q, out
-                                              + 2 * 2 * S * d * d    # cross-attention k, v over the encoder output
-                                              + 2 * 2 * T * d * f_dec),
+        "decoder projections + MLP": L_dec
+        * (
+            4 * 2 * T * d * d  # self-attention q, k, v, out
+            + 2 * 2 * T * d * d  # cross-attention q, out
+            + 2 * 2 * S * d * d  # cross-attention k, v over the encoder output
+            + 2 * 2 * T * d * f_dec
+        ),
         "decoder attention QK^T, AV": L_dec * (2 * 2 * T * T * d + 2 * 2 * T * S * d),
         "output projection": 2 * T * d * V,
     }
@@ -108,7 +128,7 @@ def training_flops_per_example(config, label_length: int) -> float:
 
 def load_average() -> str:
     try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load average unknown"
 
@@ -142,6 +162,7 @@ def machine_line() -> str:
 
 def table(title: str, headers: list[str], rows: list[list], note: str | None = None):
     """Print one markdown table with a bold title line (and an optional note under it)."""
+
     def cell(value):
         if isinstance(value, float):
             if value == 0 or 0.01 <= abs(value) < 1e5:
@@ -172,12 +193,15 @@ def make_train_batch(config, batch_size: int, label_length: int, chunk_s: float,
     n_samples = int(chunk_s * SAMPLING_RATE)
     audio = (0.1 * rng.standard_normal((batch_size, n_samples))).astype(np.float32)
     tokens = rng.integers(0, config.eos_token_id, (batch_size, label_length + 1)).astype(np.int32)
-    return {"audio": audio, "decoder_input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
-            "example_mask": np.ones((batch_size,), np.int32)}
+    return {
+        "audio": audio,
+        "decoder_input_ids": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "example_mask": np.ones((batch_size,), np.int32),
+    }
 
 
-def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, remat="none", devices=None,
-                   fsdp_size=1):
+def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, remat="none", devices=None, fsdp_size=1):
     """run_scream's train step, jitted as run() jits it (shardings over a mesh, state donated).
 
     Returns (step_fn, abstract_state with shardings, data sharding, model, optimizer, state sharding).
@@ -192,16 +216,28 @@ def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, r
     optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-5, 0, 1000, "linear"))
     mesh = rs.make_mesh(fsdp_size, devices if devices is not None else jax.devices()[:1])
     abstract_params = jax.eval_shape(functools.partial(rs.init_params, model), jax.random.PRNGKey(0))
-    abstract_state = jax.eval_shape(lambda p: rs.TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)),
-                                    abstract_params)
+    abstract_state = jax.eval_shape(
+        lambda p: rs.TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
+    )
     state_sharding = rs.state_shardings(abstract_state, mesh)
     data_sharding = rs.batch_sharding(mesh)
     step_fn = jax.jit(
-        functools.partial(rs.train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
-                          accumulation_steps=1, label_smoothing=0.0, mesh=mesh),
-        in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
-    abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                          abstract_state, state_sharding)
+        functools.partial(
+            rs.train_step,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=mel_filters,
+            accumulation_steps=1,
+            label_smoothing=0.0,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+    abstract_with_sharding = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+    )
     return step_fn, abstract_with_sharding, data_sharding, model, optimizer, state_sharding
 
 
@@ -230,10 +266,15 @@ class OursTrainer:
         self.jax = jax
         step_fn, abstract_state, data_sharding, model, optimizer, state_sharding = build_our_step(config, mel_filters)
         params = jax.jit(functools.partial(rs.init_params, model), out_shardings=state_sharding.params)(
-            jax.random.PRNGKey(0))
+            jax.random.PRNGKey(0)
+        )
         opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
-        self.state = rs.TrainState(jax.device_put(jnp.int32(0), state_sharding.step), params, opt_state,
-                                   jax.device_put(jax.random.PRNGKey(1), state_sharding.rng))
+        self.state = rs.TrainState(
+            jax.device_put(jnp.int32(0), state_sharding.step),
+            params,
+            opt_state,
+            jax.device_put(jax.random.PRNGKey(1), state_sharding.rng),
+        )
         self.batch = jax.device_put(batch, data_sharding)
         start = time.perf_counter()
         self.step_fn = step_fn.lower(self.state, self.batch).compile()
@@ -267,12 +308,15 @@ class TorchTrainer:
         self.torch = torch
         self.model = WhisperForConditionalGeneration(config)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+        )
         features = np.array(rs.log_mel(batch["audio"], mel_filters))  # the same features ours computes
-        self.inputs = {"input_features": torch.from_numpy(features),
-                       "decoder_input_ids": torch.from_numpy(batch["decoder_input_ids"].astype(np.int64)),
-                       "labels": torch.from_numpy(batch["labels"].astype(np.int64))}
+        self.inputs = {
+            "input_features": torch.from_numpy(features),
+            "decoder_input_ids": torch.from_numpy(batch["decoder_input_ids"].astype(np.int64)),
+            "labels": torch.from_numpy(batch["labels"].astype(np.int64)),
+        }
         self.attention = self.model.config._attn_implementation
         self.step()
 
@@ -298,7 +342,7 @@ def matmul_gflops(n: int, repeats: int = 5) -> float:
         start = time.perf_counter()
         dot(a, a).block_until_ready()
         seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / median(seconds) / 1e9
+    return 2 * n**3 / median(seconds) / 1e9
 
 
 def timed(fn, steps: int) -> float:
@@ -316,13 +360,14 @@ def timed(fn, steps: int) -> float:
 
 def bench_train(args):
     import jax
-
     import torch
 
     print(f"## train: our jitted step vs transformers PyTorch + AdamW ({machine_line()})")
-    print(f"float32, 1 CPU device, batch {args.batch_size}, {args.chunk_s:g} s audio, {args.label_length}-token labels, "
-          f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(
+        f"float32, 1 CPU device, batch {args.batch_size}, {args.chunk_s:g} s audio, {args.label_length}-token labels, "
+        f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+    )
     results, flops_rows, matmul = [], [], []
     for name in args.models:
         config = whisper_config(name, args.chunk_s)
@@ -339,27 +384,55 @@ def bench_train(args):
         formula = training_flops_per_example(config, args.label_length)
         xla = ours.xla_flops / args.batch_size
         results.append((name, config, median(ours_s), median(theirs_s), formula, theirs.attention, ours.compile_s))
-        flops_rows.append([name, formula / 1e9, xla / 1e9, xla / formula,
-                           *[v * 3 / 1e9 for v in forward_flops(config, args.label_length).values()]])
+        flops_rows.append(
+            [
+                name,
+                formula / 1e9,
+                xla / 1e9,
+                xla / formula,
+                *[v * 3 / 1e9 for v in forward_flops(config, args.label_length).values()],
+            ]
+        )
         del ours, theirs
     peak = median(matmul)
     rows = []
-    for name, config, ours_t, theirs_t, formula, attention, compile_s in results:
+    for name, _config, ours_t, theirs_t, formula, attention, _compile_s in results:
         ours_eps, theirs_eps = args.batch_size / ours_t, args.batch_size / theirs_t
-        rows.append([f"{name} (ours: jit, log-mel in step)", ours_t, ours_eps, ours_eps / theirs_eps,
-                     ours_eps * formula / 1e9 / peak])
-        rows.append([f"{name} (PyTorch eager, {attention} attention, features precomputed)", theirs_t, theirs_eps, 1.0,
-                     theirs_eps * formula / 1e9 / peak])
-    table("Training step throughput", ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"], rows,
-          f"Medians of {args.rounds} alternating runs of {args.steps} timed steps each, after an untimed step "
-          f"(steady state, as in a training loop). Matmul peak: jnp.dot "
-          f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
-          f"training FLOPs/example (formula below) x examples/s / peak. {load_range()}.")
-    table("Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
-          ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(results[0][1], 1))], flops_rows,
-          "XLA's count (cost_analysis of the whole step, 1 device, unsharded, attention unblocked because XLA "
-          "counts a loop body once) adds log-mel, elementwise ops and the optimizer update, and knows that no "
-          "gradient flows into the mel features.")
+        rows.append(
+            [
+                f"{name} (ours: jit, log-mel in step)",
+                ours_t,
+                ours_eps,
+                ours_eps / theirs_eps,
+                ours_eps * formula / 1e9 / peak,
+            ]
+        )
+        rows.append(
+            [
+                f"{name} (PyTorch eager, {attention} attention, features precomputed)",
+                theirs_t,
+                theirs_eps,
+                1.0,
+                theirs_eps * formula / 1e9 / peak,
+            ]
+        )
+    table(
+        "Training step throughput",
+        ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"],
+        rows,
+        f"Medians of {args.rounds} alternating runs of {args.steps} timed steps each, after an untimed step "
+        f"(steady state, as in a training loop). Matmul peak: jnp.dot "
+        f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
+        f"training FLOPs/example (formula below) x examples/s / peak. {load_range()}.",
+    )
+    table(
+        "Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
+        ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(results[0][1], 1))],
+        flops_rows,
+        "XLA's count (cost_analysis of the whole step, 1 device, unsharded, attention unblocked because XLA "
+        "counts a loop body once) adds log-mel, elementwise ops and the optimizer update, and knows that no "
+        "gradient flows into the mel features.",
+    )
     if args.profile:
         for name in args.profile_models:
             profile_parts(name, args)
@@ -400,6 +473,7 @@ def profile_parts(name: str, args):
         def loss(p, *xs):
             out = module.apply(p, *xs)
             return (out[0] if isinstance(out, tuple) else out).sum()
+
         argnums = tuple(range(len(inputs) + 1)) if input_grads else (0,)
         grad = jax.jit(jax.value_and_grad(loss, argnums=argnums))  # the value keeps the forward pass alive
         xs = [jnp.asarray(x) for x in inputs]
@@ -415,12 +489,15 @@ def profile_parts(name: str, args):
             module.zero_grad(set_to_none=True)
             for x in xs:
                 x.grad = None
+
         return run
 
     # log-mel: ours on the device (forward only: no gradient flows into the features).
     log_mel = jax.jit(lambda audio: rs.log_mel(audio, mel_filters))
     audio = jnp.asarray(batch["audio"])
-    parts.append(("log-mel from raw audio (ours only; PyTorch gets features)", lambda: log_mel(audio).block_until_ready(), None))
+    parts.append(
+        ("log-mel from raw audio (ours only; PyTorch gets features)", lambda: log_mel(audio).block_until_ready(), None)
+    )
 
     # conv stem + positions: our Encoder with no layers; transformers' conv1/conv2/GELU/positions.
     stem = rs.Encoder(dims=dataclasses.replace(dims, encoder_layers=0))
@@ -430,13 +507,23 @@ def profile_parts(name: str, args):
         h = torch.nn.functional.gelu(module.conv1(x))
         h = torch.nn.functional.gelu(module.conv2(h)).permute(0, 2, 1)
         return module.layer_norm(h + module.embed_positions.weight)
-    parts.append(("conv stem (2 convs, GELU, positions, LayerNorm)", jax_grad_fn(stem, features, input_grads=False),
-                  torch_grad_fn(torch_encoder, features, call=torch_stem, input_grads=False)))
+
+    parts.append(
+        (
+            "conv stem (2 convs, GELU, positions, LayerNorm)",
+            jax_grad_fn(stem, features, input_grads=False),
+            torch_grad_fn(torch_encoder, features, call=torch_stem, input_grads=False),
+        )
+    )
 
     enc_layer = rs.EncoderLayer(dims=dims, dtype=jnp.float32, deterministic=True)
-    parts.append((f"encoder layer (x{config.encoder_layers})", jax_grad_fn(enc_layer, enc_in),
-                  torch_grad_fn(hf.WhisperEncoderLayer(hf_config), enc_in,
-                                call=lambda m, x: m(x, attention_mask=None))))
+    parts.append(
+        (
+            f"encoder layer (x{config.encoder_layers})",
+            jax_grad_fn(enc_layer, enc_in),
+            torch_grad_fn(hf.WhisperEncoderLayer(hf_config), enc_in, call=lambda m, x: m(x, attention_mask=None)),
+        )
+    )
 
     # attention alone (scores and values over 1500 positions), inside the encoder layer above
     heads = config.encoder_attention_heads
@@ -452,21 +539,45 @@ def profile_parts(name: str, args):
         out = torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)
         out.sum().backward()
         tq.grad = None
-    parts.append(("  of which self-attention core (QK^T, softmax, AV)", lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
-                  torch_attention))
-    dense_grad = jax.jit(jax.value_and_grad(
-        lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(), argnums=(0, 1, 2)))
-    parts.append(("  the same, unblocked (jax.nn.dot_product_attention)", lambda: jax.block_until_ready(dense_grad(qj, qj, qj)),
-                  None))
+
+    parts.append(
+        (
+            "  of which self-attention core (QK^T, softmax, AV)",
+            lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
+            torch_attention,
+        )
+    )
+    dense_grad = jax.jit(
+        jax.value_and_grad(
+            lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(), argnums=(0, 1, 2)
+        )
+    )
+    parts.append(
+        (
+            "  the same, unblocked (jax.nn.dot_product_attention)",
+            lambda: jax.block_until_ready(dense_grad(qj, qj, qj)),
+            None,
+        )
+    )
 
     class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
         @rs.nn.compact
         def __call__(self, x, enc):
             return rs.DecoderLayer(dims=dims, dtype=jnp.float32, deterministic=True, name="layer")(x, enc, None, 0)[0]
+
     torch_dec = hf.WhisperDecoderLayer(hf_config, layer_idx=0)
-    parts.append((f"decoder layer (x{config.decoder_layers})", jax_grad_fn(OurDecoderLayer(), dec_in, enc_in),
-                  torch_grad_fn(torch_dec, dec_in, enc_in,
-                                call=lambda m, x, e: m(x, attention_mask=None, encoder_hidden_states=e, use_cache=False))))
+    parts.append(
+        (
+            f"decoder layer (x{config.decoder_layers})",
+            jax_grad_fn(OurDecoderLayer(), dec_in, enc_in),
+            torch_grad_fn(
+                torch_dec,
+                dec_in,
+                enc_in,
+                call=lambda m, x, e: m(x, attention_mask=None, encoder_hidden_states=e, use_cache=False),
+            ),
+        )
+    )
 
     # tied output projection over the whole vocabulary + cross-entropy
     labels = batch["labels"]
@@ -476,6 +587,7 @@ def profile_parts(name: str, args):
         logits = jnp.einsum("btd,vd->btv", x, embedding_)
         losses, mask = rs.token_losses(logits, jnp.asarray(labels))
         return losses.sum() / mask.sum()
+
     head_grad = jax.jit(jax.value_and_grad(our_head, argnums=(0, 1)))
     ej, xj = jnp.asarray(embedding), jnp.asarray(dec_in)
     te = torch.tensor(embedding, requires_grad=True)
@@ -486,8 +598,14 @@ def profile_parts(name: str, args):
         logits = torch.nn.functional.linear(tx, te)
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tl.reshape(-1)).backward()
         te.grad = tx.grad = None
-    parts.append((f"output projection ({config.vocab_size}-way) + loss", lambda: jax.block_until_ready(head_grad(ej, xj)),
-                  torch_head))
+
+    parts.append(
+        (
+            f"output projection ({config.vocab_size}-way) + loss",
+            lambda: jax.block_until_ready(head_grad(ej, xj)),
+            torch_head,
+        )
+    )
 
     # optimizer update over all parameters
     model = rs.build_model(config)
@@ -499,12 +617,14 @@ def profile_parts(name: str, args):
     def update(p, s, g):
         updates, s = optimizer.update(g, s, p)
         return optax.apply_updates(p, updates), s
+
     grads = jax.tree.map(jnp.ones_like, params)
     box = {"p": params, "s": opt_state}
 
     def our_update():
         box["p"], box["s"] = update(box["p"], box["s"], grads)
         jax.block_until_ready(box["p"])
+
     torch_model = hf.WhisperForConditionalGeneration(config)
     for p in torch_model.parameters():
         p.grad = torch.ones_like(p)
@@ -528,11 +648,14 @@ def profile_parts(name: str, args):
         ot = median(ours_t) * 1e3
         tt = median(torch_t) * 1e3 if torch_t else None
         rows.append([part, ot, "-" if tt is None else tt, "-" if tt is None else tt / ot])
-    table(f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
-          ["part", "ours (jit)", "PyTorch", "PyTorch / ours"], rows,
-          f"Medians of {args.rounds} alternating runs (each after an untimed call). Layer rows are one layer; the whole model has "
-          f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention. "
-          f"{load_range()}.")
+    table(
+        f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
+        ["part", "ours (jit)", "PyTorch", "PyTorch / ours"],
+        rows,
+        f"Medians of {args.rounds} alternating runs (each after an untimed call). Layer rows are one layer; the whole model has "
+        f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention. "
+        f"{load_range()}.",
+    )
 
 
 # --- input: host pipeline ---
@@ -564,14 +687,17 @@ def speech_like(rng, seconds: float, rate: int) -> np.ndarray:
             phase = np.cumsum(pitch / rate)
             source = np.diff(np.floor(phase), prepend=0.0) + 0.01 * rng.standard_normal(length)
             segment = source
-            for formant, bandwidth in ((rng.uniform(300, 900), 80), (rng.uniform(900, 2400), 120),
-                                       (rng.uniform(2400, 3400), 180)):
+            for formant, bandwidth in (
+                (rng.uniform(300, 900), 80),
+                (rng.uniform(900, 2400), 120),
+                (rng.uniform(2400, 3400), 180),
+            ):
                 r = np.exp(-np.pi * bandwidth / rate)
                 theta = 2 * np.pi * formant / rate
                 segment = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], segment)
             segment = segment / (np.abs(segment).max() + 1e-9) * rng.uniform(0.2, 0.7)
         envelope = np.sin(np.linspace(0, np.pi, length)) ** 0.5
-        out[t:t + length] += segment * envelope
+        out[t : t + length] += segment * envelope
         t += length
     out += 0.003 * rng.standard_normal(n)
     return np.clip(out, -1, 1).astype(np.float32)
@@ -585,16 +711,23 @@ def flac_bytes(waveform: np.ndarray, rate: int) -> bytes:
     return buffer.getvalue()
 
 
-TRANSCRIPT = ("Det var en gang en liten gutt som bodde ved havet, og hver morgen gikk han ned til "
-              "stranden for å se på båtene.")  # 118 UTF-8 bytes: 122 label tokens with the byte-level tokenizer
+TRANSCRIPT = (
+    "Det var en gang en liten gutt som bodde ved havet, og hver morgen gikk han ned til "
+    "stranden for å se på båtene."
+)  # 118 UTF-8 bytes: 122 label tokens with the byte-level tokenizer
 
 
 def make_clips(num_clips: int, seconds: float, rate: int, seed: int = 0) -> list[dict]:
     rows = []
     for index in range(num_clips):
         rng = np.random.default_rng([seed, rate, index])
-        rows.append({"id": f"clip-{index:04d}", "text": TRANSCRIPT,
-                     "audio": {"bytes": flac_bytes(speech_like(rng, seconds, rate), rate), "path": f"clip-{index:04d}.flac"}})
+        rows.append(
+            {
+                "id": f"clip-{index:04d}",
+                "text": TRANSCRIPT,
+                "audio": {"bytes": flac_bytes(speech_like(rng, seconds, rate), rate), "path": f"clip-{index:04d}.flac"},
+            }
+        )
     return rows
 
 
@@ -612,9 +745,9 @@ def numpy_feature_extractor(**kwargs):
 def bench_input(args):
     import soundfile
     import soxr
-    import make_demo_dataset
     from transformers import WhisperFeatureExtractor
 
+    import make_demo_dataset
     import run_scream as rs
 
     try:  # transformers' extractor computes with torch when torch is installed: one thread per core
@@ -634,24 +767,40 @@ def bench_input(args):
         extractors["torch"] = WhisperFeatureExtractor(feature_size=80, chunk_length=int(args.chunk_s))
     audio_settings = rs.AudioSettings(SAMPLING_RATE, n_samples, 0.0, args.chunk_s)
     text_settings = rs.TextSettings(False, False, args.label_length)
-    prepare = functools.partial(rs.prepare_example, audio_column="audio", text_column="text", id_column="id",
-                                tokenizer=tokenizer, audio_settings=audio_settings, text_settings=text_settings)
-    collate = functools.partial(rs.collate, batch_size=args.batch_size, n_samples=n_samples,
-                                max_label_length=args.label_length, pad_token_id=tokenizer.eos_token_id)
+    prepare = functools.partial(
+        rs.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
+        audio_settings=audio_settings,
+        text_settings=text_settings,
+    )
+    collate = functools.partial(
+        rs.collate,
+        batch_size=args.batch_size,
+        n_samples=n_samples,
+        max_label_length=args.label_length,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     pipelines = {"ours": (prepare, collate)}
     for backend, extractor in extractors.items():
-        pipelines[f"host log-mel ({backend})"] = (rs.with_host_log_mel(prepare, extractor),
-                                                  rs.with_host_features(collate, extractor))
-    titles = {"ours": "ours: decode + resample + tokenize + collate (log-mel on device)",
-              "host log-mel (numpy)": "host log-mel: the same + WhisperFeatureExtractor, numpy (no torch installed)",
-              "host log-mel (torch)": f"host log-mel: the same + WhisperFeatureExtractor, torch {torch_version} backend, 1 thread"}
+        pipelines[f"host log-mel ({backend})"] = (
+            rs.with_host_log_mel(prepare, extractor),
+            rs.with_host_features(collate, extractor),
+        )
+    titles = {
+        "ours": "ours: decode + resample + tokenize + collate (log-mel on device)",
+        "host log-mel (numpy)": "host log-mel: the same + WhisperFeatureExtractor, numpy (no torch installed)",
+        "host log-mel (torch)": f"host log-mel: the same + WhisperFeatureExtractor, torch {torch_version} backend, 1 thread",
+    }
 
     def per_example_s(rows, pipeline):
         prepare_fn, collate_fn = pipeline
         start = time.perf_counter()
         for i in range(0, len(rows), args.batch_size):
             examples = []
-            for row in rows[i:i + args.batch_size]:
+            for row in rows[i : i + args.batch_size]:
                 example, reason = prepare_fn(row)
                 assert reason is None, reason
                 examples.append(example)
@@ -681,7 +830,7 @@ def bench_input(args):
             examples.append({"audio": samples, "tokens": tokens})
         start = time.perf_counter()
         for i in range(0, len(examples), args.batch_size):
-            collate(examples[i:i + args.batch_size])
+            collate(examples[i : i + args.batch_size])
         spent["collate"] += time.perf_counter() - start
         return {k: v / len(rows) for k, v in spent.items()}
 
@@ -702,18 +851,31 @@ def bench_input(args):
         ours_s = median(timings["ours"])
         for name, values in timings.items():
             seconds = median(values)
-            rows_out.append([titles[name], f"{rate / 1000:g} kHz", seconds * 1e3, 1 / seconds,
-                             1.0 if name == "ours" else seconds / ours_s])
+            rows_out.append(
+                [
+                    titles[name],
+                    f"{rate / 1000:g} kHz",
+                    seconds * 1e3,
+                    1 / seconds,
+                    1.0 if name == "ours" else seconds / ours_s,
+                ]
+            )
         breakdown_rows.append([f"{rate / 1000:g} kHz", *[median([p[k] for p in parts]) * 1e3 for k in parts[0]]])
-    table(f"Host work per {args.chunk_s:g} s FLAC clip, one thread", ["pipeline", "source", "ms/example",
-          "examples/s per core", "time vs ours"], rows_out,
-          f"{args.num_clips} clips of synthetic speech (pulse train through moving formants, fricatives, pauses), "
-          "16-bit mono FLAC in memory; FLAC size / raw PCM: " +
-          ", ".join(f"{r / 1000:g} kHz {sizes[r]:.2f}" for r in args.source_rates) +
-          f". Medians of {args.rounds} alternating passes over all clips; batches of {args.batch_size}, labels padded "
-          f"to {args.label_length}. {load_range()}.")
-    table("Where the host time goes (ms per example, one thread)",
-          ["source", *list(parts_s(clips[args.source_rates[0]][:1]))], breakdown_rows)
+    table(
+        f"Host work per {args.chunk_s:g} s FLAC clip, one thread",
+        ["pipeline", "source", "ms/example", "examples/s per core", "time vs ours"],
+        rows_out,
+        f"{args.num_clips} clips of synthetic speech (pulse train through moving formants, fricatives, pauses), "
+        "16-bit mono FLAC in memory; FLAC size / raw PCM: "
+        + ", ".join(f"{r / 1000:g} kHz {sizes[r]:.2f}" for r in args.source_rates)
+        + f". Medians of {args.rounds} alternating passes over all clips; batches of {args.batch_size}, labels padded "
+        f"to {args.label_length}. {load_range()}.",
+    )
+    table(
+        "Where the host time goes (ms per example, one thread)",
+        ["source", *list(parts_s(clips[args.source_rates[0]][:1]))],
+        breakdown_rows,
+    )
 
     # Scaling: SpeechBatches over a local parquet dataset, worker threads 1, 2, ...
     import datasets
@@ -723,18 +885,36 @@ def bench_input(args):
     data_dir = work / "data" / "data"
     data_dir.mkdir(parents=True)
     schema = make_demo_dataset.FEATURES.arrow_schema
-    table_rows = [{"id": c["id"], "audio": c["audio"], "text": c["text"], "source": "bench"} for c in clips[args.source_rates[0]]]
-    pq.write_table(pa.Table.from_pylist(table_rows, schema=schema), data_dir / "train-00000-of-00001.parquet",
-                   row_group_size=8)
+    table_rows = [
+        {"id": c["id"], "audio": c["audio"], "text": c["text"], "source": "bench"} for c in clips[args.source_rates[0]]
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(table_rows, schema=schema), data_dir / "train-00000-of-00001.parquet", row_group_size=8
+    )
     data_args = rs.DataArguments(dataset_name=str(work / "data"), shuffle_buffer_size=0)
     datasets.disable_progress_bars()
 
     def examples_per_s(pipeline, workers):
         prepare_fn, collate_fn = pipeline
-        make_source = functools.partial(rs.load_source, data_args, "train", process_index=0, process_count=1, seed=0,
-                                        shuffle=False, max_samples=None)
-        batches = rs.SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare_fn, batch_size=args.batch_size,
-                                   collate_fn=collate_fn, repeat=True, num_workers=workers, prefetch_batches=4)
+        make_source = functools.partial(
+            rs.load_source,
+            data_args,
+            "train",
+            process_index=0,
+            process_count=1,
+            seed=0,
+            shuffle=False,
+            max_samples=None,
+        )
+        batches = rs.SpeechBatches(
+            lambda epoch: make_source(epoch=epoch),
+            prepare_fn,
+            batch_size=args.batch_size,
+            collate_fn=collate_fn,
+            repeat=True,
+            num_workers=workers,
+            prefetch_batches=4,
+        )
         iterator = iter(batches)
         next(iterator)  # start-up (dataset opening, thread pool) is not throughput
         start = time.perf_counter()
@@ -757,10 +937,14 @@ def bench_input(args):
     for (pipeline, workers), values in scaling.items():
         eps = median(values)
         rows_out.append([pipeline, workers, eps, eps / min(workers, usable_cores())])
-    table(f"SpeechBatches over a local parquet dataset ({args.source_rates[0] / 1000:g} kHz FLAC), "
-          "--preprocessing_num_workers threads", ["pipeline", "workers", "examples/s", "examples/s per core used"],
-          rows_out, f"{args.scaling_batches} batches of {args.batch_size} after the first, medians of {args.rounds} "
-          f"alternating runs; {usable_cores()} cores usable. {load_range()}.")
+    table(
+        f"SpeechBatches over a local parquet dataset ({args.source_rates[0] / 1000:g} kHz FLAC), "
+        "--preprocessing_num_workers threads",
+        ["pipeline", "workers", "examples/s", "examples/s per core used"],
+        rows_out,
+        f"{args.scaling_batches} batches of {args.batch_size} after the first, medians of {args.rounds} "
+        f"alternating runs; {usable_cores()} cores usable. {load_range()}.",
+    )
 
 
 # --- compile ---
@@ -782,9 +966,14 @@ def bench_compile(args):
             for scan in (False, True):
                 sample_load()
                 step_fn, abstract_state, data_sharding, *_ = build_our_step(
-                    config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat)
-                batch = rs.abstract_batch(args.batch_size, n_samples=int(args.chunk_s * SAMPLING_RATE),
-                                          max_label_length=args.label_length, sharding=data_sharding)
+                    config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat
+                )
+                batch = rs.abstract_batch(
+                    args.batch_size,
+                    n_samples=int(args.chunk_s * SAMPLING_RATE),
+                    max_label_length=args.label_length,
+                    sharding=data_sharding,
+                )
                 start = time.perf_counter()
                 lowered = step_fn.lower(abstract_state, batch)
                 lower_times[scan].append(time.perf_counter() - start)
@@ -792,27 +981,62 @@ def bench_compile(args):
                 times[scan].append(time.perf_counter() - start)
                 del lowered
         unrolled, scanned = median(times[False]), median(times[True])
-        rows.append([name, f"{config.encoder_layers}+{config.decoder_layers}", median(lower_times[False]), unrolled,
-                     median(lower_times[True]), scanned, unrolled / scanned])
-    table(f"Train step compile time on CPU (s): {args.dtype}, remat {args.remat}, batch {args.batch_size}",
-          ["model", "layers", "unrolled: lower", "unrolled: lower + compile", "scan: lower",
-           "scan: lower + compile", "scan speed-up"], rows,
-          f"Abstract inputs (jax.ShapeDtypeStruct), no execution; jax {jax.__version__}. Medians of alternating "
-          f"rounds ({args.rounds} for small models, 1 for {', '.join(args.single_round_models) or 'none'}). {load_range()}.")
+        rows.append(
+            [
+                name,
+                f"{config.encoder_layers}+{config.decoder_layers}",
+                median(lower_times[False]),
+                unrolled,
+                median(lower_times[True]),
+                scanned,
+                unrolled / scanned,
+            ]
+        )
+    table(
+        f"Train step compile time on CPU (s): {args.dtype}, remat {args.remat}, batch {args.batch_size}",
+        [
+            "model",
+            "layers",
+            "unrolled: lower",
+            "unrolled: lower + compile",
+            "scan: lower",
+            "scan: lower + compile",
+            "scan speed-up",
+        ],
+        rows,
+        f"Abstract inputs (jax.ShapeDtypeStruct), no execution; jax {jax.__version__}. Medians of alternating "
+        f"rounds ({args.rounds} for small models, 1 for {', '.join(args.single_round_models) or 'none'}). {load_range()}.",
+    )
 
 
 # --- tpu: compile-only on v4 slices ---
 
 
-def tpu_compile(config, mel_filters, devices, *, per_chip_batch: int, fsdp_size: int, remat: str, scan: bool,
-                dtype: str, label_length: int, chunk_s: float) -> dict:
+def tpu_compile(
+    config,
+    mel_filters,
+    devices,
+    *,
+    per_chip_batch: int,
+    fsdp_size: int,
+    remat: str,
+    scan: bool,
+    dtype: str,
+    label_length: int,
+    chunk_s: float,
+) -> dict:
     """Compile run_scream's train step for the slice; {'bytes', 'fits', 'compile_s'} (bytes None: did not fit)."""
     import run_scream as rs
 
     step_fn, abstract_state, data_sharding, *_ = build_our_step(
-        config, mel_filters, dtype=dtype, scan_layers=scan, remat=remat, devices=devices, fsdp_size=fsdp_size)
-    batch = rs.abstract_batch(per_chip_batch * len(devices), n_samples=int(chunk_s * SAMPLING_RATE),
-                              max_label_length=label_length, sharding=data_sharding)
+        config, mel_filters, dtype=dtype, scan_layers=scan, remat=remat, devices=devices, fsdp_size=fsdp_size
+    )
+    batch = rs.abstract_batch(
+        per_chip_batch * len(devices),
+        n_samples=int(chunk_s * SAMPLING_RATE),
+        max_label_length=label_length,
+        sharding=data_sharding,
+    )
     start = time.perf_counter()
     try:
         compiled = step_fn.lower(abstract_state, batch).compile()
@@ -888,40 +1112,89 @@ def bench_tpu(args):
             fsdp_size = len(devices) if fsdp == "all" else int(fsdp)
             for remat in args.remats:
                 known: dict = {}
-                compile_at = functools.partial(tpu_compile, config, mel_filters, devices, fsdp_size=fsdp_size,
-                                               remat=remat, scan=scan, dtype=args.dtype,
-                                               label_length=args.label_length, chunk_s=args.chunk_s)
+                compile_at = functools.partial(
+                    tpu_compile,
+                    config,
+                    mel_filters,
+                    devices,
+                    fsdp_size=fsdp_size,
+                    remat=remat,
+                    scan=scan,
+                    dtype=args.dtype,
+                    label_length=args.label_length,
+                    chunk_s=args.chunk_s,
+                )
                 start = time.perf_counter()
                 best = largest_fitting_batch(lambda b: compile_at(per_chip_batch=b), seed_batch, args.max_batch, known)
                 elapsed = time.perf_counter() - start
                 at_seed = known[seed_batch]
                 at_best = known.get(best, {}).get("bytes")
-                rows.append([name, f"{slice_name} ({len(devices)} chips)", "data parallel" if fsdp_size == 1 else f"FSDP {fsdp_size}",
-                             remat, "on" if scan else "off", seed_batch,
-                             "does not fit" if at_seed["bytes"] is None else at_seed["bytes"] / 2**30,
-                             "yes" if at_seed["fits"] else "no",
-                             "none" if not best else f">= {best} (search cap)" if best == args.max_batch else best,
-                             "-" if not at_best else at_best / 2**30,
-                             ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())), elapsed])
+                rows.append(
+                    [
+                        name,
+                        f"{slice_name} ({len(devices)} chips)",
+                        "data parallel" if fsdp_size == 1 else f"FSDP {fsdp_size}",
+                        remat,
+                        "on" if scan else "off",
+                        seed_batch,
+                        "does not fit" if at_seed["bytes"] is None else at_seed["bytes"] / 2**30,
+                        "yes" if at_seed["fits"] else "no",
+                        "none" if not best else f">= {best} (search cap)" if best == args.max_batch else best,
+                        "-" if not at_best else at_best / 2**30,
+                        ", ".join(f"{b}:{'fits' if r['fits'] else 'no'}" for b, r in sorted(known.items())),
+                        elapsed,
+                    ]
+                )
                 print("  progress: | " + " | ".join(map(str, rows[-1])) + " |", flush=True)  # a long run loses nothing
-                if (name in args.compare_unblocked and fsdp_size == len(devices) and remat in args.unblocked_remats
-                        and best):  # at the largest batch that fits blocked
+                if (
+                    name in args.compare_unblocked
+                    and fsdp_size == len(devices)
+                    and remat in args.unblocked_remats
+                    and best
+                ):  # at the largest batch that fits blocked
                     with attention_unblocked():
                         dense = compile_at(per_chip_batch=best)
-                    blocked_rows.append([name, f"{slice_name} ({len(devices)} chips)", f"FSDP {fsdp_size}", remat,
-                                         best, gib_or_none(known[best]["bytes"]), gib_or_none(dense["bytes"])])
+                    blocked_rows.append(
+                        [
+                            name,
+                            f"{slice_name} ({len(devices)} chips)",
+                            f"FSDP {fsdp_size}",
+                            remat,
+                            best,
+                            gib_or_none(known[best]["bytes"]),
+                            gib_or_none(dense["bytes"]),
+                        ]
+                    )
                     print("  progress: | " + " | ".join(map(str, blocked_rows[-1])) + " |", flush=True)
-    table(f"Per-chip memory of the real train step, compiled for TPU v4 ({args.dtype}, {args.chunk_s:g} s audio, "
-          f"{args.label_length}-token labels)",
-          ["model", "slice", "sharding", "remat", "scan", "seed batch/chip", "GiB/chip at seed batch", "fits",
-           "largest batch/chip", "GiB/chip there", "batches compiled", "compile s"], rows,
-          "memory = compiled.memory_analysis(): arguments + outputs + temporaries - aliased (donated) buffers. "
-          f"Fits: no RESOURCE_EXHAUSTED and at most {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB; searched up to "
-          f"{args.max_batch} per chip.")
+    table(
+        f"Per-chip memory of the real train step, compiled for TPU v4 ({args.dtype}, {args.chunk_s:g} s audio, "
+        f"{args.label_length}-token labels)",
+        [
+            "model",
+            "slice",
+            "sharding",
+            "remat",
+            "scan",
+            "seed batch/chip",
+            "GiB/chip at seed batch",
+            "fits",
+            "largest batch/chip",
+            "GiB/chip there",
+            "batches compiled",
+            "compile s",
+        ],
+        rows,
+        "memory = compiled.memory_analysis(): arguments + outputs + temporaries - aliased (donated) buffers. "
+        f"Fits: no RESOURCE_EXHAUSTED and at most {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB; searched up to "
+        f"{args.max_batch} per chip.",
+    )
     if blocked_rows:
-        table("Encoder attention in query blocks (run_scream.blocked_attention) vs all at once: GiB per chip",
-              ["model", "slice", "sharding", "remat", "batch/chip", "blocked (as trained)", "unblocked"], blocked_rows,
-              "'does not fit': RESOURCE_EXHAUSTED at compile time.")
+        table(
+            "Encoder attention in query blocks (run_scream.blocked_attention) vs all at once: GiB per chip",
+            ["model", "slice", "sharding", "remat", "batch/chip", "blocked (as trained)", "unblocked"],
+            blocked_rows,
+            "'does not fit': RESOURCE_EXHAUSTED at compile time.",
+        )
 
 
 def gib_or_none(value):
@@ -948,8 +1221,12 @@ def parse_args(argv=None):
     train.add_argument("--steps", type=int, default=2, help="steps per run")
     train.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (XLA uses its default)")
     train.add_argument("--matmul_n", type=int, default=2048)
-    train.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                       help="time the parts (conv stem, layers, attention, output projection, optimizer)")
+    train.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the parts (conv stem, layers, attention, output projection, optimizer)",
+    )
     train.add_argument("--profile_models", type=parse_list, default=["tiny"])
 
     inputs = commands.add_parser("input", help="host pipeline examples/s per core")
@@ -964,8 +1241,12 @@ def parse_args(argv=None):
 
     compile_ = commands.add_parser("compile", help="train step compile time, unrolled vs scan_layers")
     compile_.add_argument("--models", type=parse_list, default=["tiny", "large-v2"])
-    compile_.add_argument("--single_round_models", type=parse_list, default=["large-v2"],
-                          help="models compiled once per variant (minutes each)")
+    compile_.add_argument(
+        "--single_round_models",
+        type=parse_list,
+        default=["large-v2"],
+        help="models compiled once per variant (minutes each)",
+    )
     compile_.add_argument("--rounds", type=int, default=3)
     compile_.add_argument("--batch_size", type=int, default=1)
     compile_.add_argument("--chunk_s", type=float, default=30.0)
@@ -978,11 +1259,19 @@ def parse_args(argv=None):
     tpu.add_argument("--fsdp", type=parse_list, default=["1", "all"], help="fsdp sizes; 'all' = every chip")
     tpu.add_argument("--remats", type=parse_list, default=["none", "dots", "full"])
     tpu.add_argument("--scan_models", type=parse_list, default=["large-v2"])
-    tpu.add_argument("--seed_batch", type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
-                     default={"large-v2": 5, "tiny": 32}, help="per-chip batch of the 2023 runs, e.g. large-v2=5,tiny=32")
+    tpu.add_argument(
+        "--seed_batch",
+        type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
+        default={"large-v2": 5, "tiny": 32},
+        help="per-chip batch of the 2023 runs, e.g. large-v2=5,tiny=32",
+    )
     tpu.add_argument("--max_batch", type=int, default=64)
-    tpu.add_argument("--compare_unblocked", type=parse_list, default=["large-v2"],
-                     help="models also compiled with attention unblocked (FSDP over all chips, seed batch)")
+    tpu.add_argument(
+        "--compare_unblocked",
+        type=parse_list,
+        default=["large-v2"],
+        help="models also compiled with attention unblocked (FSDP over all chips, seed batch)",
+    )
     tpu.add_argument("--unblocked_remats", type=parse_list, default=["none", "dots"])
     tpu.add_argument("--dtype", default="bfloat16")
     tpu.add_argument("--chunk_s", type=float, default=30.0)
@@ -993,13 +1282,37 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:  # the same code paths, toy sizes
         toy = {
-            "train": dict(models=["toy"], batch_size=2, chunk_s=3.0, label_length=16, rounds=2, steps=1, matmul_n=256,
-                          profile_models=["toy"]),
-            "input": dict(num_clips=4, chunk_s=2.0, source_rates=[16000, 48000], batch_size=2, label_length=128,
-                          rounds=1, workers=[1, 2], scaling_batches=2),
+            "train": dict(
+                models=["toy"],
+                batch_size=2,
+                chunk_s=3.0,
+                label_length=16,
+                rounds=2,
+                steps=1,
+                matmul_n=256,
+                profile_models=["toy"],
+            ),
+            "input": dict(
+                num_clips=4,
+                chunk_s=2.0,
+                source_rates=[16000, 48000],
+                batch_size=2,
+                label_length=128,
+                rounds=1,
+                workers=[1, 2],
+                scaling_batches=2,
+            ),
             "compile": dict(models=["toy"], single_round_models=[], rounds=1, chunk_s=3.0, label_length=16),
-            "tpu": dict(plans=["toy@v4-8"], scan_models=["toy"], seed_batch={"toy": 2}, max_batch=2, chunk_s=3.0,
-                        label_length=16, remats=["dots"], compare_unblocked=[]),  # one compile per sharding
+            "tpu": dict(
+                plans=["toy@v4-8"],
+                scan_models=["toy"],
+                seed_batch={"toy": 2},
+                max_batch=2,
+                chunk_s=3.0,
+                label_length=16,
+                remats=["dots"],
+                compare_unblocked=[],
+            ),  # one compile per sharding
         }[args.command]
         for key, value in toy.items():
             setattr(args, key, value)

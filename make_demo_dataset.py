@@ -94,9 +94,7 @@ FRAMES_PER_SECOND = 100
 
 def make_feature_extractor(chunk_length_s, num_mel_bins):
     """Whisper's log-mel feature extractor for `chunk_length_s`-second windows at 16 kHz."""
-    return WhisperFeatureExtractor(
-        feature_size=num_mel_bins, chunk_length=chunk_length_s, sampling_rate=SAMPLE_RATE
-    )
+    return WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk_length_s, sampling_rate=SAMPLE_RATE)
 
 
 def write_model_dir(out_dir, tokenizer, chunk_length_s, num_mel_bins):

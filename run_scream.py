@@ -2,8 +2,7 @@
 """Scream: fine-tune Whisper on TPU pods (or one CPU) with JAX.
 
 One script, read top to bottom:
-  arguments -> data -> model -> checkpoints in and out -> sharding -> steps -> evaluation
-  -> checkpointing -> main.
+  arguments -> data -> model -> sharding -> steps -> evaluation -> checkpoints and export -> main.
 
 The same command runs unchanged on every host of a pod. Each host streams its own share of the
 data, decodes audio on its CPU cores and ships raw waveforms; log-mel features, the model, the
@@ -11,6 +10,7 @@ loss and greedy decoding all run inside jitted, sharded functions on the devices
 model is our own Flax port and matches transformers' PyTorch `WhisperForConditionalGeneration`
 to float32 rounding; the trained model is exported in transformers' format.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,15 +32,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import struct
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # --- arguments ---
 
 
 class ConfigError(ValueError):
     """A misconfiguration: main() prints it as one paragraph and exits with status 2."""
+
+
+class TrainingStopped(RuntimeError):
+    """A run that must stop (non-finite loss, unreadable data): main() prints it and exits with status 1."""
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -52,11 +67,19 @@ class ModelArguments:
         default=None, metadata={"help": "Config (hub id or directory) to train from scratch; random init, seeded."}
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    feature_extractor_name: str | None = field(default=None, metadata={"help": "Feature extractor, if not the model's."})
+    feature_extractor_name: str | None = field(
+        default=None, metadata={"help": "Feature extractor, if not the model's."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory."})
-    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights stay float32)."})
-    scan_layers: bool = field(default=False, metadata={"help": "nn.scan over layers: much faster compiles for deep models."})
-    remat: str = field(default="none", metadata={"help": "Rematerialise layers: none, full, or dots (save matmul outputs)."})
+    dtype: str = field(
+        default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights stay float32)."}
+    )
+    scan_layers: bool = field(
+        default=False, metadata={"help": "nn.scan over layers: much faster compiles for deep models."}
+    )
+    remat: str = field(
+        default="none", metadata={"help": "Rematerialise layers: none, full, or dots (save matmul outputs)."}
+    )
     dropout: float | None = field(default=None, metadata={"help": "Override the config's dropout."})
     attention_dropout: float | None = field(default=None, metadata={"help": "Override the config's attention_dropout."})
 
@@ -82,7 +105,9 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it first."})
     audio_column_name: str = field(default="audio", metadata={"help": "Column holding the audio."})
     text_column_name: str = field(default="text", metadata={"help": "Column holding the transcript."})
-    id_column_name: str = field(default="id", metadata={"help": "Column with example ids, logged with predictions if present."})
+    id_column_name: str = field(
+        default="id", metadata={"help": "Column with example ids, logged with predictions if present."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (per epoch)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     language: str = field(default="no", metadata={"help": "Language code or name, e.g. no or norwegian."})
@@ -91,16 +116,28 @@ class DataArguments:
     do_remove_punctuation: bool = field(default=False, metadata={"help": "Strip punctuation from transcripts."})
     min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop clips shorter than this."})
     max_duration_in_seconds: float = field(default=30.0, metadata={"help": "Drop clips longer than this."})
-    max_label_length: int = field(default=128, metadata={"help": "Label tokens per example; longer labels are dropped."})
-    shuffle_buffer_size: int = field(default=500, metadata={"help": "Examples in the shuffle buffer (0: no shuffling)."})
+    max_label_length: int = field(
+        default=128, metadata={"help": "Label tokens per example; longer labels are dropped."}
+    )
+    shuffle_buffer_size: int = field(
+        default=500, metadata={"help": "Examples in the shuffle buffer (0: no shuffling)."}
+    )
     preprocessing_num_workers: int = field(default=4, metadata={"help": "Threads decoding audio on each host."})
     prefetch_batches: int = field(default=4, metadata={"help": "Batches prepared ahead of the device."})
-    read_retries: int = field(default=10, metadata={
-        "help": "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
-                "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
-                "retries of each file read."})
-    read_retry_wait_s: float = field(default=1.0, metadata={
-        "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."})
+    read_retries: int = field(
+        default=10,
+        metadata={
+            "help": "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
+            "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
+            "retries of each file read."
+        },
+    )
+    read_retry_wait_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
+        },
+    )
     host_log_mel: bool = field(
         default=False, metadata={"help": "Compute log-mel on the host with WhisperFeatureExtractor (for comparison)."}
     )
@@ -115,14 +152,18 @@ class DataArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str = field(default="demo_output", metadata={"help": "Where checkpoints, logs and the model go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output dir without checkpoints."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output dir without checkpoints."}
+    )
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate every --eval_steps and at the end."})
     train_batch_size: int | None = field(default=None, metadata={"help": "Global training batch, over all hosts."})
     per_device_train_batch_size: int | None = field(
         default=None, metadata={"help": "Hugging Face spelling: global batch = this x number of devices."}
     )
-    eval_batch_size: int | None = field(default=None, metadata={"help": "Global evaluation batch (default: training batch)."})
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Global evaluation batch (default: training batch)."}
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step, inside the step."})
     learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate at --lr_reference_batch_size."})
     lr_scaling: str = field(default="none", metadata={"help": "Scale the LR with the batch: none, linear or sqrt."})
@@ -135,29 +176,44 @@ class TrainingArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (not on biases or LayerNorm)."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW decoupled weight decay (not on biases or LayerNorm)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: no clipping)."})
     label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing."})
     seed: int = field(default=0, metadata={"help": "Seed for init, dropout and shuffling."})
     logging_steps: int = field(default=10, metadata={"help": "Write train metrics every this many steps."})
-    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every this many steps (default: at the end)."})
-    save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every this many steps (default: --eval_steps)."})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every this many steps (default: at the end)."}
+    )
+    save_steps: int | None = field(
+        default=None, metadata={"help": "Checkpoint every this many steps (default: --eval_steps)."}
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
-    resume_from_checkpoint: bool = field(default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."})
+    resume_from_checkpoint: bool = field(
+        default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."}
+    )
     predict_with_generate: bool = field(default=False, metadata={"help": "Greedy-decode in eval and compute WER/CER."})
-    generation_max_length: int | None = field(default=None, metadata={"help": "New tokens per decode (default: max_label_length)."})
-    log_max_eval_predictions: int | None = field(default=None, metadata={"help": "Predictions written per eval (default: all)."})
+    generation_max_length: int | None = field(
+        default=None, metadata={"help": "New tokens per decode (default: max_label_length)."}
+    )
+    log_max_eval_predictions: int | None = field(
+        default=None, metadata={"help": "Predictions written per eval (default: all)."}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, 'tensorboard,wandb' or none."})
     wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project."})
     wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity."})
     run_name: str | None = field(default=None, metadata={"help": "Run name for logs (default: output_dir's name)."})
     run_description: str | None = field(default=None, metadata={"help": "Free text stored with the run."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model after each eval and at the end."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Push the exported model after each eval and at the end."}
+    )
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to push to."})
     hub_private_repo: bool = field(default=True, metadata={"help": "Create the hub repository private."})
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
     dry_run_topology: str | None = field(
-        default=None, metadata={"help": "With --dry_run: compile for a TPU slice (v4-8, v4-32, v4-64) from any machine."}
+        default=None,
+        metadata={"help": "With --dry_run: compile for a TPU slice (v4-8, v4-32, v4-64) from any machine."},
     )
     dry_run_compile: bool = field(
         default=True, metadata={"help": "With --dry_run: compile the train step to report its memory per device."}
@@ -171,7 +227,9 @@ class TrainingArguments:
         if self.lr_scaling not in ("none", "linear", "sqrt"):
             raise ConfigError(f"--lr_scaling {self.lr_scaling!r} is not supported: use none, linear or sqrt.")
         if self.lr_scaling != "none" and not self.lr_reference_batch_size:
-            raise ConfigError("--lr_scaling needs --lr_reference_batch_size: the global batch that --learning_rate is for.")
+            raise ConfigError(
+                "--lr_scaling needs --lr_reference_batch_size: the global batch that --learning_rate is for."
+            )
         if self.warmup_steps > self.num_train_steps:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} exceeds --num_train_steps {self.num_train_steps}.")
         if self.gradient_accumulation_steps < 1:
@@ -189,10 +247,16 @@ class DistributedArguments:
     coordinator_address: str | None = field(
         default=None, metadata={"help": "host:port of process 0, off TPU pods (TPU pods find it themselves)."}
     )
-    num_processes: int | None = field(default=None, metadata={"help": "Number of processes, with --coordinator_address."})
+    num_processes: int | None = field(
+        default=None, metadata={"help": "Number of processes, with --coordinator_address."}
+    )
     process_id: int | None = field(default=None, metadata={"help": "This process's index, with --coordinator_address."})
-    fsdp_size: int = field(default=1, metadata={
-        "help": "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."})
+    fsdp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."
+        },
+    )
     distributed_timeout_s: int = field(default=300, metadata={"help": "Give up when a peer process stops answering."})
 
 
@@ -209,11 +273,18 @@ def parse_arguments(argv: list[str] | None = None):
         import difflib
 
         known = [option for action in parser._actions for option in action.option_strings]
-        hints = [f"{flag} -> {close[0]}" for flag in unknown if flag.startswith("--")
-                 for close in [difflib.get_close_matches(flag.split("=")[0], known, n=1)] if close]
-        raise ConfigError(f"Unrecognised arguments: {' '.join(unknown)}. "
-                          + (f"Did you mean: {', '.join(hints)}? " if hints else "")
-                          + "Every flag starts with -- and takes its value after a space; run with --help for the list.")
+        hints = [
+            f"{flag} -> {close[0]}"
+            for flag in unknown
+            if flag.startswith("--")
+            for close in [difflib.get_close_matches(flag.split("=")[0], known, n=1)]
+            if close
+        ]
+        raise ConfigError(
+            f"Unrecognised arguments: {' '.join(unknown)}. "
+            + (f"Did you mean: {', '.join(hints)}? " if hints else "")
+            + "Every flag starts with -- and takes its value after a space; run with --help for the list."
+        )
     return groups
 
 
@@ -278,13 +349,23 @@ def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) 
 # shapes. Log-mel features are computed on the device inside the jitted steps (see log_mel).
 
 SKIP_REASONS = (
-    "undecodable", "empty_audio", "non_finite_audio", "too_short", "too_long", "empty_text", "too_many_tokens",
+    "undecodable",
+    "empty_audio",
+    "non_finite_audio",
+    "too_short",
+    "too_long",
+    "empty_text",
+    "too_many_tokens",
 )
 # The flag to look at when every example is skipped for a reason.
 SKIP_REASON_FLAGS = {
-    "undecodable": "--audio_column_name", "empty_audio": "--audio_column_name", "non_finite_audio": "--audio_column_name",
-    "too_short": "--min_duration_in_seconds", "too_long": "--max_duration_in_seconds",
-    "empty_text": "--text_column_name", "too_many_tokens": "--max_label_length",
+    "undecodable": "--audio_column_name",
+    "empty_audio": "--audio_column_name",
+    "non_finite_audio": "--audio_column_name",
+    "too_short": "--min_duration_in_seconds",
+    "too_long": "--max_duration_in_seconds",
+    "empty_text": "--text_column_name",
+    "too_many_tokens": "--max_label_length",
 }
 
 
@@ -329,8 +410,16 @@ def normalise_transcript(text: str, settings: TextSettings) -> str:
     return text.strip()
 
 
-def prepare_example(row: dict, *, audio_column: str, text_column: str, id_column: str, tokenizer,
-                    audio_settings: AudioSettings, text_settings: TextSettings):
+def prepare_example(
+    row: dict,
+    *,
+    audio_column: str,
+    text_column: str,
+    id_column: str,
+    tokenizer,
+    audio_settings: AudioSettings,
+    text_settings: TextSettings,
+):
     """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data."""
     try:
         audio = decode_audio(row[audio_column], audio_settings.sampling_rate)
@@ -354,12 +443,17 @@ def prepare_example(row: dict, *, audio_column: str, text_column: str, id_column
     if len(tokens) - 1 > text_settings.max_label_length:
         return None, "too_many_tokens"
     example_id = row.get(id_column)
-    return {"audio": audio[: audio_settings.n_samples], "tokens": np.asarray(tokens, np.int32),
-            "id": "" if example_id is None else str(example_id), "text": text}, None
+    return {
+        "audio": audio[: audio_settings.n_samples],
+        "tokens": np.asarray(tokens, np.int32),
+        "id": "" if example_id is None else str(example_id),
+        "text": text,
+    }, None
 
 
-def collate(examples: list[dict], *, batch_size: int, n_samples: int, max_label_length: int,
-            pad_token_id: int) -> dict[str, np.ndarray]:
+def collate(
+    examples: list[dict], *, batch_size: int, n_samples: int, max_label_length: int, pad_token_id: int
+) -> dict[str, np.ndarray]:
     """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are masked."""
     audio = np.zeros((batch_size, n_samples), np.float32)
     labels = np.full((batch_size, max_label_length), -100, np.int32)
@@ -378,8 +472,17 @@ def split_names(spec: str) -> list[str]:
     return [part.strip() for part in spec.split(",") if part.strip()]
 
 
-def load_source(data_args: DataArguments, split: str, *, process_index: int, process_count: int,
-                seed: int, shuffle: bool, epoch: int, max_samples: int | None):
+def load_source(
+    data_args: DataArguments,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    shuffle: bool,
+    epoch: int,
+    max_samples: int | None,
+):
     """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict."""
     import datasets
     import datasets.distributed  # not imported by `import datasets`
@@ -387,46 +490,67 @@ def load_source(data_args: DataArguments, split: str, *, process_index: int, pro
     names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(names)
     if len(configs) != len(names):
-        raise ConfigError(f"--dataset_config_name has {len(configs)} entries for {len(names)} datasets in --dataset_name.")
+        raise ConfigError(
+            f"--dataset_config_name has {len(configs)} entries for {len(names)} datasets in --dataset_name."
+        )
     sources = []
     for name, config in zip(names, configs):
         try:
             # datasets caches a local directory by its name and README alone, so a regenerated directory
             # (or another one named alike) would load stale rows; resolved files (with mtimes) key it right.
-            files = (datasets.load_dataset_builder(name, config).config.data_files
-                     if os.path.isdir(name) and not data_args.streaming else None)
-            source = datasets.load_dataset(name, config, split=split, streaming=data_args.streaming,
-                                           data_files=dict(files) if files else None)
+            files = (
+                datasets.load_dataset_builder(name, config).config.data_files
+                if os.path.isdir(name) and not data_args.streaming
+                else None
+            )
+            source = datasets.load_dataset(
+                name, config, split=split, streaming=data_args.streaming, data_files=dict(files) if files else None
+            )
             if not data_args.streaming:  # one code path: downloaded data is iterated like a stream
                 source = source.to_iterable_dataset(num_shards=max(1, min(len(source), 64)))
         except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise ConfigError(f"--dataset_name {name!r} could not be found ({error}). Give a hub id or a local directory.") from None
+            raise ConfigError(
+                f"--dataset_name {name!r} could not be found ({error}). Give a hub id or a local directory."
+            ) from None
         except ValueError as error:
             if "split" in str(error).lower():
-                raise ConfigError(f"Split {split!r} not in --dataset_name {name!r}: {error}. Set --train_split_name / --eval_split_name.") from None
+                raise ConfigError(
+                    f"Split {split!r} not in --dataset_name {name!r}: {error}. Set --train_split_name / --eval_split_name."
+                ) from None
             raise
         columns = list(source.column_names or [])
-        for flag, column in (("--audio_column_name", data_args.audio_column_name),
-                             ("--text_column_name", data_args.text_column_name)):
+        for flag, column in (
+            ("--audio_column_name", data_args.audio_column_name),
+            ("--text_column_name", data_args.text_column_name),
+        ):
             if column not in columns:
-                raise ConfigError(f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}.")
+                raise ConfigError(
+                    f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}."
+                )
         source = source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
-        keep = [c for c in (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name) if c in columns]
+        keep = [
+            c
+            for c in (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name)
+            if c in columns
+        ]
         sources.append(source.select_columns(keep))
     if len(sources) > 1:
         probabilities = [float(p) for p in split_names(data_args.dataset_probabilities or "")] or None
         if probabilities and len(probabilities) != len(sources):
             raise ConfigError(f"--dataset_probabilities has {len(probabilities)} values for {len(sources)} datasets.")
-        source = datasets.interleave_datasets(sources, probabilities=probabilities, seed=seed,
-                                              stopping_strategy="all_exhausted")
+        source = datasets.interleave_datasets(
+            sources, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
+        )
     else:
         source = sources[0]
     if max_samples is not None:
         source = source.take(max_samples)
     if process_count > 1:
         if source.num_shards % process_count:
-            warn(f"{split}: {source.num_shards} shards do not divide over {process_count} hosts, so every host "
-                 f"reads all data and keeps 1 in {process_count} rows; reshard the dataset for faster loading.")
+            warn(
+                f"{split}: {source.num_shards} shards do not divide over {process_count} hosts, so every host "
+                f"reads all data and keeps 1 in {process_count} rows; reshard the dataset for faster loading."
+            )
         source = datasets.distributed.split_dataset_by_node(source, rank=process_index, world_size=process_count)
     if shuffle and data_args.shuffle_buffer_size > 0:
         source = source.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
@@ -447,9 +571,20 @@ class SpeechBatches:
     state after the last row read (see _rows), so a flaky network loses and repeats nothing.
     """
 
-    def __init__(self, make_source, prepare, *, batch_size: int, collate_fn, repeat: bool, num_workers: int,
-                 prefetch_batches: int, state: dict | None = None, read_retries: int = 10,
-                 read_retry_wait_s: float = 1.0):
+    def __init__(
+        self,
+        make_source,
+        prepare,
+        *,
+        batch_size: int,
+        collate_fn,
+        repeat: bool,
+        num_workers: int,
+        prefetch_batches: int,
+        state: dict | None = None,
+        read_retries: int = 10,
+        read_retry_wait_s: float = 1.0,
+    ):
         self.make_source = make_source  # epoch -> IterableDataset
         self.prepare = prepare
         self.batch_size = batch_size
@@ -469,8 +604,12 @@ class SpeechBatches:
 
     def state_dict(self) -> dict:
         """State after the last batch handed out (JSON-serialisable)."""
-        return {"epoch": self.epoch, "source": self.source_state, "skipped": dict(self.skipped),
-                "examples_read": self.examples_read}
+        return {
+            "epoch": self.epoch,
+            "source": self.source_state,
+            "skipped": dict(self.skipped),
+            "examples_read": self.examples_read,
+        }
 
     def _rows(self):
         """(row, epoch, source state after the row), epoch after epoch when repeating.
@@ -500,10 +639,13 @@ class SpeechBatches:
                     raise TrainingStopped(
                         f"Reading the dataset failed {failures} times in a row; giving up (last error: "
                         f"{type(error).__name__}: {error}). Check the network and --dataset_name, or allow more "
-                        "with --read_retries; relaunching resumes from the last checkpoint.") from None
+                        "with --read_retries; relaunching resumes from the last checkpoint."
+                    ) from None
                 wait_s = min(self.read_retry_wait_s * 2 ** (failures - 1), 60.0)
-                warn(f"reading the dataset failed ({type(error).__name__}: {error}); retry {failures} of "
-                     f"{self.read_retries} in {wait_s:.1f} s")
+                warn(
+                    f"reading the dataset failed ({type(error).__name__}: {error}); retry {failures} of "
+                    f"{self.read_retries} in {wait_s:.1f} s"
+                )
                 if self._stop.wait(wait_s):  # closed while waiting
                     return
                 continue
@@ -539,8 +681,9 @@ class SpeechBatches:
                         if whole_epoch and not epoch_usable:
                             counts = ", ".join(f"{r} {n}" for r, n in epoch_skipped.most_common())
                             flags = ", ".join(dict.fromkeys(SKIP_REASON_FLAGS[r] for r in epoch_skipped))
-                            raise ConfigError(f"No example survived the filters in a whole epoch (skipped: {counts}); "
-                                              f"check {flags}.")
+                            raise ConfigError(
+                                f"No example survived the filters in a whole epoch (skipped: {counts}); check {flags}."
+                            )
                         current_epoch, whole_epoch, epoch_skipped, epoch_usable = epoch, True, collections.Counter(), 0
                     batch_state = (epoch, state)
                     if reason:
@@ -591,10 +734,6 @@ class SpeechBatches:
             thread.join(timeout=30)
 
 
-def warn(message: str):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
     """Whisper's log-mel spectrogram on the device: (batch, samples) -> (batch, n_mels, samples // hop).
 
@@ -623,10 +762,6 @@ def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
 # bias, queries scaled by head_dim**-0.5, output projection tied to the token embedding).
 # Parameters stay float32; `dtype` is the compute dtype; logits and the loss are float32.
 
-import jax  # noqa: E402  (the data section above must import without JAX for worker processes)
-import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import optax  # noqa: E402
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -662,7 +797,7 @@ class WhisperDims:
     init_std: float = 0.02
 
     @classmethod
-    def from_config(cls, config) -> "WhisperDims":
+    def from_config(cls, config) -> WhisperDims:
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: getattr(config, name) for name in names})
 
@@ -676,8 +811,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     scaled_time = np.float64(np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :])
     return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
-
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 # The mesh's two axes (see make_mesh); a batch is split over both, parameters over "fsdp".
 BATCH_AXES = ("data", "fsdp")
@@ -738,9 +871,12 @@ def blocked_attention(query, key, value, *, scale: float, block: int):
     `train`). Elsewhere each step takes the block for the whole batch, big matmuls for the
     MXUs; either way 4 * batch * heads * 1500^2 bytes of scores per layer are never stored."""
     return jax.lax.platform_dependent(
-        query, key, value,
+        query,
+        key,
+        value,
         cpu=functools.partial(query_block_attention, scale=scale, block=block, per_example=True),
-        default=functools.partial(query_block_attention, scale=scale, block=block, per_example=False))
+        default=functools.partial(query_block_attention, scale=scale, block=block, per_example=False),
+    )
 
 
 def query_block_attention(query, key, value, *, scale: float, block: int, per_example: bool):
@@ -774,8 +910,13 @@ class Attention(nn.Module):
     deterministic: bool
 
     def setup(self):
-        dense = functools.partial(nn.Dense, self.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                                  kernel_init=nn.initializers.normal(self.init_std))
+        dense = functools.partial(
+            nn.Dense,
+            self.d_model,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(self.init_std),
+        )
         self.q_proj = dense()
         self.k_proj = dense(use_bias=False)
         self.v_proj = dense()
@@ -792,7 +933,9 @@ class Attention(nn.Module):
 
     def attend(self, query, key, value, *, mask=None, is_causal=False):
         rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        out = attention(query, key, value, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate, dropout_rng=rng)
+        out = attention(
+            query, key, value, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate, dropout_rng=rng
+        )
         return self.out_proj(keep_batch_sharded(out.reshape(out.shape[:2] + (self.d_model,))))
 
     def __call__(self, x, source=None, *, is_causal=False):
@@ -802,8 +945,9 @@ class Attention(nn.Module):
 
 def feed_forward(x, ffn_dim: int, dims: WhisperDims, dtype, deterministic: bool):
     """fc1 -> activation -> dropout -> fc2, as submodules of the calling layer (transformers' names)."""
-    dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=nn.initializers.normal(dims.init_std))
+    dense = functools.partial(
+        nn.Dense, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.normal(dims.init_std)
+    )
     x = ACTIVATIONS[dims.activation_function](keep_batch_sharded(dense(ffn_dim, name="fc1")(x)))
     x = nn.Dropout(dims.activation_dropout)(x, deterministic=deterministic)
     return dense(dims.d_model, name="fc2")(x)
@@ -822,8 +966,15 @@ class EncoderLayer(nn.Module):
     def __call__(self, hidden, _unused=None):  # (B, S, d) -> (B, S, d); scan-shaped signature
         d = self.dims
         drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
-        attn = Attention(d.d_model, d.encoder_attention_heads, d.attention_dropout, d.init_std, self.dtype,
-                         self.deterministic, name="self_attn")
+        attn = Attention(
+            d.d_model,
+            d.encoder_attention_heads,
+            d.attention_dropout,
+            d.init_std,
+            self.dtype,
+            self.deterministic,
+            name="self_attn",
+        )
         hidden = hidden + drop(attn(layer_norm("self_attn_layer_norm", self.dtype)(hidden)))
         x = layer_norm("final_layer_norm", self.dtype)(hidden)
         hidden = hidden + drop(feed_forward(x, d.encoder_ffn_dim, d, self.dtype, self.deterministic))
@@ -843,7 +994,14 @@ class DecoderLayer(nn.Module):
     def __call__(self, hidden, encoder_hidden, cache, position):
         d = self.dims
         drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
-        attention_args = (d.d_model, d.decoder_attention_heads, d.attention_dropout, d.init_std, self.dtype, self.deterministic)
+        attention_args = (
+            d.d_model,
+            d.decoder_attention_heads,
+            d.attention_dropout,
+            d.init_std,
+            self.dtype,
+            self.deterministic,
+        )
         self_attn = Attention(*attention_args, name="self_attn")
         cross_attn = Attention(*attention_args, name="encoder_attn")
 
@@ -852,8 +1010,12 @@ class DecoderLayer(nn.Module):
         if cache is None:
             out = self_attn.attend(query, key, value, is_causal=True)
         else:
-            key = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], key.astype(cache["self_k"].dtype), position, axis=1)
-            value = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], value.astype(cache["self_v"].dtype), position, axis=1)
+            key = jax.lax.dynamic_update_slice_in_dim(
+                cache["self_k"], key.astype(cache["self_k"].dtype), position, axis=1
+            )
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cache["self_v"], value.astype(cache["self_v"].dtype), position, axis=1
+            )
             query_positions = position + jnp.arange(x.shape[1])
             visible = jnp.arange(key.shape[1])[None, :] <= query_positions[:, None]  # (T_new, T_cache)
             out = self_attn.attend(query, key, value, mask=visible[None, None])
@@ -868,7 +1030,9 @@ class DecoderLayer(nn.Module):
 
         x = layer_norm("final_layer_norm", self.dtype)(hidden)
         hidden = hidden + drop(feed_forward(x, d.decoder_ffn_dim, d, self.dtype, self.deterministic))
-        new_cache = None if cache is None else {"self_k": key, "self_v": value, "cross_k": cross_key, "cross_v": cross_value}
+        new_cache = (
+            None if cache is None else {"self_k": key, "self_v": value, "cross_k": cross_key, "cross_v": cross_value}
+        )
         return keep_batch_sharded(hidden), new_cache
 
 
@@ -883,8 +1047,14 @@ def stack_of_layers(layer_cls, *, num_layers: int, scan: bool, remat: str, in_ax
     if remat != "none":
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: None})
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=in_axes,
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: None},
+        )
         return [scanned(name=name, **kwargs)]
     return [layer_cls(name=f"{name}_{i}", **kwargs) for i in range(num_layers)]
 
@@ -898,19 +1068,40 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, input_features, train: bool = False):  # (B, n_mels, 2S) -> (B, S, d)
         d = self.dims
-        conv = functools.partial(nn.Conv, d.d_model, kernel_size=(3,), padding=((1, 1),), dtype=self.dtype,
-                                 param_dtype=jnp.float32, kernel_init=nn.initializers.normal(d.init_std))
+        conv = functools.partial(
+            nn.Conv,
+            d.d_model,
+            kernel_size=(3,),
+            padding=((1, 1),),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(d.init_std),
+        )
         gelu = ACTIVATIONS["gelu"]  # the stem always uses exact GELU, whatever the config says
         x = input_features.transpose(0, 2, 1).astype(self.dtype)  # (B, 2S, n_mels)
         x = gelu(conv(name="conv1")(x))
         x = gelu(conv(strides=(2,), name="conv2")(x))  # (B, S, d)
-        embed_positions = nn.Embed(d.max_source_positions, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                                   embedding_init=lambda *_: jnp.asarray(sinusoids(d.max_source_positions, d.d_model)),
-                                   name="embed_positions")
+        embed_positions = nn.Embed(
+            d.max_source_positions,
+            d.d_model,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=lambda *_: jnp.asarray(sinusoids(d.max_source_positions, d.d_model)),
+            name="embed_positions",
+        )
         x = x + jax.lax.stop_gradient(embed_positions(jnp.arange(d.max_source_positions)))  # fixed, not trained
         x = keep_batch_sharded(nn.Dropout(d.dropout)(x, deterministic=not train))
-        layers = stack_of_layers(EncoderLayer, num_layers=d.encoder_layers, scan=self.scan_layers, remat=self.remat,
-                                 in_axes=(nn.broadcast,), name="layers", dims=d, dtype=self.dtype, deterministic=not train)
+        layers = stack_of_layers(
+            EncoderLayer,
+            num_layers=d.encoder_layers,
+            scan=self.scan_layers,
+            remat=self.remat,
+            in_axes=(nn.broadcast,),
+            name="layers",
+            dims=d,
+            dtype=self.dtype,
+            deterministic=not train,
+        )
         for layer in layers:
             x, _ = layer(x, None)
         return keep_batch_sharded(layer_norm("layer_norm", self.dtype)(x))
@@ -931,18 +1122,38 @@ class Decoder(nn.Module):
             table = nn.initializers.normal(d.init_std)(key, shape, dtype)
             return table if d.pad_token_id is None else table.at[d.pad_token_id].set(0.0)
 
-        embed_tokens = nn.Embed(d.vocab_size, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                                embedding_init=token_init, name="embed_tokens")
-        embed_positions = nn.Embed(d.max_target_positions, d.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                                   embedding_init=nn.initializers.normal(d.init_std), name="embed_positions")
+        embed_tokens = nn.Embed(
+            d.vocab_size,
+            d.d_model,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=token_init,
+            name="embed_tokens",
+        )
+        embed_positions = nn.Embed(
+            d.max_target_positions,
+            d.d_model,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(d.init_std),
+            name="embed_positions",
+        )
         # No sqrt(d_model) factor even with config.scale_embedding: transformers' WhisperDecoder
         # reads that flag but never applies it (checked in transformers 5.23).
         positions = position + jnp.arange(input_ids.shape[1])
         x = embed_tokens(input_ids) + embed_positions(positions)[None]
         x = keep_batch_sharded(nn.Dropout(d.dropout)(x, deterministic=not train))
-        layers = stack_of_layers(DecoderLayer, num_layers=d.decoder_layers, scan=self.scan_layers, remat=self.remat,
-                                 in_axes=(nn.broadcast, 0, nn.broadcast), name="layers", dims=d, dtype=self.dtype,
-                                 deterministic=not train)
+        layers = stack_of_layers(
+            DecoderLayer,
+            num_layers=d.decoder_layers,
+            scan=self.scan_layers,
+            remat=self.remat,
+            in_axes=(nn.broadcast, 0, nn.broadcast),
+            name="layers",
+            dims=d,
+            dtype=self.dtype,
+            deterministic=not train,
+        )
         if self.scan_layers:
             x, new_cache = layers[0](x, encoder_hidden, cache, position)
         else:
@@ -993,8 +1204,12 @@ def empty_cache(dims: WhisperDims, batch_size: int, max_length: int, dtype) -> d
     heads, head_dim = dims.decoder_attention_heads, dims.d_model // dims.decoder_attention_heads
     self_shape = (dims.decoder_layers, batch_size, max_length, heads, head_dim)
     cross_shape = (dims.decoder_layers, batch_size, dims.max_source_positions, heads, head_dim)
-    return {"self_k": jnp.zeros(self_shape, dtype), "self_v": jnp.zeros(self_shape, dtype),
-            "cross_k": jnp.zeros(cross_shape, dtype), "cross_v": jnp.zeros(cross_shape, dtype)}
+    return {
+        "self_k": jnp.zeros(self_shape, dtype),
+        "self_v": jnp.zeros(self_shape, dtype),
+        "cross_k": jnp.zeros(cross_shape, dtype),
+        "cross_v": jnp.zeros(cross_shape, dtype),
+    }
 
 
 @dataclass(frozen=True)
@@ -1019,17 +1234,24 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
     prompt_length = len(settings.prompt_ids)
     total_length = prompt_length + settings.max_new_tokens
     if total_length > model.dims.max_target_positions:
-        raise ConfigError(f"prompt + --generation_max_length = {total_length} exceeds the model's "
-                          f"max_target_positions {model.dims.max_target_positions}.")
+        raise ConfigError(
+            f"prompt + --generation_max_length = {total_length} exceeds the model's "
+            f"max_target_positions {model.dims.max_target_positions}."
+        )
     variables = {"params": params}
     encoder_hidden = model.apply(variables, input_features, method=Whisper.encode)
     cache = empty_cache(model.dims, batch_size, total_length, model.dtype)
     prompt = jnp.broadcast_to(jnp.asarray(settings.prompt_ids, jnp.int32), (batch_size, prompt_length))
     logits, cache = model.apply(variables, prompt, encoder_hidden, cache, 0, method=Whisper.decode)
     tokens = jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt)
-    always = jnp.zeros(model.dims.vocab_size, bool).at[jnp.asarray(settings.suppress_tokens, jnp.int32)].set(
-        len(settings.suppress_tokens) > 0)
-    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(len(settings.begin_suppress_tokens) > 0)
+    always = (
+        jnp.zeros(model.dims.vocab_size, bool)
+        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
+        .set(len(settings.suppress_tokens) > 0)
+    )
+    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
+        len(settings.begin_suppress_tokens) > 0
+    )
 
     def keep_going(carry):
         _, _, _, position, done = carry
@@ -1051,7 +1273,335 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
     return jax.lax.while_loop(keep_going, step, carry)[0]
 
 
-# --- checkpoints in and out ---
+# --- sharding ---
+# One mesh: ("data", "fsdp"). Batches split over both axes; parameters and optimizer state are
+# sharded over "fsdp" along their largest divisible dimension (never the scanned layer axis),
+# replicated over "data". fsdp_size 1 is plain data parallelism. No pmap.
+
+
+def make_mesh(fsdp_size: int, devices=None):
+    devices = list(devices if devices is not None else jax.devices())
+    fsdp_size = len(devices) if fsdp_size == -1 else fsdp_size
+    if fsdp_size < 1 or len(devices) % fsdp_size:
+        raise ConfigError(
+            f"--fsdp_size {fsdp_size} must divide the {len(devices)} devices: use one of "
+            f"{[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}."
+        )
+    return jax.make_mesh(
+        (len(devices) // fsdp_size, fsdp_size),
+        ("data", "fsdp"),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices,
+    )
+
+
+def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, *, stacked: bool) -> P:
+    """Shard the largest dimension divisible by fsdp_size; replicate when none is."""
+    first = 1 if stacked else 0  # a scanned layer axis stays whole: scan slices it every iteration
+    candidates = [axis for axis in range(first, len(shape)) if shape[axis] % fsdp_size == 0]
+    if fsdp_size == 1 or not candidates:
+        return P()
+    axis = max(candidates, key=lambda a: shape[a])
+    return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+
+
+def state_shardings(abstract_tree, mesh):
+    """NamedShardings for parameters, optimizer state (same rule, so moments follow their
+    parameters) and scalars."""
+    fsdp_size = mesh.shape["fsdp"]
+
+    def leaf_sharding(path, leaf):
+        stacked = any(getattr(key, "key", None) == "layers" for key in path)
+        return NamedSharding(mesh, fsdp_partition_spec(tuple(leaf.shape), fsdp_size, stacked=stacked))
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def to_global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict:
+    """Each host's rows -> global arrays split over the mesh (host i's rows follow host i-1's)."""
+    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in host_batch.items()}
+
+
+# --- steps ---
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; each step folds in its step number
+
+
+def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_train_steps: int, kind: str):
+    """linear: 0 -> peak over warmup, then linear to 0 at num_train_steps. constant: peak from step 0.
+    constant_with_warmup: the warmup, then peak."""
+    if kind == "constant":
+        return optax.constant_schedule(peak_lr)
+    after = (
+        optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps))
+        if kind == "linear"
+        else optax.constant_schedule(peak_lr)
+    )
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), after], [warmup_steps])
+
+
+def weight_decay_mask(params):
+    """Decay matrices and embeddings; not biases, LayerNorm, or the fixed encoder positions."""
+
+    def decays(path, _):
+        names = [getattr(key, "key", "") for key in path]
+        fixed = names[0] == "encoder" and "embed_positions" in names
+        return names[-1] in ("kernel", "embedding") and not fixed
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(args: TrainingArguments, schedule) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        schedule,
+        b1=args.adam_beta1,
+        b2=args.adam_beta2,
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        mask=weight_decay_mask,
+    )
+    if args.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw)
+    return adamw
+
+
+def token_losses(logits, labels, label_smoothing: float = 0.0):
+    """Per-token cross-entropy (float32) and the mask of real label tokens (labels != -100).
+
+    Label smoothing as PyTorch's CrossEntropyLoss does it: (1 - e) * nll + e * mean_v(-log p_v),
+    computed without a (batch, time, vocab) one-hot.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = labels != -100
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    losses = log_normaliser - label_logits
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normaliser - logits.mean(axis=-1))
+    return jnp.where(mask, losses, 0.0), mask
+
+
+def input_features_of(batch, mel_filters):
+    """Log-mel from the raw waveform on the device, unless the host already computed it."""
+    if "input_features" in batch:
+        return batch["input_features"]
+    return log_mel(batch["audio"], mel_filters)
+
+
+def on_mesh(mesh):
+    """Make `mesh` the current one while a step is traced, for keep_batch_sharded."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: Whisper,
+    optimizer,
+    mel_filters,
+    accumulation_steps: int,
+    label_smoothing: float,
+    mesh=None,
+):
+    """One optimizer step on the global batch: loss = sum of token losses / number of label tokens
+    over the whole batch, whatever the sharding or the number of micro-batches."""
+    with on_mesh(mesh):  # lets keep_batch_sharded pin activations, in the backward pass too
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def summed_loss(params, micro_batch, rng):
+            features = input_features_of(micro_batch, mel_filters)
+            logits = model.apply(
+                {"params": params}, features, micro_batch["decoder_input_ids"], train=True, rngs={"dropout": rng}
+            )
+            losses, mask = token_losses(logits, micro_batch["labels"], label_smoothing)
+            return losses.sum(), mask.sum()
+
+        gradient_of = jax.value_and_grad(summed_loss, has_aux=True)
+        batch = {k: v for k, v in batch.items() if k != "example_mask"}
+        if accumulation_steps == 1:
+            (loss_sum, num_tokens), grads = gradient_of(state.params, batch, step_rng)
+        else:
+            # Micro-batch a takes rows a, a+A, a+2A...: every device keeps its own rows, no data moves.
+            def split(x):
+                x = x.reshape((x.shape[0] // accumulation_steps, accumulation_steps) + x.shape[1:]).swapaxes(0, 1)
+                if mesh is not None:
+                    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+                return x
+
+            def accumulate(carry, inputs):
+                grads, loss_sum, num_tokens = carry
+                micro_batch, index = inputs
+                (micro_loss, micro_tokens), micro_grads = gradient_of(
+                    state.params, micro_batch, jax.random.fold_in(step_rng, index)
+                )
+                grads = jax.tree.map(jnp.add, grads, micro_grads)
+                return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss_sum, num_tokens), _ = jax.lax.scan(
+                accumulate,
+                (zeros, jnp.float32(0), jnp.int32(0)),
+                (jax.tree.map(split, batch), jnp.arange(accumulation_steps)),
+            )
+        denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "num_tokens": num_tokens}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
+    """Summed token loss and token count of a batch (padded rows carry no labels), and with
+    `decoding` the greedy transcripts."""
+    with on_mesh(mesh):
+        features = input_features_of(batch, mel_filters)
+        logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
+        losses, mask = token_losses(logits, batch["labels"])
+        out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
+        if decoding is not None:
+            out["generated"] = generate(model, params, features, decoding)
+        return out
+
+
+# --- evaluation ---
+
+
+def transcription_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """WER and CER x100 as written and after Whisper's BasicTextNormalizer (jiwer).
+
+    Pairs whose reference is empty after normalising are left out of the normalised scores
+    (WER is undefined for them)."""
+    import jiwer
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    normalise = BasicTextNormalizer()
+    metrics = {}
+    for suffix, transform in (("", lambda s: s), ("_normalized", normalise)):
+        pairs = [(transform(r).strip(), transform(p).strip()) for r, p in zip(references, predictions)]
+        pairs = [(r, p) for r, p in pairs if r]
+        if not pairs:
+            continue
+        refs, preds = zip(*pairs)
+        metrics[f"wer{suffix}"] = 100.0 * jiwer.wer(list(refs), list(preds))
+        metrics[f"cer{suffix}"] = 100.0 * jiwer.cer(list(refs), list(preds))
+    return metrics
+
+
+def local_rows(array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, in the order the host supplied them."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def allgather_json(value) -> list:
+    """Every host's JSON-serialisable value, in process order, on every host."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: data.size] = data
+    everything = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(everything[i][: int(lengths[i][0])])) for i in range(jax.process_count())]
+
+
+def any_host(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
+
+
+def sync_hosts(name: str):
+    """Wait until every host gets here (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run_evaluation(
+    eval_fn,
+    params,
+    eval_batches: SpeechBatches,
+    data_sharding,
+    tokenizer,
+    step: int,
+    train_args: TrainingArguments,
+    log: RunLog,
+    is_main: bool,
+) -> dict:
+    """Loss (and WER/CER with --predict_with_generate) over the whole eval split, each example
+    counted once: hosts read disjoint shares, pad their last batch, and take part in every step
+    until all are done."""
+    loss_sum, num_tokens, rows = 0.0, 0, []
+    batch_iterator = iter(eval_batches)
+    empty_batch = eval_batches.collate_fn([])
+    while True:
+        item = next(batch_iterator, None)
+        if not any_host(item is not None):
+            break
+        host_batch, examples = item if item is not None else (empty_batch, [])
+        out = eval_fn(params, to_global_batch(host_batch, data_sharding))
+        loss_sum += float(out["loss_sum"])
+        num_tokens += int(out["num_tokens"])
+        if "generated" in out:
+            generated = local_rows(out["generated"])[: len(examples)]
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            rows += [
+                {"id": e["id"], "reference": e["text"], "prediction": text.strip()} for e, text in zip(examples, texts)
+            ]
+    rows = [row for host_rows in allgather_json(rows) for row in host_rows]
+    results = {"eval/loss": loss_sum / max(num_tokens, 1), "eval/num_tokens": num_tokens}
+    if train_args.predict_with_generate:
+        results["eval/num_examples"] = len(rows)
+        references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
+        results.update(
+            {f"eval/{name}": value for name, value in transcription_metrics(references, predictions).items()}
+        )
+    if is_main:
+        log.write(step, results)
+        if rows:
+            limit = len(rows) if train_args.log_max_eval_predictions is None else train_args.log_max_eval_predictions
+            predictions_dir = Path(train_args.output_dir) / "predictions"
+            predictions_dir.mkdir(parents=True, exist_ok=True)
+            with (predictions_dir / f"step_{step}.jsonl").open("w") as f:
+                for row in rows[:limit]:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[: min(limit, 10)])
+            log.text(step, "eval/predictions", "| reference | prediction |\n|---|---|\n" + table)
+    return results
+
+
+def gather_params(params):
+    """Full parameters on every host, as numpy (a collective when parameters span hosts)."""
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+# --- checkpoints and export ---
 # Our parameter tree mirrors transformers' module names: `model.encoder.layers.3.fc1.weight` is
 # params["encoder"]["layers_3"]["fc1"]["kernel"] (transposed); with scan_layers the layers are
 # stacked under "layers" on a leading axis. proj_out is tied to the token embedding.
@@ -1081,12 +1631,17 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
     try:
         directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=patterns))
         if not any((directory / name).exists() for name in WEIGHT_FILES):  # old repos: PyTorch pickle only
-            directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir,
-                                                               allow_patterns=patterns + ["pytorch_model*.bin"]))
+            directory = Path(
+                huggingface_hub.snapshot_download(
+                    name_or_path, cache_dir=cache_dir, allow_patterns=patterns + ["pytorch_model*.bin"]
+                )
+            )
     except Exception as error:
-        raise ConfigError(f"Model {name_or_path!r} is neither a local directory nor a reachable hub repository "
-                          f"({type(error).__name__}: {error}). Check --model_name_or_path / --config_name, the "
-                          "network, or HF_HUB_OFFLINE with a populated cache.") from None
+        raise ConfigError(
+            f"Model {name_or_path!r} is neither a local directory nor a reachable hub repository "
+            f"({type(error).__name__}: {error}). Check --model_name_or_path / --config_name, the "
+            "network, or HF_HUB_OFFLINE with a populated cache."
+        ) from None
     return directory
 
 
@@ -1110,8 +1665,10 @@ def read_torch_state_dict(directory: Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ConfigError(f"{directory / 'pytorch_model.bin'} is a PyTorch pickle and reading it needs torch: "
-                              "pip install torch, or convert the checkpoint to safetensors.") from None
+            raise ConfigError(
+                f"{directory / 'pytorch_model.bin'} is a PyTorch pickle and reading it needs torch: "
+                "pip install torch, or convert the checkpoint to safetensors."
+            ) from None
         state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         return {name: tensor.float().numpy() for name, tensor in state.items()}
     raise ConfigError(f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}.")
@@ -1198,7 +1755,9 @@ def stack_layers(params: dict, dims: WhisperDims) -> dict:
     out = {}
     for part, num_layers in (("encoder", dims.encoder_layers), ("decoder", dims.decoder_layers)):
         node = {k: v for k, v in params[part].items() if not k.startswith("layers_")}
-        node["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[part][f"layers_{i}"] for i in range(num_layers)])
+        node["layers"] = jax.tree.map(
+            lambda *xs: np.stack(xs), *[params[part][f"layers_{i}"] for i in range(num_layers)]
+        )
         out[part] = node
     return out
 
@@ -1244,12 +1803,15 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
     params = None
     if weights:
         if (directory / "flax_model.msgpack").exists() and not any(
-                (directory / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
+            (directory / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")
+        ):
             params = read_old_flax_checkpoint(directory / "flax_model.msgpack")
         else:
             params = torch_to_flax(read_torch_state_dict(directory))
         model = build_model(config)
-        check_parameter_tree(params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory))
+        check_parameter_tree(
+            params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory)
+        )
     tokenizer = feature_extractor = generation_config = None
     if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
         tokenizer = WhisperTokenizer.from_pretrained(directory)
@@ -1268,7 +1830,9 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
     if not getattr(generation_config, "lang_to_id", None):
-        generation_config.lang_to_id = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
+        generation_config.lang_to_id = {
+            f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab
+        }
     if not getattr(generation_config, "task_to_id", None):
         generation_config.task_to_id = {t: vocab[f"<|{t}|>"] for t in ("transcribe", "translate")}
     generation_config.no_timestamps_token_id = vocab["<|notimestamps|>"]
@@ -1296,8 +1860,10 @@ def language_code(language: str) -> str:
         return key
     if key in TO_LANGUAGE_CODE:
         return TO_LANGUAGE_CODE[key]
-    raise ConfigError(f"--language {language!r} is not a Whisper language; use a code like 'no' or a name like "
-                      f"'norwegian' (known codes: {', '.join(sorted(LANGUAGES))}).")
+    raise ConfigError(
+        f"--language {language!r} is not a Whisper language; use a code like 'no' or a name like "
+        f"'norwegian' (known codes: {', '.join(sorted(LANGUAGES))})."
+    )
 
 
 def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
@@ -1316,247 +1882,6 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
     return out_dir
 
 
-# --- sharding ---
-# One mesh: ("data", "fsdp"). Batches split over both axes; parameters and optimizer state are
-# sharded over "fsdp" along their largest divisible dimension (never the scanned layer axis),
-# replicated over "data". fsdp_size 1 is plain data parallelism. No pmap.
-
-
-def make_mesh(fsdp_size: int, devices=None):
-    devices = list(devices if devices is not None else jax.devices())
-    fsdp_size = len(devices) if fsdp_size == -1 else fsdp_size
-    if fsdp_size < 1 or len(devices) % fsdp_size:
-        raise ConfigError(f"--fsdp_size {fsdp_size} must divide the {len(devices)} devices: use one of "
-                          f"{[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}.")
-    return jax.make_mesh((len(devices) // fsdp_size, fsdp_size), ("data", "fsdp"),
-                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
-
-
-def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, *, stacked: bool) -> P:
-    """Shard the largest dimension divisible by fsdp_size; replicate when none is."""
-    first = 1 if stacked else 0  # a scanned layer axis stays whole: scan slices it every iteration
-    candidates = [axis for axis in range(first, len(shape)) if shape[axis] % fsdp_size == 0]
-    if fsdp_size == 1 or not candidates:
-        return P()
-    axis = max(candidates, key=lambda a: shape[a])
-    return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
-
-
-def state_shardings(abstract_tree, mesh):
-    """NamedShardings for parameters, optimizer state (same rule, so moments follow their
-    parameters) and scalars."""
-    fsdp_size = mesh.shape["fsdp"]
-
-    def leaf_sharding(path, leaf):
-        stacked = any(getattr(key, "key", None) == "layers" for key in path)
-        return NamedSharding(mesh, fsdp_partition_spec(tuple(leaf.shape), fsdp_size, stacked=stacked))
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
-
-
-def batch_sharding(mesh):
-    return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def to_global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict:
-    """Each host's rows -> global arrays split over the mesh (host i's rows follow host i-1's)."""
-    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in host_batch.items()}
-
-
-# --- steps ---
-
-from flax import struct  # noqa: E402
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # raw uint32 key; each step folds in its step number
-
-
-def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_train_steps: int, kind: str):
-    """linear: 0 -> peak over warmup, then linear to 0 at num_train_steps. constant: peak from step 0.
-    constant_with_warmup: the warmup, then peak."""
-    if kind == "constant":
-        return optax.constant_schedule(peak_lr)
-    after = (optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps)) if kind == "linear"
-             else optax.constant_schedule(peak_lr))
-    if warmup_steps == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), after], [warmup_steps])
-
-
-def weight_decay_mask(params):
-    """Decay matrices and embeddings; not biases, LayerNorm, or the fixed encoder positions."""
-    def decays(path, _):
-        names = [getattr(key, "key", "") for key in path]
-        fixed = names[0] == "encoder" and "embed_positions" in names
-        return names[-1] in ("kernel", "embedding") and not fixed
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(args: TrainingArguments, schedule) -> optax.GradientTransformation:
-    adamw = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                        weight_decay=args.weight_decay, mask=weight_decay_mask)
-    if args.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw)
-    return adamw
-
-
-def token_losses(logits, labels, label_smoothing: float = 0.0):
-    """Per-token cross-entropy (float32) and the mask of real label tokens (labels != -100).
-
-    Label smoothing as PyTorch's CrossEntropyLoss does it: (1 - e) * nll + e * mean_v(-log p_v),
-    computed without a (batch, time, vocab) one-hot.
-    """
-    logits = logits.astype(jnp.float32)
-    mask = labels != -100
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    label_logits = jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
-    losses = log_normaliser - label_logits
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normaliser - logits.mean(axis=-1))
-    return jnp.where(mask, losses, 0.0), mask
-
-
-def input_features_of(batch, mel_filters):
-    """Log-mel from the raw waveform on the device, unless the host already computed it."""
-    if "input_features" in batch:
-        return batch["input_features"]
-    return log_mel(batch["audio"], mel_filters)
-
-
-def on_mesh(mesh):
-    """Make `mesh` the current one while a step is traced, for keep_batch_sharded."""
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-
-
-def train_step(state: TrainState, batch: dict, *, model: Whisper, optimizer, mel_filters, accumulation_steps: int,
-               label_smoothing: float, mesh=None):
-    """One optimizer step on the global batch: loss = sum of token losses / number of label tokens
-    over the whole batch, whatever the sharding or the number of micro-batches."""
-    with on_mesh(mesh):  # lets keep_batch_sharded pin activations, in the backward pass too
-        step_rng = jax.random.fold_in(state.rng, state.step)
-
-        def summed_loss(params, micro_batch, rng):
-            features = input_features_of(micro_batch, mel_filters)
-            logits = model.apply({"params": params}, features, micro_batch["decoder_input_ids"], train=True,
-                                 rngs={"dropout": rng})
-            losses, mask = token_losses(logits, micro_batch["labels"], label_smoothing)
-            return losses.sum(), mask.sum()
-
-        gradient_of = jax.value_and_grad(summed_loss, has_aux=True)
-        batch = {k: v for k, v in batch.items() if k != "example_mask"}
-        if accumulation_steps == 1:
-            (loss_sum, num_tokens), grads = gradient_of(state.params, batch, step_rng)
-        else:
-            # Micro-batch a takes rows a, a+A, a+2A...: every device keeps its own rows, no data moves.
-            def split(x):
-                x = x.reshape((x.shape[0] // accumulation_steps, accumulation_steps) + x.shape[1:]).swapaxes(0, 1)
-                if mesh is not None:
-                    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
-                return x
-
-            def accumulate(carry, inputs):
-                grads, loss_sum, num_tokens = carry
-                micro_batch, index = inputs
-                (micro_loss, micro_tokens), micro_grads = gradient_of(state.params, micro_batch,
-                                                                      jax.random.fold_in(step_rng, index))
-                grads = jax.tree.map(jnp.add, grads, micro_grads)
-                return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, loss_sum, num_tokens), _ = jax.lax.scan(
-                accumulate, (zeros, jnp.float32(0), jnp.int32(0)),
-                (jax.tree.map(split, batch), jnp.arange(accumulation_steps)))
-        denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "num_tokens": num_tokens}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None,
-              mesh=None):
-    """Summed token loss and token count of a batch (padded rows carry no labels), and with
-    `decoding` the greedy transcripts."""
-    with on_mesh(mesh):
-        features = input_features_of(batch, mel_filters)
-        logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
-        losses, mask = token_losses(logits, batch["labels"])
-        out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
-        if decoding is not None:
-            out["generated"] = generate(model, params, features, decoding)
-        return out
-
-
-# --- evaluation ---
-
-
-def transcription_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
-    """WER and CER x100 as written and after Whisper's BasicTextNormalizer (jiwer).
-
-    Pairs whose reference is empty after normalising are left out of the normalised scores
-    (WER is undefined for them)."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
-
-    normalise = BasicTextNormalizer()
-    metrics = {}
-    for suffix, transform in (("", lambda s: s), ("_normalized", normalise)):
-        pairs = [(transform(r).strip(), transform(p).strip()) for r, p in zip(references, predictions)]
-        pairs = [(r, p) for r, p in pairs if r]
-        if not pairs:
-            continue
-        refs, preds = zip(*pairs)
-        metrics[f"wer{suffix}"] = 100.0 * jiwer.wer(list(refs), list(preds))
-        metrics[f"cer{suffix}"] = 100.0 * jiwer.cer(list(refs), list(preds))
-    return metrics
-
-
-def local_rows(array) -> np.ndarray:
-    """This host's rows of a batch-sharded global array, in the order the host supplied them."""
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
-    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
-
-
-def allgather_json(value) -> list:
-    """Every host's JSON-serialisable value, in process order, on every host."""
-    if jax.process_count() == 1:
-        return [value]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: data.size] = data
-    everything = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(everything[i][: int(lengths[i][0])])) for i in range(jax.process_count())]
-
-
-def any_host(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
-
-
-def sync_hosts(name: str):
-    """Wait until every host gets here (a no-op on one host)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-# --- checkpointing and export ---
 # Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
 # state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
@@ -1566,28 +1891,44 @@ def checkpoint_manager(output_dir: str, save_total_limit: int | None):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(output_dir).absolute() / "checkpoints", options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(
+        Path(output_dir).absolute() / "checkpoints", options=options, item_names=("state", "meta")
+    )
 
 
 def save_checkpoint(manager, step: int, state: TrainState, meta: dict):
     import orbax.checkpoint as ocp
 
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+    manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
 
 
 def restore_checkpoint(manager, step: int, abstract_state):
     import orbax.checkpoint as ocp
 
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
     return restored["state"], restored["meta"]
 
 
 def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict):
-    lines = ["---", f"base_model: {base_model}", "library_name: transformers", "pipeline_tag: automatic-speech-recognition",
-             "tags: [whisper, scream]", "---", "", f"# {Path(out_dir).name}", "",
-             f"Whisper fine-tuned with Scream from `{base_model}`.", "", "## Evaluation", ""]
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: transformers",
+        "pipeline_tag: automatic-speech-recognition",
+        "tags: [whisper, scream]",
+        "---",
+        "",
+        f"# {Path(out_dir).name}",
+        "",
+        f"Whisper fine-tuned with Scream from `{base_model}`.",
+        "",
+        "## Evaluation",
+        "",
+    ]
     lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
@@ -1595,14 +1936,19 @@ def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_res
 
 def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, message: str) -> threading.Thread:
     """Upload the exported model (not the checkpoints) without holding up training."""
+
     def upload():
         try:
             import huggingface_hub
 
             api = huggingface_hub.HfApi()
             api.create_repo(repo_id, private=private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=message,
-                              ignore_patterns=["checkpoints/*", "tensorboard/*"])
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=output_dir,
+                commit_message=message,
+                ignore_patterns=["checkpoints/*", "tensorboard/*"],
+            )
         except Exception as error:  # a failed upload must not kill a week-long run
             warn(f"push to {repo_id} failed: {error}")
 
@@ -1612,10 +1958,6 @@ def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, mess
 
 
 # --- main ---
-
-
-class TrainingStopped(RuntimeError):
-    """A run that must stop (non-finite loss, unreadable data): main() prints it and exits with status 1."""
 
 
 def drop_metrics_after(path: Path, step: int):
@@ -1649,8 +1991,14 @@ class RunLog:
         if "wandb" in targets:
             import wandb
 
-            self.wandb = wandb.init(project=train.wandb_project, entity=train.wandb_entity, name=train.run_name,
-                                    notes=train.run_description, config=config, resume="allow")
+            self.wandb = wandb.init(
+                project=train.wandb_project,
+                entity=train.wandb_entity,
+                name=train.run_name,
+                notes=train.run_description,
+                config=config,
+                resume="allow",
+            )
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -1679,24 +2027,38 @@ def initialise_distributed(dist: DistributedArguments):
     if dist.coordinator_address:
         if dist.num_processes is None or dist.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id.")
-        jax.distributed.initialize(dist.coordinator_address, num_processes=dist.num_processes,
-                                   process_id=dist.process_id, initialization_timeout=dist.distributed_timeout_s,
-                                   heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10))
+        jax.distributed.initialize(
+            dist.coordinator_address,
+            num_processes=dist.num_processes,
+            process_id=dist.process_id,
+            initialization_timeout=dist.distributed_timeout_s,
+            heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10),
+        )
     elif len(split_names(os.environ.get("TPU_WORKER_HOSTNAMES", ""))) > 1:
         jax.distributed.initialize()
 
 
 def tpu_topology_devices(name: str):
     """The devices of a TPU v4 slice, for compile-only planning on any machine (needs libtpu)."""
-    topologies = {"v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4"}
+    topologies = {
+        "v4-8": "v4:2x2x1",
+        "v4-16": "v4:2x2x2",
+        "v4-32": "v4:2x2x4",
+        "v4-64": "v4:2x4x4",
+        "v4-128": "v4:4x4x4",
+    }
     if name not in topologies:
         raise ConfigError(f"--dry_run_topology {name!r} is unknown; use one of {', '.join(topologies)}.")
     from jax.experimental import topologies as jax_topologies
 
     try:
-        topology = jax_topologies.get_topology_desc(platform="tpu", topology_name=topologies[name],
-                                                    chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
-                                                    num_slices=1)
+        topology = jax_topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topologies[name],
+            chip_config_name="megacore",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+        )
     except Exception as error:
         raise ConfigError(f"--dry_run_topology needs libtpu (pip install 'jax[tpu]'): {error}") from None
     return topology.devices
@@ -1707,18 +2069,30 @@ TPU_V4_USABLE_BYTES = int(30.75 * 2**30)
 
 def compiled_memory(compiled) -> dict[str, int]:
     analysis = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     memory = {name: int(getattr(analysis, name, 0) or 0) for name in fields}
-    memory["total_bytes"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] +
-                             memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
+    memory["total_bytes"] = (
+        memory["argument_size_in_bytes"]
+        + memory["output_size_in_bytes"]
+        + memory["temp_size_in_bytes"]
+        - memory["alias_size_in_bytes"]
+    )
     return memory
 
 
 def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sharding, n_mels: int | None = None):
-    shapes = {"audio": ((plan_rows, n_samples), jnp.float32), "labels": ((plan_rows, max_label_length), jnp.int32),
-              "decoder_input_ids": ((plan_rows, max_label_length), jnp.int32),
-              "example_mask": ((plan_rows,), jnp.int32)}
+    shapes = {
+        "audio": ((plan_rows, n_samples), jnp.float32),
+        "labels": ((plan_rows, max_label_length), jnp.int32),
+        "decoder_input_ids": ((plan_rows, max_label_length), jnp.int32),
+        "example_mask": ((plan_rows,), jnp.int32),
+    }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
@@ -1732,11 +2106,13 @@ def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> P
     else:
         raise ConfigError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
     if model_args.tokenizer_name:
-        components.tokenizer = load_pretrained(model_args.tokenizer_name, weights=False,
-                                               cache_dir=model_args.cache_dir).tokenizer
+        components.tokenizer = load_pretrained(
+            model_args.tokenizer_name, weights=False, cache_dir=model_args.cache_dir
+        ).tokenizer
     if model_args.feature_extractor_name:
-        components.feature_extractor = load_pretrained(model_args.feature_extractor_name, weights=False,
-                                                       cache_dir=model_args.cache_dir).feature_extractor
+        components.feature_extractor = load_pretrained(
+            model_args.feature_extractor_name, weights=False, cache_dir=model_args.cache_dir
+        ).feature_extractor
     for what, flag in (("tokenizer", "--tokenizer_name"), ("feature_extractor", "--feature_extractor_name")):
         if getattr(components, what) is None:
             raise ConfigError(f"{components.source} has no {what.replace('_', ' ')}: give {flag}.")
@@ -1773,58 +2149,98 @@ def run(argv: list[str] | None = None) -> int:
         tokenizer.set_prefix_tokens(language=language, task=data_args.task, predict_timestamps=False)
         prompt_ids = tuple(tokenizer.prefix_tokens)
     except Exception as error:
-        raise ConfigError(f"The tokenizer cannot make the <|{language}|> <|{data_args.task}|> prefix ({error}); "
-                          "check --language and --tokenizer_name.") from None
-    generation_config = whisper_generation_config(tokenizer, config, language, data_args.task, components.generation_config)
+        raise ConfigError(
+            f"The tokenizer cannot make the <|{language}|> <|{data_args.task}|> prefix ({error}); "
+            "check --language and --tokenizer_name."
+        ) from None
+    generation_config = whisper_generation_config(
+        tokenizer, config, language, data_args.task, components.generation_config
+    )
     decoding = DecodingSettings(
-        prompt_ids=prompt_ids, max_new_tokens=train_args.generation_max_length or data_args.max_label_length,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        prompt_ids=prompt_ids,
+        max_new_tokens=train_args.generation_max_length or data_args.max_label_length,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
-        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()))
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+    )
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
     num_processes = len({d.process_index for d in devices})
     mesh = make_mesh(dist_args.fsdp_size, devices)
     plan = plan_batches(train_args, len(devices), num_processes)
     peak_lr = effective_learning_rate(train_args, plan.global_batch_size)
-    schedule = learning_rate_schedule(peak_lr, train_args.warmup_steps, train_args.num_train_steps,
-                                      train_args.lr_scheduler_type)
+    schedule = learning_rate_schedule(
+        peak_lr, train_args.warmup_steps, train_args.num_train_steps, train_args.lr_scheduler_type
+    )
     optimizer = make_optimizer(train_args, schedule)
     model = build_model(config, dtype=model_args.dtype, scan_layers=model_args.scan_layers, remat=model_args.remat)
     sampling_rate = feature_extractor.sampling_rate
     n_samples = feature_extractor.n_samples
     if n_samples // feature_extractor.hop_length != 2 * config.max_source_positions:
-        raise ConfigError(f"The feature extractor's {feature_extractor.chunk_length} s chunks give "
-                          f"{n_samples // feature_extractor.hop_length} mel frames but the model expects "
-                          f"{2 * config.max_source_positions}: use a matching --feature_extractor_name.")
+        raise ConfigError(
+            f"The feature extractor's {feature_extractor.chunk_length} s chunks give "
+            f"{n_samples // feature_extractor.hop_length} mel frames but the model expects "
+            f"{2 * config.max_source_positions}: use a matching --feature_extractor_name."
+        )
     mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
 
     run_config = {
-        "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-        "training": dataclasses.asdict(train_args), "distributed": dataclasses.asdict(dist_args),
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "training": dataclasses.asdict(train_args),
+        "distributed": dataclasses.asdict(dist_args),
         "resolved": {
-            "processes": num_processes, "devices": len(devices), "device_kind": devices[0].device_kind,
-            "mesh": dict(mesh.shape), **dataclasses.asdict(plan), "effective_learning_rate": peak_lr,
-            "language": language, "task": data_args.task, "prompt_ids": list(prompt_ids),
+            "processes": num_processes,
+            "devices": len(devices),
+            "device_kind": devices[0].device_kind,
+            "mesh": dict(mesh.shape),
+            **dataclasses.asdict(plan),
+            "effective_learning_rate": peak_lr,
+            "language": language,
+            "task": data_args.task,
+            "prompt_ids": list(prompt_ids),
             "total_train_examples": plan.global_batch_size * train_args.num_train_steps,
-            "audio_samples_per_example": n_samples, "sampling_rate": sampling_rate,
+            "audio_samples_per_example": n_samples,
+            "sampling_rate": sampling_rate,
         },
     }
 
     abstract_params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
-    abstract_state = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)),
-                                    abstract_params)
+    abstract_state = jax.eval_shape(
+        lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
+    )
     state_sharding = state_shardings(abstract_state, mesh)
     data_sharding = batch_sharding(mesh)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
-                          accumulation_steps=train_args.gradient_accumulation_steps,
-                          label_smoothing=train_args.label_smoothing_factor, mesh=mesh),
-        in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None), donate_argnums=0)
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=mel_filters,
+            accumulation_steps=train_args.gradient_accumulation_steps,
+            label_smoothing=train_args.label_smoothing_factor,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
 
     if train_args.dry_run:
-        return dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, data_sharding,
-                       n_samples, data_args, train_args, devices)
+        return dry_run(
+            run_config,
+            model,
+            abstract_state,
+            state_sharding,
+            step_fn,
+            plan,
+            data_sharding,
+            n_samples,
+            data_args,
+            train_args,
+            devices,
+        )
 
     # Output directory: resume, refuse, or start.
     output_dir = Path(train_args.output_dir)
@@ -1833,13 +2249,27 @@ def run(argv: list[str] | None = None) -> int:
     # What a run writes before its first step: relaunching the fixed command after a misconfiguration
     # found at start-up (a wrong column, a missing dataset) must not be refused as "not empty".
     startup_files = {"scream_config.json", "checkpoints", "tensorboard"}
-    if (output_dir.is_dir() and any(p.name not in startup_files for p in output_dir.iterdir()) and not has_checkpoints
-            and not train_args.overwrite_output_dir and train_args.do_train):
-        raise ConfigError(f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
-                          "choose another --output_dir, or pass --overwrite_output_dir.")
-    if has_checkpoints and train_args.do_train and not train_args.resume_from_checkpoint and not train_args.overwrite_output_dir:
-        raise ConfigError(f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
-                          "pass --overwrite_output_dir to start over, or resume.")
+    if (
+        output_dir.is_dir()
+        and any(p.name not in startup_files for p in output_dir.iterdir())
+        and not has_checkpoints
+        and not train_args.overwrite_output_dir
+        and train_args.do_train
+    ):
+        raise ConfigError(
+            f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
+            "choose another --output_dir, or pass --overwrite_output_dir."
+        )
+    if (
+        has_checkpoints
+        and train_args.do_train
+        and not train_args.resume_from_checkpoint
+        and not train_args.overwrite_output_dir
+    ):
+        raise ConfigError(
+            f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
+            "pass --overwrite_output_dir to start over, or resume."
+        )
     # Every host looks at the directory before process 0 changes it: a host that looked after
     # process 0 wrote scream_config.json would refuse a fresh run as "not empty" and hang the rest.
     sync_hosts("output_dir checked")
@@ -1847,7 +2277,8 @@ def run(argv: list[str] | None = None) -> int:
         if is_main:
             for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
                 shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
-                    output_dir / stale).unlink(missing_ok=True)
+                    output_dir / stale
+                ).unlink(missing_ok=True)
         has_checkpoints = False
     saved_config_path = output_dir / "scream_config.json"
     if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
@@ -1861,14 +2292,21 @@ def run(argv: list[str] | None = None) -> int:
     # Train state: restored, pretrained or random; sharded from the start.
     manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit) if train_args.do_train else None
     restored_meta = None
-    latest = manager.latest_step() if (manager and train_args.resume_from_checkpoint and not train_args.overwrite_output_dir) else None
+    latest = (
+        manager.latest_step()
+        if (manager and train_args.resume_from_checkpoint and not train_args.overwrite_output_dir)
+        else None
+    )
     if latest is not None:
-        abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              abstract_state, state_sharding)
+        abstract_with_sharding = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+        )
         state, restored_meta = restore_checkpoint(manager, latest, abstract_with_sharding)
         if restored_meta["num_processes"] != jax.process_count():
-            raise ConfigError(f"The checkpoint at step {latest} was written by {restored_meta['num_processes']} "
-                              f"processes; resume with the same number of hosts (now {jax.process_count()}).")
+            raise ConfigError(
+                f"The checkpoint at step {latest} was written by {restored_meta['num_processes']} "
+                f"processes; resume with the same number of hosts (now {jax.process_count()})."
+            )
         say(f"resumed from {checkpoints_dir / str(latest)} (step {latest})")
         if is_main:  # the steps after the checkpoint are redone: keep one log line per step
             drop_metrics_after(output_dir / "metrics.jsonl", latest)
@@ -1878,48 +2316,98 @@ def run(argv: list[str] | None = None) -> int:
             params = jax.device_put(params, state_sharding.params)
         else:
             params = jax.jit(functools.partial(init_params, model), out_shardings=state_sharding.params)(
-                jax.random.PRNGKey(train_args.seed))
+                jax.random.PRNGKey(train_args.seed)
+            )
         opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
-        state = TrainState(jax.device_put(jnp.int32(0), state_sharding.step), params, opt_state,
-                           jax.device_put(jax.random.PRNGKey(train_args.seed + 1), state_sharding.rng))
+        state = TrainState(
+            jax.device_put(jnp.int32(0), state_sharding.step),
+            params,
+            opt_state,
+            jax.device_put(jax.random.PRNGKey(train_args.seed + 1), state_sharding.rng),
+        )
     start_step = int(jax.device_get(state.step))
 
     # Data.
-    audio_settings = AudioSettings(sampling_rate, n_samples, data_args.min_duration_in_seconds,
-                                   min(data_args.max_duration_in_seconds, n_samples / sampling_rate))
+    audio_settings = AudioSettings(
+        sampling_rate,
+        n_samples,
+        data_args.min_duration_in_seconds,
+        min(data_args.max_duration_in_seconds, n_samples / sampling_rate),
+    )
     text_settings = TextSettings(data_args.do_lower_case, data_args.do_remove_punctuation, data_args.max_label_length)
-    prepare = functools.partial(prepare_example, audio_column=data_args.audio_column_name,
-                                text_column=data_args.text_column_name, id_column=data_args.id_column_name,
-                                tokenizer=tokenizer, audio_settings=audio_settings, text_settings=text_settings)
+    prepare = functools.partial(
+        prepare_example,
+        audio_column=data_args.audio_column_name,
+        text_column=data_args.text_column_name,
+        id_column=data_args.id_column_name,
+        tokenizer=tokenizer,
+        audio_settings=audio_settings,
+        text_settings=text_settings,
+    )
     if data_args.host_log_mel:
         prepare = with_host_log_mel(prepare, feature_extractor)
 
     def batches(split, *, train, batch_size, state=None):
         make_source = functools.partial(
-            load_source, data_args, split, process_index=jax.process_index(), process_count=jax.process_count(),
-            seed=train_args.seed, shuffle=train, max_samples=data_args.max_train_samples if train else data_args.max_eval_samples)
-        collate_fn = functools.partial(collate, batch_size=batch_size, n_samples=n_samples,
-                                       max_label_length=data_args.max_label_length, pad_token_id=config.pad_token_id)
+            load_source,
+            data_args,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            seed=train_args.seed,
+            shuffle=train,
+            max_samples=data_args.max_train_samples if train else data_args.max_eval_samples,
+        )
+        collate_fn = functools.partial(
+            collate,
+            batch_size=batch_size,
+            n_samples=n_samples,
+            max_label_length=data_args.max_label_length,
+            pad_token_id=config.pad_token_id,
+        )
         if data_args.host_log_mel:
             collate_fn = with_host_features(collate_fn, feature_extractor)
-        return SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare, batch_size=batch_size,
-                             collate_fn=collate_fn, repeat=train, num_workers=data_args.preprocessing_num_workers,
-                             prefetch_batches=data_args.prefetch_batches, state=state,
-                             read_retries=data_args.read_retries, read_retry_wait_s=data_args.read_retry_wait_s)
+        return SpeechBatches(
+            lambda epoch: make_source(epoch=epoch),
+            prepare,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            repeat=train,
+            num_workers=data_args.preprocessing_num_workers,
+            prefetch_batches=data_args.prefetch_batches,
+            state=state,
+            read_retries=data_args.read_retries,
+            read_retry_wait_s=data_args.read_retry_wait_s,
+        )
 
     # Validate the eval split up front: a typo should fail now, not after hours of training.
     if train_args.do_eval:
         batches(data_args.eval_split_name, train=False, batch_size=plan.per_host_eval_batch_size).make_source(0)
 
     log = RunLog(train_args.output_dir, train_args.report_to, run_config, train_args, enabled=is_main)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, mel_filters=mel_filters,
-                                        decoding=decoding if train_args.predict_with_generate else None, mesh=mesh),
-                      in_shardings=(state_sharding.params, data_sharding))
+    eval_fn = jax.jit(
+        functools.partial(
+            eval_step,
+            model=model,
+            mel_filters=mel_filters,
+            decoding=decoding if train_args.predict_with_generate else None,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding.params, data_sharding),
+    )
 
     def evaluate(params, step: int) -> dict:
-        return run_evaluation(eval_fn, params, batches(data_args.eval_split_name, train=False,
-                                                              batch_size=plan.per_host_eval_batch_size),
-                              data_sharding, tokenizer, step, train_args, log, is_main)
+        return run_evaluation(
+            eval_fn,
+            params,
+            batches(data_args.eval_split_name, train=False, batch_size=plan.per_host_eval_batch_size),
+            data_sharding,
+            tokenizer,
+            step,
+            train_args,
+            log,
+            is_main,
+        )
 
     final_eval: dict = {}
     pushes: list[threading.Thread] = []
@@ -1927,28 +2415,60 @@ def run(argv: list[str] | None = None) -> int:
     def export(params, step: int, eval_results: dict):
         params = gather_params(params)  # a collective: every host takes part
         if is_main:
-            export_pretrained(params, config, output_dir, tokenizer=tokenizer, feature_extractor=feature_extractor,
-                              generation_config=generation_config)
-            write_model_card(output_dir, base_model=model_args.model_name_or_path or model_args.config_name,
-                             run_args=run_config, eval_results=eval_results)
+            export_pretrained(
+                params,
+                config,
+                output_dir,
+                tokenizer=tokenizer,
+                feature_extractor=feature_extractor,
+                generation_config=generation_config,
+            )
+            write_model_card(
+                output_dir,
+                base_model=model_args.model_name_or_path or model_args.config_name,
+                run_args=run_config,
+                eval_results=eval_results,
+            )
             if train_args.push_to_hub:
-                pushes.append(push_to_hub_in_background(str(output_dir), train_args.hub_model_id or train_args.run_name,
-                                                        train_args.hub_private_repo, f"step {step}"))
+                pushes.append(
+                    push_to_hub_in_background(
+                        str(output_dir),
+                        train_args.hub_model_id or train_args.run_name,
+                        train_args.hub_private_repo,
+                        f"step {step}",
+                    )
+                )
 
     if not train_args.do_train:
         final_eval = evaluate(state.params, start_step)
         log.close()
         return 0
 
-    train_batches = batches(data_args.train_split_name, train=True, batch_size=plan.per_host_batch_size,
-                            state=restored_meta["data_states"][jax.process_index()] if restored_meta else None)
+    train_batches = batches(
+        data_args.train_split_name,
+        train=True,
+        batch_size=plan.per_host_batch_size,
+        state=restored_meta["data_states"][jax.process_index()] if restored_meta else None,
+    )
     stop_requested = threading.Event()
     if jax.process_count() == 1:  # multi-host runs use JAX's own preemption notice (reached_preemption)
         signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     state, final_eval, stopped_early = train_loop(
-        state=state, start_step=start_step, step_fn=step_fn, train_batches=train_batches, data_sharding=data_sharding,
-        plan=plan, train_args=train_args, schedule=schedule, manager=manager, log=log, evaluate=evaluate,
-        export=export, stop_requested=stop_requested, is_main=is_main)
+        state=state,
+        start_step=start_step,
+        step_fn=step_fn,
+        train_batches=train_batches,
+        data_sharding=data_sharding,
+        plan=plan,
+        train_args=train_args,
+        schedule=schedule,
+        manager=manager,
+        log=log,
+        evaluate=evaluate,
+        export=export,
+        stop_requested=stop_requested,
+        is_main=is_main,
+    )
     for thread in pushes:
         thread.join()
     log.close()
@@ -1959,8 +2479,23 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_loop(*, state, start_step, step_fn, train_batches, data_sharding, plan, train_args, schedule, manager, log,
-               evaluate, export, stop_requested, is_main):
+def train_loop(
+    *,
+    state,
+    start_step,
+    step_fn,
+    train_batches,
+    data_sharding,
+    plan,
+    train_args,
+    schedule,
+    manager,
+    log,
+    evaluate,
+    export,
+    stop_requested,
+    is_main,
+):
     """Steps until num_train_steps or a stop request; logs, evaluates, checkpoints and exports on cadence.
 
     Each step's metrics are read one step later, so the host never stalls the device; a
@@ -1987,7 +2522,8 @@ def train_loop(*, state, start_step, step_fn, train_batches, data_sharding, plan
             raise TrainingStopped(
                 f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done_step}. Stopping; the last "
                 f"checkpoint (step {manager.latest_step()}) is intact. Look for bad audio or labels around example "
-                f"{(done_step - 1) * plan.global_batch_size}, or lower --learning_rate, then relaunch.")
+                f"{(done_step - 1) * plan.global_batch_size}, or lower --learning_rate, then relaunch."
+            )
         window["losses"].append(loss)
         window["grad_norms"].append(grad_norm)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(done_step - 1)):.2e}")
@@ -2017,23 +2553,32 @@ def train_loop(*, state, start_step, step_fn, train_batches, data_sharding, plan
                 skipped = collections.Counter()
                 for host_skipped in allgather_json(dict(train_batches.skipped)):
                     skipped.update(host_skipped)
-                log.write(step, {
-                    "examples_seen": step * plan.global_batch_size,
-                    "train/loss": float(np.mean(window["losses"])),
-                    "train/learning_rate": float(schedule(step - 1)),
-                    "train/grad_norm": float(np.mean(window["grad_norms"])),
-                    "train/examples_per_s": window["steps"] * plan.global_batch_size / elapsed,
-                    "train/data_wait_fraction": window["wait_s"] / elapsed,
-                    "train/epoch": train_batches.epoch,
-                    **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
-                })
+                log.write(
+                    step,
+                    {
+                        "examples_seen": step * plan.global_batch_size,
+                        "train/loss": float(np.mean(window["losses"])),
+                        "train/learning_rate": float(schedule(step - 1)),
+                        "train/grad_norm": float(np.mean(window["grad_norms"])),
+                        "train/examples_per_s": window["steps"] * plan.global_batch_size / elapsed,
+                        "train/data_wait_fraction": window["wait_s"] / elapsed,
+                        "train/epoch": train_batches.epoch,
+                        **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
+                    },
+                )
                 window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
             if do_eval:
                 eval_results = evaluate(state.params, step)
-                bar.write(" ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})") if is_main else None
+                bar.write(
+                    " ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})"
+                ) if is_main else None
             if do_save:
-                meta = {"step": step, "examples_seen": step * plan.global_batch_size,
-                        "num_processes": jax.process_count(), "data_states": allgather_json(train_batches.state_dict())}
+                meta = {
+                    "step": step,
+                    "examples_seen": step * plan.global_batch_size,
+                    "num_processes": jax.process_count(),
+                    "data_states": allgather_json(train_batches.state_dict()),
+                }
                 save_checkpoint(manager, step, state, meta)
             if is_last or (do_eval and train_args.push_to_hub):
                 export(state.params, step, eval_results)
@@ -2041,84 +2586,53 @@ def train_loop(*, state, start_step, step_fn, train_batches, data_sharding, plan
                 stopped_early = True
                 break
             if do_eval or do_save:
-                window["start"], window["wait_s"], window["steps"] = time.perf_counter(), 0.0, 0  # time eval/saving apart
+                window["start"], window["wait_s"], window["steps"] = (
+                    time.perf_counter(),
+                    0.0,
+                    0,
+                )  # time eval/saving apart
     finally:
         manager.wait_until_finished()
         bar.close()
     return state, eval_results, stopped_early
 
 
-def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, tokenizer, step: int,
-                   train_args: TrainingArguments, log: RunLog, is_main: bool) -> dict:
-    """Loss (and WER/CER with --predict_with_generate) over the whole eval split, each example
-    counted once: hosts read disjoint shares, pad their last batch, and take part in every step
-    until all are done."""
-    loss_sum, num_tokens, rows = 0.0, 0, []
-    batch_iterator = iter(eval_batches)
-    empty_batch = eval_batches.collate_fn([])
-    while True:
-        item = next(batch_iterator, None)
-        if not any_host(item is not None):
-            break
-        host_batch, examples = item if item is not None else (empty_batch, [])
-        out = eval_fn(params, to_global_batch(host_batch, data_sharding))
-        loss_sum += float(out["loss_sum"])
-        num_tokens += int(out["num_tokens"])
-        if "generated" in out:
-            generated = local_rows(out["generated"])[: len(examples)]
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            rows += [{"id": e["id"], "reference": e["text"], "prediction": text.strip()}
-                     for e, text in zip(examples, texts)]
-    rows = [row for host_rows in allgather_json(rows) for row in host_rows]
-    results = {"eval/loss": loss_sum / max(num_tokens, 1), "eval/num_tokens": num_tokens}
-    if train_args.predict_with_generate:
-        results["eval/num_examples"] = len(rows)
-        references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
-        results.update({f"eval/{name}": value for name, value in transcription_metrics(references, predictions).items()})
-    if is_main:
-        log.write(step, results)
-        if rows:
-            limit = len(rows) if train_args.log_max_eval_predictions is None else train_args.log_max_eval_predictions
-            predictions_dir = Path(train_args.output_dir) / "predictions"
-            predictions_dir.mkdir(parents=True, exist_ok=True)
-            with (predictions_dir / f"step_{step}.jsonl").open("w") as f:
-                for row in rows[:limit]:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[: min(limit, 10)])
-            log.text(step, "eval/predictions", "| reference | prediction |\n|---|---|\n" + table)
-    return results
-
-
-def gather_params(params):
-    """Full parameters on every host, as numpy (a collective when parameters span hosts)."""
-    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
-        return jax.device_get(params)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(params, tiled=True)
-
-
-RUN_IDENTITY = (("model", "model_name_or_path"), ("model", "config_name"), ("data", "dataset_name"),
-                ("data", "language"), ("data", "task"), ("training", "seed"))
+RUN_IDENTITY = (
+    ("model", "model_name_or_path"),
+    ("model", "config_name"),
+    ("data", "dataset_name"),
+    ("data", "language"),
+    ("data", "task"),
+    ("training", "seed"),
+)
 
 
 def check_same_run(saved: dict, current: dict, path: Path):
     """Refuse to resume a different run from an output directory's checkpoints."""
-    changed = [f"--{name}: {saved[group][name]!r} there, {current[group][name]!r} now"
-               for group, name in RUN_IDENTITY if saved.get(group, {}).get(name) != current[group][name]]
+    changed = [
+        f"--{name}: {saved[group][name]!r} there, {current[group][name]!r} now"
+        for group, name in RUN_IDENTITY
+        if saved.get(group, {}).get(name) != current[group][name]
+    ]
     if changed:
-        raise ConfigError(f"--output_dir holds another run's checkpoints ({path} differs in " + "; ".join(changed) +
-                          "). Choose a new --output_dir, or pass --overwrite_output_dir to start over.")
+        raise ConfigError(
+            f"--output_dir holds another run's checkpoints ({path} differs in "
+            + "; ".join(changed)
+            + "). Choose a new --output_dir, or pass --overwrite_output_dir to start over."
+        )
 
 
 def with_host_log_mel(prepare, feature_extractor):
     """prepare_example that also computes log-mel on the host (the 2023 way, for comparison)."""
+
     def prepare_with_features(row):
         example, reason = prepare(row)
         if example is not None:
             example["input_features"] = feature_extractor(
-                example["audio"], sampling_rate=feature_extractor.sampling_rate, return_tensors="np").input_features[0]
+                example["audio"], sampling_rate=feature_extractor.sampling_rate, return_tensors="np"
+            ).input_features[0]
         return example, reason
+
     return prepare_with_features
 
 
@@ -2132,6 +2646,7 @@ def with_host_features(collate_fn, feature_extractor):
         del batch["audio"]
         batch["input_features"] = features
         return batch
+
     return collate_with_features
 
 
@@ -2139,29 +2654,57 @@ class NotCompiled(Exception):
     """--no_dry_run_compile: the plan without the compiled step's memory."""
 
 
-def dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, data_sharding, n_samples,
-            data_args, train_args, devices) -> int:
+def dry_run(
+    run_config,
+    model,
+    abstract_state,
+    state_sharding,
+    step_fn,
+    plan,
+    data_sharding,
+    n_samples,
+    data_args,
+    train_args,
+    devices,
+) -> int:
     """Print the plan and the compiled train step's memory per device; compile only, no data."""
     resolved = run_config["resolved"]
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    abstract_with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                          abstract_state, state_sharding)
-    batch = abstract_batch(plan.global_batch_size, n_samples=n_samples, max_label_length=data_args.max_label_length,
-                           sharding=data_sharding)
+    abstract_with_sharding = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+    )
+    batch = abstract_batch(
+        plan.global_batch_size, n_samples=n_samples, max_label_length=data_args.max_label_length, sharding=data_sharding
+    )
     plan_out = {
-        "hosts": resolved["processes"], "devices": resolved["devices"], "device_kind": resolved["device_kind"],
-        "mesh": resolved["mesh"], "global_batch": plan.global_batch_size, "per_host_batch": plan.per_host_batch_size,
+        "hosts": resolved["processes"],
+        "devices": resolved["devices"],
+        "device_kind": resolved["device_kind"],
+        "mesh": resolved["mesh"],
+        "global_batch": plan.global_batch_size,
+        "per_host_batch": plan.per_host_batch_size,
         "per_device_batch": plan.per_device_batch_size,
         "micro_batch_per_device": plan.per_device_batch_size // train_args.gradient_accumulation_steps,
-        "gradient_accumulation_steps": train_args.gradient_accumulation_steps, "eval_batch": plan.eval_batch_size,
-        "learning_rate": train_args.learning_rate, "effective_learning_rate": resolved["effective_learning_rate"],
-        "lr_scheduler_type": train_args.lr_scheduler_type, "warmup_steps": train_args.warmup_steps,
-        "num_train_steps": train_args.num_train_steps, "total_train_examples": resolved["total_train_examples"],
-        "eval_steps": train_args.eval_steps, "save_steps": train_args.save_steps,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "eval_batch": plan.eval_batch_size,
+        "learning_rate": train_args.learning_rate,
+        "effective_learning_rate": resolved["effective_learning_rate"],
+        "lr_scheduler_type": train_args.lr_scheduler_type,
+        "warmup_steps": train_args.warmup_steps,
+        "num_train_steps": train_args.num_train_steps,
+        "total_train_examples": resolved["total_train_examples"],
+        "eval_steps": train_args.eval_steps,
+        "save_steps": train_args.save_steps,
         "model": run_config["model"]["model_name_or_path"] or run_config["model"]["config_name"],
-        "dataset": data_args.dataset_name, "language": resolved["language"], "task": data_args.task,
-        "dtype": str(model.dtype), "scan_layers": model.scan_layers, "remat": model.remat,
-        "parameters": num_params, "output_dir": train_args.output_dir, "hub_model_id": train_args.hub_model_id,
+        "dataset": data_args.dataset_name,
+        "language": resolved["language"],
+        "task": data_args.task,
+        "dtype": str(model.dtype),
+        "scan_layers": model.scan_layers,
+        "remat": model.remat,
+        "parameters": num_params,
+        "output_dir": train_args.output_dir,
+        "hub_model_id": train_args.hub_model_id,
     }
     try:
         if not train_args.dry_run_compile:
@@ -2185,8 +2728,10 @@ def dry_run(run_config, model, abstract_state, state_sharding, step_fn, plan, da
     if plan_out.get("memory_per_device_bytes"):
         print(f"{'memory_per_device':>{width}}  {plan_out['memory_per_device_bytes'] / 2**30:.2f} GiB")
     if plan_out["fits"] is False:
-        print(f"warning: the train step does not fit a {devices[0].device_kind} (about "
-              f"{TPU_V4_USABLE_BYTES / 2**30:.2f} GiB usable): raise --fsdp_size, use --remat, or lower the per-device batch.")
+        print(
+            f"warning: the train step does not fit a {devices[0].device_kind} (about "
+            f"{TPU_V4_USABLE_BYTES / 2**30:.2f} GiB usable): raise --fsdp_size, use --remat, or lower the per-device batch."
+        )
     print("plan_json: " + json.dumps(plan_out, default=str), flush=True)
     return 0
 

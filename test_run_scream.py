@@ -1,4 +1,5 @@
 """Scream's test-suite: CPU, tiny shapes, no network. Run: python -m pytest -q test_run_scream.py"""
+
 import os
 
 # Eight fake CPU devices for every test, so data parallelism and FSDP are really exercised;
@@ -24,10 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-from datasets import Audio, Features, Value
-from flax.serialization import msgpack_serialize
-from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-from transformers import WhisperFeatureExtractor
 import datasets
 import jax
 import jax.numpy as jnp
@@ -38,12 +35,14 @@ import pytest
 import soundfile as sf
 import torch
 import transformers.models.whisper.feature_extraction_whisper as feature_extraction_whisper
+from datasets import Audio, Features, Value
+from flax.serialization import msgpack_serialize
+from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 import make_demo_dataset
 import make_demo_dataset as demo
 import run_scream
 import run_scream as rs
-
 
 # --- model ---
 
@@ -55,14 +54,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # mel bins (large-v3), max positions. B sets scale_embedding, which transformers' Whisper reads
 # but never applies.
 MODEL_CONFIGS = {
-    "a": dict(vocab_size=300, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=1,
-              encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=96,
-              max_source_positions=16, max_target_positions=24, pad_token_id=299, bos_token_id=299,
-              eos_token_id=299, decoder_start_token_id=298),
-    "b": dict(vocab_size=411, num_mel_bins=128, d_model=48, encoder_layers=1, decoder_layers=3,
-              encoder_attention_heads=3, decoder_attention_heads=6, encoder_ffn_dim=80, decoder_ffn_dim=112,
-              max_source_positions=25, max_target_positions=30, pad_token_id=400, bos_token_id=400,
-              eos_token_id=400, decoder_start_token_id=401, scale_embedding=True),
+    "a": dict(
+        vocab_size=300,
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=96,
+        max_source_positions=16,
+        max_target_positions=24,
+        pad_token_id=299,
+        bos_token_id=299,
+        eos_token_id=299,
+        decoder_start_token_id=298,
+    ),
+    "b": dict(
+        vocab_size=411,
+        num_mel_bins=128,
+        d_model=48,
+        encoder_layers=1,
+        decoder_layers=3,
+        encoder_attention_heads=3,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=80,
+        decoder_ffn_dim=112,
+        max_source_positions=25,
+        max_target_positions=30,
+        pad_token_id=400,
+        bos_token_id=400,
+        eos_token_id=400,
+        decoder_start_token_id=401,
+        scale_embedding=True,
+    ),
 }
 
 
@@ -95,8 +121,9 @@ def model_randomize(torch_model, seed: int, std: float = 0.1):
 
 def model_torch_logits(torch_model, features: np.ndarray, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return torch_model(input_features=torch.from_numpy(features),
-                           decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
+        return torch_model(
+            input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(ids)
+        ).logits.numpy()
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -158,11 +185,16 @@ def model_checkpoints(tmp_path_factory):
         torch.save(torch_model.state_dict(), dirs["bin"] / "pytorch_model.bin")
         config.save_pretrained(dirs["msgpack"])
         (dirs["msgpack"] / "flax_model.msgpack").write_bytes(
-            msgpack_serialize(model_old_flax_layout(torch_model.state_dict())))
+            msgpack_serialize(model_old_flax_layout(torch_model.state_dict()))
+        )
         for fmt, directory in dirs.items():
             weight_files = {p.name for p in directory.iterdir() if p.name in run_scream.WEIGHT_FILES}
-            expected = {"safetensors": {"model.safetensors"}, "sharded": {"model.safetensors.index.json"},
-                        "bin": {"pytorch_model.bin"}, "msgpack": {"flax_model.msgpack"}}[fmt]
+            expected = {
+                "safetensors": {"model.safetensors"},
+                "sharded": {"model.safetensors.index.json"},
+                "bin": {"pytorch_model.bin"},
+                "msgpack": {"flax_model.msgpack"},
+            }[fmt]
             assert weight_files == expected, (fmt, weight_files)
         out[name] = (torch_model, dirs)
     return out
@@ -209,7 +241,7 @@ def model_generation_dir(tmp_path_factory):
     with torch.no_grad():
         embedding = torch_model.model.decoder.embed_tokens.weight
         embedding[config.eos_token_id] *= MODEL_EOS_SCALE
-        embedding[generation_config.no_timestamps_token_id + 1:] *= 0.01
+        embedding[generation_config.no_timestamps_token_id + 1 :] *= 0.01
     torch_model.generation_config = generation_config
     torch_model.save_pretrained(directory)
     return directory, torch_model
@@ -243,9 +275,14 @@ def test_model_export_loads_in_transformers_and_pipeline(model_generation_dir, t
     exports = {"unrolled": pretrained.params, "scanned": stacked}
     for kind, params in exports.items():
         out_dir = tmp_path / kind
-        run_scream.export_pretrained(params, config, out_dir, tokenizer=pretrained.tokenizer,
-                                     feature_extractor=pretrained.feature_extractor,
-                                     generation_config=pretrained.generation_config)
+        run_scream.export_pretrained(
+            params,
+            config,
+            out_dir,
+            tokenizer=pretrained.tokenizer,
+            feature_extractor=pretrained.feature_extractor,
+            generation_config=pretrained.generation_config,
+        )
         loaded, info = WhisperForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
         theirs = model_torch_logits(loaded.eval(), features, ids)
@@ -280,10 +317,13 @@ def model_decoding_settings(pretrained, max_new_tokens: int) -> run_scream.Decod
     tokenizer, generation_config = pretrained.tokenizer, pretrained.generation_config
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     return run_scream.DecodingSettings(
-        prompt_ids=tuple(tokenizer.prefix_tokens), max_new_tokens=max_new_tokens,
-        eos_token_id=pretrained.config.eos_token_id, pad_token_id=pretrained.config.pad_token_id,
+        prompt_ids=tuple(tokenizer.prefix_tokens),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=pretrained.config.eos_token_id,
+        pad_token_id=pretrained.config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
-        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()))
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+    )
 
 
 def test_model_greedy_generation_matches_transformers(model_generation_dir):
@@ -300,19 +340,26 @@ def test_model_greedy_generation_matches_transformers(model_generation_dir):
     ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, settings))
     prompt_length = len(settings.prompt_ids)
     assert ours.shape == (6, prompt_length + max_new_tokens)
-    generate = functools.partial(torch_model.generate, torch.from_numpy(features), num_beams=1, do_sample=False,
-                                 language="no", task="transcribe", max_new_tokens=max_new_tokens)
+    generate = functools.partial(
+        torch_model.generate,
+        torch.from_numpy(features),
+        num_beams=1,
+        do_sample=False,
+        language="no",
+        task="transcribe",
+        max_new_tokens=max_new_tokens,
+    )
     with torch.no_grad():
         # The greedy search itself: prompt, tokens, eos, then pad to the longest row.
         raw = generate(return_dict_in_generate=True).sequences.numpy()
         # What generate() returns by default in transformers 5: the new tokens only, the final eos
         # dropped, pad (the same id as eos) to the longest row.
         theirs = generate().numpy()
-    np.testing.assert_array_equal(ours[:, :raw.shape[1]], raw)
-    assert (ours[:, raw.shape[1]:] == config.pad_token_id).all()
+    np.testing.assert_array_equal(ours[:, : raw.shape[1]], raw)
+    assert (ours[:, raw.shape[1] :] == config.pad_token_id).all()
     generated = ours[:, prompt_length:]
-    np.testing.assert_array_equal(generated[:, :theirs.shape[1]], theirs)
-    assert (generated[:, theirs.shape[1]:] == config.pad_token_id).all()
+    np.testing.assert_array_equal(generated[:, : theirs.shape[1]], theirs)
+    assert (generated[:, theirs.shape[1] :] == config.pad_token_id).all()
 
     eos = config.eos_token_id
     ended_early = [(row == eos).any() for row in generated]
@@ -350,8 +397,9 @@ def test_model_scan_and_remat_give_the_same_logits_and_gradients(model_generatio
         np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-5, err_msg=f"scan={scan} remat={remat}")
         assert grads.keys() == reference_grads.keys()
         for path, grad in grads.items():
-            np.testing.assert_allclose(grad, reference_grads[path], rtol=0, atol=1e-5,
-                                       err_msg=f"scan={scan} remat={remat} {path}")
+            np.testing.assert_allclose(
+                grad, reference_grads[path], rtol=0, atol=1e-5, err_msg=f"scan={scan} remat={remat} {path}"
+            )
     # The encoder positions are fixed (stop_gradient), as in transformers (requires_grad False).
     assert not reference_grads[("encoder", "embed_positions", "embedding")].any()
 
@@ -414,8 +462,9 @@ def test_model_hub_id_loads_from_offline_cache(model_checkpoints, tmp_path, monk
         pretrained = run_scream.load_pretrained("scream-test/tiny-whisper", cache_dir=cache_dir)
         snapshot = cache / "models--scream-test--tiny-whisper" / "snapshots" / commit
         assert Path(pretrained.source).resolve() == snapshot.resolve()
-        ours = np.asarray(model_logits(run_scream.build_model(pretrained.config), pretrained.params, features,
-                                       ids.astype(np.int32)))
+        ours = np.asarray(
+            model_logits(run_scream.build_model(pretrained.config), pretrained.params, features, ids.astype(np.int32))
+        )
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=LOGITS_TOLERANCE)
     with pytest.raises(run_scream.ConfigError, match="scream-test/not-cached"):
         run_scream.load_pretrained("scream-test/not-cached")
@@ -481,8 +530,12 @@ def test_model_init_params_follow_transformers_init():
     assert not torch_model.model.decoder.embed_tokens.weight[config.pad_token_id].any()
 
     flat = run_scream.flatten_tree(params)
-    assert flat.keys() == run_scream.flatten_tree(run_scream.torch_to_flax(
-        {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})).keys()
+    assert (
+        flat.keys()
+        == run_scream.flatten_tree(
+            run_scream.torch_to_flax({k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+        ).keys()
+    )
     for path, value in flat.items():
         value = np.asarray(value)
         if "layer_norm" in path[-2]:
@@ -506,8 +559,14 @@ DATA_CHUNK_S = 3  # the demo model's window; the bad-data test uses Whisper's re
 DATA_MAX_LABEL_LENGTH = 48
 
 
-DATA_FEATURES = Features({"id": Value("string"), "audio": Audio(sampling_rate=DATA_SAMPLE_RATE),
-                          "text": Value("string"), "source": Value("string")})
+DATA_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "audio": Audio(sampling_rate=DATA_SAMPLE_RATE),
+        "text": Value("string"),
+        "source": Value("string"),
+    }
+)
 
 
 @pytest.fixture(scope="session")
@@ -525,14 +584,21 @@ def data_env(tmp_path_factory, data_hf_cache):
     root = tmp_path_factory.mktemp("data_env")
     tokenizer = make_demo_dataset.write_tokenizer(root / "tokenizer")
     config = make_demo_dataset.write_model_dir(root / "model", tokenizer, DATA_CHUNK_S, 80)
-    tokenizer.set_prefix_tokens(language=run_scream.language_code("norwegian"), task="transcribe",
-                                predict_timestamps=False)
+    tokenizer.set_prefix_tokens(
+        language=run_scream.language_code("norwegian"), task="transcribe", predict_timestamps=False
+    )
     for name, num_train, shards in (("four_shards", 40, 4), ("three_shards", 30, 3)):
         make_demo_dataset.write_dataset(root / name, num_train, 6, 0, DATA_CHUNK_S, shards)
     feature_extractor = make_demo_dataset.make_feature_extractor(DATA_CHUNK_S, 80)
-    return {"root": root, "tokenizer": tokenizer, "config": config, "model_dir": root / "model",
-            "feature_extractor": feature_extractor, "four_shards": str(root / "four_shards"),
-            "three_shards": str(root / "three_shards")}
+    return {
+        "root": root,
+        "tokenizer": tokenizer,
+        "config": config,
+        "model_dir": root / "model",
+        "feature_extractor": feature_extractor,
+        "four_shards": str(root / "four_shards"),
+        "three_shards": str(root / "three_shards"),
+    }
 
 
 def data_ids(split, num):
@@ -543,26 +609,68 @@ def data_args(dataset_name, **overrides):
     return run_scream.DataArguments(dataset_name=dataset_name, **overrides)
 
 
-def data_prepare(tokenizer, *, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE, max_duration_s=DATA_CHUNK_S,
-                 min_duration_s=0.0, max_label_length=DATA_MAX_LABEL_LENGTH):
+def data_prepare(
+    tokenizer,
+    *,
+    n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+    max_duration_s=DATA_CHUNK_S,
+    min_duration_s=0.0,
+    max_label_length=DATA_MAX_LABEL_LENGTH,
+):
     return functools.partial(
-        run_scream.prepare_example, audio_column="audio", text_column="text", id_column="id", tokenizer=tokenizer,
+        run_scream.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
         audio_settings=run_scream.AudioSettings(DATA_SAMPLE_RATE, n_samples, min_duration_s, max_duration_s),
-        text_settings=run_scream.TextSettings(False, False, max_label_length))
+        text_settings=run_scream.TextSettings(False, False, max_label_length),
+    )
 
 
-def data_batches(env, dataset_name, *, batch_size, repeat, state=None, shuffle=None, num_workers=2,
-                 prepare=None, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE, max_label_length=DATA_MAX_LABEL_LENGTH,
-                 **arg_overrides):
+def data_batches(
+    env,
+    dataset_name,
+    *,
+    batch_size,
+    repeat,
+    state=None,
+    shuffle=None,
+    num_workers=2,
+    prepare=None,
+    n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+    max_label_length=DATA_MAX_LABEL_LENGTH,
+    **arg_overrides,
+):
     """SpeechBatches wired as run() wires them (one host)."""
     args = data_args(dataset_name, **arg_overrides)
-    make_source = functools.partial(run_scream.load_source, args, "train", process_index=0, process_count=1, seed=0,
-                                    shuffle=repeat if shuffle is None else shuffle, max_samples=None)
-    collate_fn = functools.partial(run_scream.collate, batch_size=batch_size, n_samples=n_samples,
-                                   max_label_length=max_label_length, pad_token_id=env["config"].pad_token_id)
-    return run_scream.SpeechBatches(lambda epoch: make_source(epoch=epoch), prepare or data_prepare(env["tokenizer"]),
-                                    batch_size=batch_size, collate_fn=collate_fn, repeat=repeat,
-                                    num_workers=num_workers, prefetch_batches=2, state=state)
+    make_source = functools.partial(
+        run_scream.load_source,
+        args,
+        "train",
+        process_index=0,
+        process_count=1,
+        seed=0,
+        shuffle=repeat if shuffle is None else shuffle,
+        max_samples=None,
+    )
+    collate_fn = functools.partial(
+        run_scream.collate,
+        batch_size=batch_size,
+        n_samples=n_samples,
+        max_label_length=max_label_length,
+        pad_token_id=env["config"].pad_token_id,
+    )
+    return run_scream.SpeechBatches(
+        lambda epoch: make_source(epoch=epoch),
+        prepare or data_prepare(env["tokenizer"]),
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+        repeat=repeat,
+        num_workers=num_workers,
+        prefetch_batches=2,
+        state=state,
+    )
 
 
 def data_take(batches, num):
@@ -637,12 +745,18 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels, monkeypatch):
     rng = np.random.default_rng(n_mels)
     worst = {}
     for chunk_length_s in (30, 3):
-        extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=chunk_length_s,
-                                            sampling_rate=DATA_SAMPLE_RATE)
+        extractor = WhisperFeatureExtractor(
+            feature_size=n_mels, chunk_length=chunk_length_s, sampling_rate=DATA_SAMPLE_RATE
+        )
         clips = data_clips(extractor.n_samples, rng)
-        reference = np.stack([
-            extractor(clip, sampling_rate=DATA_SAMPLE_RATE, padding="max_length", return_tensors="np").input_features[0]
-            for clip in clips.values()])
+        reference = np.stack(
+            [
+                extractor(
+                    clip, sampling_rate=DATA_SAMPLE_RATE, padding="max_length", return_tensors="np"
+                ).input_features[0]
+                for clip in clips.values()
+            ]
+        )
         padded = np.stack([np.pad(clip, (0, extractor.n_samples - len(clip))) for clip in clips.values()])
         ours = np.asarray(jax.jit(run_scream.log_mel)(padded, np.asarray(extractor.mel_filters, np.float32)))
         assert ours.shape == reference.shape == (len(clips), n_mels, extractor.n_samples // 160)
@@ -660,9 +774,16 @@ def test_streaming_and_non_streaming_give_the_same_rows(data_env, epoch):
     --shuffle_buffer_size 0 that is the files' order, in every epoch."""
     ids = {}
     for streaming in (False, True):
-        source = run_scream.load_source(data_args(data_env["four_shards"], streaming=streaming, shuffle_buffer_size=0),
-                                        "train", process_index=0, process_count=1, seed=0, shuffle=True, epoch=epoch,
-                                        max_samples=None)
+        source = run_scream.load_source(
+            data_args(data_env["four_shards"], streaming=streaming, shuffle_buffer_size=0),
+            "train",
+            process_index=0,
+            process_count=1,
+            seed=0,
+            shuffle=True,
+            epoch=epoch,
+            max_samples=None,
+        )
         rows = list(source)
         ids[streaming] = [row["id"] for row in rows]
         assert set(rows[0]) == {"id", "audio", "text"}  # only the columns the run reads
@@ -693,8 +814,16 @@ def test_local_dataset_is_not_read_from_a_stale_cache(tmp_path, data_hf_cache):
         (tmp_path / name / "data" / "README.md").write_text(DATA_HUB_CARD)
 
     def loaded_ids(name):
-        source = run_scream.load_source(data_args(str(tmp_path / name / "data")), "train", process_index=0,
-                                        process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None)
+        source = run_scream.load_source(
+            data_args(str(tmp_path / name / "data")),
+            "train",
+            process_index=0,
+            process_count=1,
+            seed=0,
+            shuffle=False,
+            epoch=0,
+            max_samples=None,
+        )
         return [row["id"] for row in source]
 
     write("first", 12)
@@ -705,8 +834,10 @@ def test_local_dataset_is_not_read_from_a_stale_cache(tmp_path, data_hf_cache):
     assert loaded_ids("first") == data_ids("train", 5)
 
 
-@pytest.mark.parametrize("fmt,subtype,lossy", [("WAV", "PCM_16", False), ("FLAC", "PCM_16", False),
-                                               ("OGG", "VORBIS", True), ("MP3", "MPEG_LAYER_III", True)])
+@pytest.mark.parametrize(
+    "fmt,subtype,lossy",
+    [("WAV", "PCM_16", False), ("FLAC", "PCM_16", False), ("OGG", "VORBIS", True), ("MP3", "MPEG_LAYER_III", True)],
+)
 def test_decode_audio_formats(fmt, subtype, lossy, tmp_path):
     """16 kHz mono and 8 kHz stereo in each container: mono float32 at 16 kHz, same duration,
     same pitch; stereo is averaged (left 0.6 and right 0.2 of one tone give 0.4)."""
@@ -726,23 +857,33 @@ def test_decode_audio_formats(fmt, subtype, lossy, tmp_path):
             assert abs(len(decoded) - seconds * DATA_SAMPLE_RATE) <= length_tolerance, name
             expected_hz = 440 if name == "16k_mono" else 1000
             assert abs(data_peak_hz(decoded) - expected_hz) < 3, (name, data_peak_hz(decoded))
-            middle = decoded[len(decoded) // 4: -len(decoded) // 4]  # away from codec edges and resampler ramps
+            middle = decoded[len(decoded) // 4 : -len(decoded) // 4]  # away from codec edges and resampler ramps
             assert abs(np.abs(middle).max() - 0.4) < (0.1 if lossy else 0.005), (name, np.abs(middle).max())
 
 
-@pytest.mark.parametrize("dataset,streaming,shuffle", [
-    ("four_shards", True, False),  # 4 files / 2 hosts: each host reads its own 2 files
-    ("three_shards", True, False),  # 3 files / 2 hosts: both read all and keep 1 row in 2
-    ("three_shards", True, True),
-    ("four_shards", False, True),  # non-streaming: 40 one-row shards, shuffled
-])
+@pytest.mark.parametrize(
+    "dataset,streaming,shuffle",
+    [
+        ("four_shards", True, False),  # 4 files / 2 hosts: each host reads its own 2 files
+        ("three_shards", True, False),  # 3 files / 2 hosts: both read all and keep 1 row in 2
+        ("three_shards", True, True),
+        ("four_shards", False, True),  # non-streaming: 40 one-row shards, shuffled
+    ],
+)
 def test_two_hosts_see_every_example_once(data_env, dataset, streaming, shuffle, capsys):
     num = 40 if dataset == "four_shards" else 30
     seen = []
     for process_index in range(2):
-        source = run_scream.load_source(data_args(data_env[dataset], streaming=streaming, shuffle_buffer_size=8),
-                                        "train", process_index=process_index, process_count=2, seed=0,
-                                        shuffle=shuffle, epoch=1, max_samples=None)
+        source = run_scream.load_source(
+            data_args(data_env[dataset], streaming=streaming, shuffle_buffer_size=8),
+            "train",
+            process_index=process_index,
+            process_count=2,
+            seed=0,
+            shuffle=shuffle,
+            epoch=1,
+            max_samples=None,
+        )
         seen.append([row["id"] for row in source])
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == data_ids("train", num)
@@ -758,15 +899,31 @@ def test_two_hosts_batches_cover_the_split(data_env):
     """Through SpeechBatches (decoding and all): the two hosts' batches hold every id once."""
     seen = []
     for process_index in range(2):
-        make_source = functools.partial(run_scream.load_source, data_args(data_env["three_shards"], streaming=True),
-                                        "validation", process_index=process_index, process_count=2, seed=0,
-                                        shuffle=False, max_samples=None)
+        make_source = functools.partial(
+            run_scream.load_source,
+            data_args(data_env["three_shards"], streaming=True),
+            "validation",
+            process_index=process_index,
+            process_count=2,
+            seed=0,
+            shuffle=False,
+            max_samples=None,
+        )
         batches = run_scream.SpeechBatches(
-            lambda epoch: make_source(epoch=epoch), data_prepare(data_env["tokenizer"]), batch_size=2,
-            collate_fn=functools.partial(run_scream.collate, batch_size=2, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
-                                         max_label_length=DATA_MAX_LABEL_LENGTH,
-                                         pad_token_id=data_env["config"].pad_token_id),
-            repeat=False, num_workers=2, prefetch_batches=2)
+            lambda epoch: make_source(epoch=epoch),
+            data_prepare(data_env["tokenizer"]),
+            batch_size=2,
+            collate_fn=functools.partial(
+                run_scream.collate,
+                batch_size=2,
+                n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+                max_label_length=DATA_MAX_LABEL_LENGTH,
+                pad_token_id=data_env["config"].pad_token_id,
+            ),
+            repeat=False,
+            num_workers=2,
+            prefetch_batches=2,
+        )
         seen += [e["id"] for _, examples in batches for e in examples]
     assert sorted(seen) == data_ids("validation", 6)
 
@@ -775,19 +932,27 @@ def test_two_hosts_batches_cover_the_split(data_env):
 def test_resume_yields_the_next_batch_exactly(data_env, streaming):
     """No shuffle buffer: restored from the state after batch k, the iterator yields batch k+1,
     ids and arrays, also when k is past the first epoch (40 rows, batches of 6)."""
-    make = functools.partial(data_batches, data_env, data_env["four_shards"], batch_size=6, repeat=True,
-                             streaming=streaming, shuffle_buffer_size=0)
+    make = functools.partial(
+        data_batches,
+        data_env,
+        data_env["four_shards"],
+        batch_size=6,
+        repeat=True,
+        streaming=streaming,
+        shuffle_buffer_size=0,
+    )
     reference = data_take(make(), 10)
     ids = [batch_ids for _, batch_ids, _ in reference]
     assert sum(ids, [])[:40] == data_ids("train", 40) and sum(ids, [])[40:] == data_ids("train", 20)
     assert [state["epoch"] for _, _, state in reference] == [0] * 6 + [1] * 4  # batch 7 spans the boundary
     for k in (3, 6, 7):
         resumed = data_take(make(state=reference[k - 1][2]), 3)
-        for (batch, batch_ids, state), (want_batch, want_ids, want_state) in zip(resumed, reference[k: k + 3]):
+        for (batch, batch_ids, state), (want_batch, want_ids, want_state) in zip(resumed, reference[k : k + 3]):
             assert batch_ids == want_ids, k
             # (the source's own state may differ inside, e.g. how far it has read ahead)
             assert {key: state[key] for key in ("epoch", "examples_read", "skipped")} == {
-                key: want_state[key] for key in ("epoch", "examples_read", "skipped")}, k
+                key: want_state[key] for key in ("epoch", "examples_read", "skipped")
+            }, k
             for key in want_batch:
                 np.testing.assert_array_equal(batch[key], want_batch[key], err_msg=f"{key} after k={k}")
 
@@ -798,10 +963,11 @@ def test_resume_with_shuffling_across_epochs(data_env):
     contents): the rest of the epoch is the unseen rows give or take 16, and from the next epoch
     on the order is exactly that of the uninterrupted run."""
     buffer_size = 16
-    make = functools.partial(data_batches, data_env, data_env["four_shards"], batch_size=8, repeat=True,
-                             shuffle_buffer_size=buffer_size)
+    make = functools.partial(
+        data_batches, data_env, data_env["four_shards"], batch_size=8, repeat=True, shuffle_buffer_size=buffer_size
+    )
     reference = data_take(make(), 15)  # 5 batches an epoch
-    epochs = [sum((ids for _, ids, _ in reference[5 * e: 5 * e + 5]), []) for e in range(3)]
+    epochs = [sum((ids for _, ids, _ in reference[5 * e : 5 * e + 5]), []) for e in range(3)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]) == data_ids("train", 40)
     assert len({tuple(epochs[0]), tuple(epochs[1]), tuple(epochs[2]), tuple(data_ids("train", 40))}) == 4
     assert [state["epoch"] for _, _, state in reference] == [0] * 5 + [1] * 5 + [2] * 5
@@ -815,8 +981,15 @@ def test_resume_with_shuffling_across_epochs(data_env):
     assert len(resumed_ids) - rest >= 8  # a real stretch of epoch 2, in the uninterrupted order
 
 
-DATA_BAD_COUNTS = {"undecodable": 3, "empty_audio": 1, "non_finite_audio": 2, "too_short": 1, "too_long": 1,
-                   "empty_text": 3, "too_many_tokens": 2}
+DATA_BAD_COUNTS = {
+    "undecodable": 3,
+    "empty_audio": 1,
+    "non_finite_audio": 2,
+    "too_short": 1,
+    "too_long": 1,
+    "empty_text": 3,
+    "too_many_tokens": 2,
+}
 
 
 DATA_MAX_LABELS_30S = 128
@@ -856,13 +1029,21 @@ def data_bad_dataset(data_env):
         ("bad-undecodable", audio(b"this is not audio at all"), "tekst", "undecodable"),
         ("bad-missing-file", {"bytes": None, "path": str(root / "nowhere.flac")}, "tekst", "undecodable"),
         ("bad-null-audio", None, "tekst", "undecodable"),
-        ("bad-zero-length", audio(data_encode(np.zeros(0, np.float32), DATA_SAMPLE_RATE, "WAV")), "tekst",
-         "empty_audio"),
+        (
+            "bad-zero-length",
+            audio(data_encode(np.zeros(0, np.float32), DATA_SAMPLE_RATE, "WAV")),
+            "tekst",
+            "empty_audio",
+        ),
         ("bad-nan", audio(data_encode(nan_audio, DATA_SAMPLE_RATE, "WAV", "FLOAT")), "tekst", "non_finite_audio"),
         ("bad-inf", audio(data_encode(inf_audio, DATA_SAMPLE_RATE, "WAV", "FLOAT")), "tekst", "non_finite_audio"),
         ("bad-too-short", audio(data_encode(data_tone(440, 0.02), DATA_SAMPLE_RATE, "WAV")), "tekst", "too_short"),
-        ("bad-45s", audio(data_encode(data_tone(300, 45.0, amplitude=0.1), DATA_SAMPLE_RATE, "FLAC")), "tekst",
-         "too_long"),
+        (
+            "bad-45s",
+            audio(data_encode(data_tone(300, 45.0, amplitude=0.1), DATA_SAMPLE_RATE, "FLAC")),
+            "tekst",
+            "too_long",
+        ),
         ("bad-empty-text", audio(flac[0]), "", "empty_text"),
         ("bad-none-text", audio(flac[0]), None, "empty_text"),
         ("bad-blank-text", audio(flac[0]), " \t ", "empty_text"),
@@ -885,11 +1066,25 @@ def test_bad_examples_are_counted_and_good_ones_all_arrive(data_env, data_bad_da
     """Whisper's 30 s window, --min_duration_in_seconds 0.05, --max_label_length 128, 4 decoding
     threads: each good row arrives once, intact; each bad one is one count of its reason."""
     tokenizer = data_env["tokenizer"]
-    prepare = data_prepare(tokenizer, n_samples=30 * DATA_SAMPLE_RATE, max_duration_s=30.0, min_duration_s=0.05,
-                           max_label_length=DATA_MAX_LABELS_30S)
-    batches = data_batches(data_env, data_bad_dataset["path"], batch_size=4, repeat=False, shuffle=False,
-                           num_workers=4, prepare=prepare, n_samples=30 * DATA_SAMPLE_RATE,
-                           max_label_length=DATA_MAX_LABELS_30S, streaming=streaming)
+    prepare = data_prepare(
+        tokenizer,
+        n_samples=30 * DATA_SAMPLE_RATE,
+        max_duration_s=30.0,
+        min_duration_s=0.05,
+        max_label_length=DATA_MAX_LABELS_30S,
+    )
+    batches = data_batches(
+        data_env,
+        data_bad_dataset["path"],
+        batch_size=4,
+        repeat=False,
+        shuffle=False,
+        num_workers=4,
+        prepare=prepare,
+        n_samples=30 * DATA_SAMPLE_RATE,
+        max_label_length=DATA_MAX_LABELS_30S,
+        streaming=streaming,
+    )
     arrived, masks = {}, []
     for batch, examples in batches:
         masks.append(batch["example_mask"].tolist())
@@ -914,8 +1109,16 @@ def test_bad_examples_are_counted_and_good_ones_all_arrive(data_env, data_bad_da
 
 def test_missing_column_is_a_config_error(data_env):
     with pytest.raises(run_scream.ConfigError) as error:
-        run_scream.load_source(data_args(data_env["four_shards"], text_column_name="transcript"), "train",
-                               process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None)
+        run_scream.load_source(
+            data_args(data_env["four_shards"], text_column_name="transcript"),
+            "train",
+            process_index=0,
+            process_count=1,
+            seed=0,
+            shuffle=False,
+            epoch=0,
+            max_samples=None,
+        )
     message = str(error.value)
     assert "--text_column_name 'transcript'" in message
     assert "id, audio, text, source" in message  # what the dataset has
@@ -923,8 +1126,19 @@ def test_missing_column_is_a_config_error(data_env):
 
 def test_main_reports_a_missing_column_and_an_unknown_language(data_env, tmp_path, capsys):
     """What a user sees: exit status 2 and one `error:` line naming the flag."""
-    common = ["--config_name", str(data_env["model_dir"]), "--dataset_name", data_env["four_shards"],
-              "--do_eval", "--eval_batch_size", "8", "--train_batch_size", "8", "--report_to", "none"]
+    common = [
+        "--config_name",
+        str(data_env["model_dir"]),
+        "--dataset_name",
+        data_env["four_shards"],
+        "--do_eval",
+        "--eval_batch_size",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+    ]
     assert run_scream.main(common + ["--output_dir", str(tmp_path / "a"), "--language", "klingon"]) == 2
     err = capsys.readouterr().err
     assert "error: --language 'klingon' is not a Whisper language" in err
@@ -936,8 +1150,13 @@ def test_main_reports_a_missing_column_and_an_unknown_language(data_env, tmp_pat
 
 def test_no_surviving_example_stops_with_the_flag_to_fix(data_env):
     """Every clip longer than --max_duration_in_seconds: an error after one epoch, not an endless loop."""
-    batches = data_batches(data_env, data_env["four_shards"], batch_size=4, repeat=True,
-                           prepare=data_prepare(data_env["tokenizer"], max_duration_s=0.2))
+    batches = data_batches(
+        data_env,
+        data_env["four_shards"],
+        batch_size=4,
+        repeat=True,
+        prepare=data_prepare(data_env["tokenizer"], max_duration_s=0.2),
+    )
     outcome = {}
 
     def consume():
@@ -970,11 +1189,19 @@ def test_collate_pads_a_ragged_last_batch(data_env):
     tokenizer, pad = data_env["tokenizer"], data_env["config"].pad_token_id
     token_id = tokenizer.convert_tokens_to_ids
     examples = data_examples(data_env, [("Hei", 0.1), ("God dag på deg", 2.5), ("Søt høst", 3.0)])
-    batch = run_scream.collate(examples, batch_size=4, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
-                               max_label_length=DATA_MAX_LABEL_LENGTH, pad_token_id=pad)
+    batch = run_scream.collate(
+        examples,
+        batch_size=4,
+        n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+        max_label_length=DATA_MAX_LABEL_LENGTH,
+        pad_token_id=pad,
+    )
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "audio": ((4, 48000), np.float32), "labels": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
-        "decoder_input_ids": ((4, DATA_MAX_LABEL_LENGTH), np.int32), "example_mask": ((4,), np.int32)}
+        "audio": ((4, 48000), np.float32),
+        "labels": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
+        "decoder_input_ids": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
+        "example_mask": ((4,), np.int32),
+    }
     assert batch["example_mask"].tolist() == [1, 1, 1, 0]
     prefix = [token_id(t) for t in ("<|no|>", "<|transcribe|>", "<|notimestamps|>")]
     for row, example in enumerate(examples):
@@ -1005,13 +1232,24 @@ def test_train_step_compiles_once(data_env):
 
     def counted_step(state, batch):
         traces.append(1)  # runs only while tracing
-        return run_scream.train_step(state, batch, model=model, optimizer=optimizer,
-                                     mel_filters=np.asarray(data_env["feature_extractor"].mel_filters, np.float32),
-                                     accumulation_steps=1, label_smoothing=0.0)
+        return run_scream.train_step(
+            state,
+            batch,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=np.asarray(data_env["feature_extractor"].mel_filters, np.float32),
+            accumulation_steps=1,
+            label_smoothing=0.0,
+        )
 
     step = jax.jit(counted_step, donate_argnums=0)
-    collate = functools.partial(run_scream.collate, batch_size=2, n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
-                                max_label_length=DATA_MAX_LABEL_LENGTH, pad_token_id=config.pad_token_id)
+    collate = functools.partial(
+        run_scream.collate,
+        batch_size=2,
+        n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
+        max_label_length=DATA_MAX_LABEL_LENGTH,
+        pad_token_id=config.pad_token_id,
+    )
     batches = [
         collate(data_examples(data_env, [("a", 0.1), ("Vi går hjem til mor og far nå", 3.0)])),
         collate(data_examples(data_env, [("Hei du", 1.2), ("Katt", 0.4)])),
@@ -1069,29 +1307,60 @@ def train_env(tmp_path_factory):
     on a machine loaded by other jobs that happened once in these tests, so the limit is raised
     (a real hang still fails, at RUN_TIMEOUT_S)."""
     env = dict(os.environ)
-    env.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("train_jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(HERE),
-    })
+    env.update(
+        {
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}",
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("train_jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(HERE),
+        }
+    )
     return env
 
 
 def train_command(demo_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """The one command of the whole-run tests. No shuffle buffer, so that the data order is fixed."""
     return [
-        "--config_name", str(demo_dir / "model"), "--dataset_name", str(demo_dir / "data"),
-        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--predict_with_generate",
-        "--train_batch_size", str(GLOBAL_BATCH), "--eval_batch_size", str(EVAL_BATCH),
-        "--num_train_steps", str(NUM_STEPS), "--logging_steps", "1", "--save_steps", str(SAVE_STEPS),
-        "--save_total_limit", str(SAVE_LIMIT), "--learning_rate", str(PEAK_LR), "--warmup_steps", str(WARMUP),
-        "--weight_decay", "0.01", "--max_label_length", "32", "--shuffle_buffer_size", "0",
-        "--preprocessing_num_workers", "2", "--seed", "0", *extra,
+        "--config_name",
+        str(demo_dir / "model"),
+        "--dataset_name",
+        str(demo_dir / "data"),
+        "--output_dir",
+        str(output_dir),
+        "--do_train",
+        "--do_eval",
+        "--predict_with_generate",
+        "--train_batch_size",
+        str(GLOBAL_BATCH),
+        "--eval_batch_size",
+        str(EVAL_BATCH),
+        "--num_train_steps",
+        str(NUM_STEPS),
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(SAVE_STEPS),
+        "--save_total_limit",
+        str(SAVE_LIMIT),
+        "--learning_rate",
+        str(PEAK_LR),
+        "--warmup_steps",
+        str(WARMUP),
+        "--weight_decay",
+        "0.01",
+        "--max_label_length",
+        "32",
+        "--shuffle_buffer_size",
+        "0",
+        "--preprocessing_num_workers",
+        "2",
+        "--seed",
+        "0",
+        *extra,
     ]
 
 
@@ -1150,8 +1419,13 @@ def train_hooked_main(tmp_path_factory) -> Path:
 
 def start_run(args, env, log_path: Path, *, script=None, extra_env=None) -> subprocess.Popen:
     with log_path.open("w") as log:
-        return subprocess.Popen([sys.executable, str(script or HERE / "run_scream.py"), *args], cwd=HERE,
-                                env={**env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, str(script or HERE / "run_scream.py"), *args],
+            cwd=HERE,
+            env={**env, **(extra_env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def finish_run(process: subprocess.Popen, log_path: Path, *, expect_rc=0, timeout=RUN_TIMEOUT_S) -> str:
@@ -1211,35 +1485,65 @@ def train_step_runs(train_demo):
     pretrained = rs.load_pretrained(str(train_demo / "model"), weights=False)
     config, tokenizer, feature_extractor = pretrained.config, pretrained.tokenizer, pretrained.feature_extractor
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
-    source = rs.load_source(rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0), "train",
-                            process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=22)
+    source = rs.load_source(
+        rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0),
+        "train",
+        process_index=0,
+        process_count=1,
+        seed=0,
+        shuffle=False,
+        epoch=0,
+        max_samples=22,
+    )
     prepare = functools.partial(
-        rs.prepare_example, audio_column="audio", text_column="text", id_column="id", tokenizer=tokenizer,
+        rs.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(16000, feature_extractor.n_samples, 0.0, CHUNK_S),
-        text_settings=rs.TextSettings(False, False, 32))
+        text_settings=rs.TextSettings(False, False, 32),
+    )
     examples = [prepare(row)[0] for row in source]
     assert all(e is not None for e in examples)
-    collate = functools.partial(rs.collate, batch_size=GLOBAL_BATCH, n_samples=feature_extractor.n_samples,
-                                max_label_length=32, pad_token_id=config.pad_token_id)
+    collate = functools.partial(
+        rs.collate,
+        batch_size=GLOBAL_BATCH,
+        n_samples=feature_extractor.n_samples,
+        max_label_length=32,
+        pad_token_id=config.pad_token_id,
+    )
     # The third batch has 6 examples and 2 padding rows (no labels).
     batches = [collate(examples[0:8]), collate(examples[8:16]), collate(examples[16:22])]
 
     model = rs.build_model(config)
-    train_args = rs.TrainingArguments(learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.01,
-                                      max_grad_norm=1.0)
+    train_args = rs.TrainingArguments(
+        learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0
+    )
     optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
     mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
     params = jax.device_get(rs.init_params(model, jax.random.PRNGKey(0)))
-    initial = rs.TrainState(np.int32(0), params, jax.device_get(optimizer.init(params)),
-                            np.asarray(jax.random.PRNGKey(1)))
+    initial = rs.TrainState(
+        np.int32(0), params, jax.device_get(optimizer.init(params)), np.asarray(jax.random.PRNGKey(1))
+    )
 
     def run(mesh, accumulation_steps):
         sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
         data_sharding = rs.batch_sharding(mesh)
         step_fn = jax.jit(
-            functools.partial(rs.train_step, model=model, optimizer=optimizer, mel_filters=mel_filters,
-                              accumulation_steps=accumulation_steps, label_smoothing=0.0, mesh=mesh),
-            in_shardings=(sharding, data_sharding), out_shardings=(sharding, None), donate_argnums=0)
+            functools.partial(
+                rs.train_step,
+                model=model,
+                optimizer=optimizer,
+                mel_filters=mel_filters,
+                accumulation_steps=accumulation_steps,
+                label_smoothing=0.0,
+                mesh=mesh,
+            ),
+            in_shardings=(sharding, data_sharding),
+            out_shardings=(sharding, None),
+            donate_argnums=0,
+        )
         state = jax.device_put(initial, sharding)
         losses = []
         for batch in batches:
@@ -1283,8 +1587,11 @@ def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
 def test_fsdp_really_shards_parameters_and_moments(train_step_runs):
     state = train_step_runs["runs"]["fsdp_4x2"]["state"]
     for tree in (state.params, state.opt_state):
-        sharded = [leaf for leaf in jax.tree.leaves(tree)
-                   if "fsdp" in str(leaf.sharding.spec) and leaf.addressable_shards[0].data.size * 2 == leaf.size]
+        sharded = [
+            leaf
+            for leaf in jax.tree.leaves(tree)
+            if "fsdp" in str(leaf.sharding.spec) and leaf.addressable_shards[0].data.size * 2 == leaf.size
+        ]
         assert sharded, "no leaf is sharded over the fsdp axis"
     embedding = state.params["decoder"]["embed_tokens"]["embedding"]  # (1865, 64): 64 is the divisible one
     assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
@@ -1301,13 +1608,26 @@ def fsdp_step_hlo(train_step_runs, monkeypatch, pinned: bool) -> str:
     optimizer = rs.make_optimizer(rs.TrainingArguments(), rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
     mesh = rs.make_mesh(8)
     sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
-    step_fn = jax.jit(functools.partial(rs.train_step, model=model, optimizer=optimizer,
-                                        mel_filters=train_step_runs["mel_filters"], accumulation_steps=1,
-                                        label_smoothing=0.0, mesh=mesh),
-                      in_shardings=(sharding, rs.batch_sharding(mesh)), out_shardings=(sharding, None))
+    step_fn = jax.jit(
+        functools.partial(
+            rs.train_step,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=train_step_runs["mel_filters"],
+            accumulation_steps=1,
+            label_smoothing=0.0,
+            mesh=mesh,
+        ),
+        in_shardings=(sharding, rs.batch_sharding(mesh)),
+        out_shardings=(sharding, None),
+    )
     batch = train_step_runs["batches"][0]
-    abstract = rs.abstract_batch(8, n_samples=batch["audio"].shape[1], max_label_length=batch["labels"].shape[1],
-                                 sharding=rs.batch_sharding(mesh))
+    abstract = rs.abstract_batch(
+        8,
+        n_samples=batch["audio"].shape[1],
+        max_label_length=batch["labels"].shape[1],
+        sharding=rs.batch_sharding(mesh),
+    )
     text = step_fn.lower(jax.eval_shape(lambda: initial), abstract).compile().as_text()
     monkeypatch.undo()
     return text
@@ -1317,9 +1637,13 @@ def test_fsdp_moves_weights_not_activations(train_step_runs, monkeypatch):
     """Under FSDP the layers' activations stay split by batch and the weights are gathered:
     no all-to-all reshuffles activations, except the token-embedding lookup (its table is split
     along d_model). Without the pins XLA does reshuffle them (more memory per chip on TPU)."""
+
     def activation_all_to_alls(text):
-        return [line for line in text.splitlines()
-                if re.search(r" all-to-all(-start)?\(", line) and "embed_tokens" not in line]
+        return [
+            line
+            for line in text.splitlines()
+            if re.search(r" all-to-all(-start)?\(", line) and "embed_tokens" not in line
+        ]
 
     assert activation_all_to_alls(fsdp_step_hlo(train_step_runs, monkeypatch, pinned=True)) == []
     assert len(activation_all_to_alls(fsdp_step_hlo(train_step_runs, monkeypatch, pinned=False))) > 0
@@ -1360,10 +1684,24 @@ def train_two_processes(train_demo, train_env, train_hooked_main, tmp_path_facto
     port = free_port()
     env = {**train_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT_FLAG}"}
     processes = [
-        start_run(train_command(train_demo, out, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-                                "--process_id", str(i), "--distributed_timeout_s", "120"),
-                  env, out.parent / f"log{i}.txt", script=train_hooked_main,
-                  extra_env={"TRAIN_HOOK": "slow_start:4" if i == 1 else "none:0"})
+        start_run(
+            train_command(
+                train_demo,
+                out,
+                "--coordinator_address",
+                f"127.0.0.1:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+                "--distributed_timeout_s",
+                "120",
+            ),
+            env,
+            out.parent / f"log{i}.txt",
+            script=train_hooked_main,
+            extra_env={"TRAIN_HOOK": "slow_start:4" if i == 1 else "none:0"},
+        )
         for i in range(2)
     ]
     try:
@@ -1386,15 +1724,25 @@ def test_two_processes_give_the_losses_of_one(train_demo, train_straight, train_
     data_args = rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0)
 
     def ids(process_index, process_count):
-        source = rs.load_source(data_args, "train", process_index=process_index, process_count=process_count,
-                                seed=0, shuffle=True, epoch=0, max_samples=None)
+        source = rs.load_source(
+            data_args,
+            "train",
+            process_index=process_index,
+            process_count=process_count,
+            seed=0,
+            shuffle=True,
+            epoch=0,
+            max_samples=None,
+        )
         return [row["id"] for row in source]
 
     one, host0, host1 = ids(0, 1), ids(0, 2), ids(1, 2)
     per_host = GLOBAL_BATCH // 2
     for step in range(NUM_TRAIN // GLOBAL_BATCH):
-        two_process_batch = host0[step * per_host:(step + 1) * per_host] + host1[step * per_host:(step + 1) * per_host]
-        assert sorted(two_process_batch) == sorted(one[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH])
+        two_process_batch = (
+            host0[step * per_host : (step + 1) * per_host] + host1[step * per_host : (step + 1) * per_host]
+        )
+        assert sorted(two_process_batch) == sorted(one[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH])
 
     straight, _ = train_straight
     out, logs = train_two_processes
@@ -1411,7 +1759,9 @@ def test_two_processes_give_the_losses_of_one(train_demo, train_straight, train_
     assert eval_two["eval/num_tokens"] == eval_one["eval/num_tokens"]
     assert eval_two["eval/num_examples"] == eval_one["eval/num_examples"] == NUM_EVAL
     assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
-    predictions = [json.loads(line) for line in (out / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in (out / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+    ]
     assert sorted(row["id"] for row in predictions) == [f"validation-{i:06d}" for i in range(NUM_EVAL)]
     assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) < PARAM_ATOL
 
@@ -1427,13 +1777,19 @@ def train_resumed(train_demo, train_env, train_hooked_main, tmp_path_factory):
     out = root / "out"
     args = train_command(train_demo, out)
 
-    first = run_to_end(args, train_env, root / "log1.txt", script=train_hooked_main,
-                       extra_env={"TRAIN_HOOK": "sigterm_at_call:3"})
+    first = run_to_end(
+        args, train_env, root / "log1.txt", script=train_hooked_main, extra_env={"TRAIN_HOOK": "sigterm_at_call:3"}
+    )
     checkpoints_after_first = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
 
     marker, log2 = root / "hanging", root / "log2.txt"
-    process = start_run(args, train_env, log2, script=train_hooked_main,
-                        extra_env={"TRAIN_HOOK": "hang_at_call:3", "TRAIN_HOOK_MARKER": str(marker)})
+    process = start_run(
+        args,
+        train_env,
+        log2,
+        script=train_hooked_main,
+        extra_env={"TRAIN_HOOK": "hang_at_call:3", "TRAIN_HOOK_MARKER": str(marker)},
+    )
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -1446,8 +1802,13 @@ def train_resumed(train_demo, train_env, train_hooked_main, tmp_path_factory):
     steps_logged_at_kill = [m["step"] for m in metrics_lines(out) if "train/loss" in m]
 
     third = run_to_end(args, train_env, root / "log3.txt")
-    return {"out": out, "logs": (first, second, third), "checkpoints_after_first": checkpoints_after_first,
-            "latest_at_kill": latest_at_kill, "steps_logged_at_kill": steps_logged_at_kill}
+    return {
+        "out": out,
+        "logs": (first, second, third),
+        "checkpoints_after_first": checkpoints_after_first,
+        "latest_at_kill": latest_at_kill,
+        "steps_logged_at_kill": steps_logged_at_kill,
+    }
 
 
 def test_resume_after_sigterm_and_sigkill_matches_a_straight_run(train_straight, train_resumed):
@@ -1487,7 +1848,9 @@ def expected_lr(kind: str, step: int, peak: float, warmup: int, total: int) -> f
 def test_learning_rate_schedule_is_the_formula(kind, warmup):
     schedule = rs.learning_rate_schedule(1e-3, warmup, 100, kind)
     for step in (0, 1, 5, 9, 10, 11, 50, 99, 100, 120):
-        assert float(schedule(step)) == pytest.approx(expected_lr(kind, step, 1e-3, warmup, 100), rel=1e-5, abs=1e-12), step
+        assert float(schedule(step)) == pytest.approx(
+            expected_lr(kind, step, 1e-3, warmup, 100), rel=1e-5, abs=1e-12
+        ), step
 
 
 def test_effective_learning_rate_scaling():
@@ -1512,8 +1875,15 @@ def test_logged_learning_rate_is_the_schedule(train_straight):
     assert lines[1]["train/learning_rate"] == 0.0 and lines[WARMUP + 1]["train/learning_rate"] == pytest.approx(PEAK_LR)
 
 
-TRAIN_KEYS = {"step", "examples_seen", "train/loss", "train/learning_rate", "train/grad_norm", "train/examples_per_s",
-              "train/data_wait_fraction"}
+TRAIN_KEYS = {
+    "step",
+    "examples_seen",
+    "train/loss",
+    "train/learning_rate",
+    "train/grad_norm",
+    "train/examples_per_s",
+    "train/data_wait_fraction",
+}
 
 
 EVAL_KEYS = {"step", "eval/loss", "eval/wer", "eval/cer", "eval/wer_normalized", "eval/cer_normalized"}
@@ -1538,7 +1908,9 @@ def test_metrics_jsonl(train_straight):
 
 def test_predictions_each_eval_example_once(train_demo, train_straight):
     straight, _ = train_straight
-    rows = [json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+    ]
     assert all(row.keys() == {"id", "reference", "prediction"} for row in rows)
     references = {f"validation-{i:06d}": demo.make_example(0, "validation", i, CHUNK_S)[0] for i in range(NUM_EVAL)}
     assert {row["id"]: row["reference"] for row in rows} == references
@@ -1559,7 +1931,9 @@ def test_checkpoints_config_and_model_card(train_straight):
     # Saved at 2, 4 and 6; --save_total_limit 2 keeps the last two, each complete.
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["4", "6"]
     for step in ("4", "6"):
-        assert (straight / "checkpoints" / step / "state").is_dir() and (straight / "checkpoints" / step / "meta").is_dir()
+        assert (straight / "checkpoints" / step / "state").is_dir() and (
+            straight / "checkpoints" / step / "meta"
+        ).is_dir()
         assert not list((straight / "checkpoints").glob(f"{step}.*tmp*"))
     config = json.loads((straight / "scream_config.json").read_text())
     resolved = config["resolved"]
@@ -1585,14 +1959,19 @@ def test_exported_model_loads_in_transformers_with_our_logits(train_demo, train_
     model = rs.build_model(ours.config)
     rng = np.random.default_rng(0)
     n_samples = ours.feature_extractor.n_samples
-    audio = np.stack([np.pad(clip, (0, n_samples - len(clip)))
-                      for clip in (demo.make_example(0, "validation", i, CHUNK_S)[1] for i in range(2))])
+    audio = np.stack(
+        [
+            np.pad(clip, (0, n_samples - len(clip)))
+            for clip in (demo.make_example(0, "validation", i, CHUNK_S)[1] for i in range(2))
+        ]
+    )
     features = np.asarray(rs.log_mel(jnp.asarray(audio), np.asarray(ours.feature_extractor.mel_filters, np.float32)))
     decoder_ids = rng.integers(0, ours.config.vocab_size, (2, 12)).astype(np.int32)
     logits = np.asarray(model.apply({"params": ours.params}, features, decoder_ids))
     with torch.no_grad():
-        torch_logits = torch_model(input_features=torch.from_numpy(np.array(features)),
-                                   decoder_input_ids=torch.from_numpy(decoder_ids).long()).logits.numpy()
+        torch_logits = torch_model(
+            input_features=torch.from_numpy(np.array(features)), decoder_input_ids=torch.from_numpy(decoder_ids).long()
+        ).logits.numpy()
     assert np.max(np.abs(logits - torch_logits)) < 1e-4
 
 
@@ -1601,10 +1980,32 @@ def test_eval_only_of_the_exported_model(train_demo, train_env, train_straight, 
     --log_max_eval_predictions 3 writes 3 rows."""
     straight, _ = train_straight
     out = tmp_path / "eval"
-    run_to_end(["--model_name_or_path", str(straight), "--dataset_name", str(train_demo / "data"),
-                "--output_dir", str(out), "--do_eval", "--predict_with_generate", "--train_batch_size", str(GLOBAL_BATCH),
-                "--eval_batch_size", str(EVAL_BATCH), "--max_label_length", "32", "--log_max_eval_predictions", "3",
-                "--preprocessing_num_workers", "2", "--report_to", "none"], train_env, tmp_path / "log.txt")
+    run_to_end(
+        [
+            "--model_name_or_path",
+            str(straight),
+            "--dataset_name",
+            str(train_demo / "data"),
+            "--output_dir",
+            str(out),
+            "--do_eval",
+            "--predict_with_generate",
+            "--train_batch_size",
+            str(GLOBAL_BATCH),
+            "--eval_batch_size",
+            str(EVAL_BATCH),
+            "--max_label_length",
+            "32",
+            "--log_max_eval_predictions",
+            "3",
+            "--preprocessing_num_workers",
+            "2",
+            "--report_to",
+            "none",
+        ],
+        train_env,
+        tmp_path / "log.txt",
+    )
     (final,), (again,) = eval_lines(straight), eval_lines(out)
     assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     assert again["eval/num_examples"] == NUM_EVAL
@@ -1636,30 +2037,84 @@ REPO = Path(__file__).resolve().parent
 
 # The real dims of the two base models; a dry run reads config, tokenizer and feature extractor only.
 HUB_MODELS = {
-    "openai/whisper-tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
-                                decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536),
-    "openai/whisper-large-v2": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-                                    decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120),
+    "openai/whisper-tiny": dict(
+        d_model=384,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=6,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        decoder_ffn_dim=1536,
+    ),
+    "openai/whisper-large-v2": dict(
+        d_model=1280,
+        encoder_layers=32,
+        decoder_layers=32,
+        encoder_attention_heads=20,
+        decoder_attention_heads=20,
+        encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120,
+    ),
 }
 
 
 # ../shared/EXPERIMENTS.md, "The five runs" and the v4-8 learning-rate search.
 EXPERIMENTS = {
-    "run_tiny_nrk.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_nrk_v5", global_batch=512,
-                            effective_learning_rate=2e-5, warmup_steps=10000, num_train_steps=250000, eval_steps=5000,
-                            eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_nrk"),
-    "run_tiny_all.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_all_v5", global_batch=512,
-                            effective_learning_rate=2e-5, warmup_steps=10000, num_train_steps=250000, eval_steps=5000,
-                            eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_all"),
-    "run_tiny_1024bs.sh": dict(model="openai/whisper-tiny", dataset="NbAiLab/NCC_speech_all_v5", global_batch=1024,
-                               effective_learning_rate=2.828e-5, warmup_steps=5000, num_train_steps=125000,
-                               eval_steps=2500, eval_batch=512, hub_model_id="NbAiLab/scream_tiny_sept_all_1024bs"),
-    "run_large_2e6.sh": dict(model="openai/whisper-large-v2", dataset="NbAiLab/NCC_speech_all_v5", global_batch=160,
-                             effective_learning_rate=2e-6, warmup_steps=5000, num_train_steps=100000, eval_steps=2500,
-                             eval_batch=160, hub_model_id="NbAiLab/scream_large_sept_2e6"),
-    "run_large_8e6.sh": dict(model="openai/whisper-large-v2", dataset="NbAiLab/NCC_speech_all_v5", global_batch=160,
-                             effective_learning_rate=8e-6, warmup_steps=5000, num_train_steps=100000, eval_steps=2500,
-                             eval_batch=160, hub_model_id="NbAiLab/scream_large_sept_8e6"),
+    "run_tiny_nrk.sh": dict(
+        model="openai/whisper-tiny",
+        dataset="NbAiLab/NCC_speech_nrk_v5",
+        global_batch=512,
+        effective_learning_rate=2e-5,
+        warmup_steps=10000,
+        num_train_steps=250000,
+        eval_steps=5000,
+        eval_batch=512,
+        hub_model_id="NbAiLab/scream_tiny_sept_nrk",
+    ),
+    "run_tiny_all.sh": dict(
+        model="openai/whisper-tiny",
+        dataset="NbAiLab/NCC_speech_all_v5",
+        global_batch=512,
+        effective_learning_rate=2e-5,
+        warmup_steps=10000,
+        num_train_steps=250000,
+        eval_steps=5000,
+        eval_batch=512,
+        hub_model_id="NbAiLab/scream_tiny_sept_all",
+    ),
+    "run_tiny_1024bs.sh": dict(
+        model="openai/whisper-tiny",
+        dataset="NbAiLab/NCC_speech_all_v5",
+        global_batch=1024,
+        effective_learning_rate=2.828e-5,
+        warmup_steps=5000,
+        num_train_steps=125000,
+        eval_steps=2500,
+        eval_batch=512,
+        hub_model_id="NbAiLab/scream_tiny_sept_all_1024bs",
+    ),
+    "run_large_2e6.sh": dict(
+        model="openai/whisper-large-v2",
+        dataset="NbAiLab/NCC_speech_all_v5",
+        global_batch=160,
+        effective_learning_rate=2e-6,
+        warmup_steps=5000,
+        num_train_steps=100000,
+        eval_steps=2500,
+        eval_batch=160,
+        hub_model_id="NbAiLab/scream_large_sept_2e6",
+    ),
+    "run_large_8e6.sh": dict(
+        model="openai/whisper-large-v2",
+        dataset="NbAiLab/NCC_speech_all_v5",
+        global_batch=160,
+        effective_learning_rate=8e-6,
+        warmup_steps=5000,
+        num_train_steps=100000,
+        eval_steps=2500,
+        eval_batch=160,
+        hub_model_id="NbAiLab/scream_large_sept_8e6",
+    ),
 }
 
 
@@ -1675,8 +2130,9 @@ LR_SEARCH = {
 def scripts_hub_cache(tmp_path_factory):
     """A Hugging Face hub cache holding the two base models' configs, as a machine that once
     downloaded them has it (refs/main -> snapshots/<commit>/...)."""
-    import make_demo_dataset
     from transformers import WhisperConfig, WhisperFeatureExtractor
+
+    import make_demo_dataset
 
     cache = tmp_path_factory.mktemp("hub_cache")
     tokenizer = make_demo_dataset.write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
@@ -1687,19 +2143,38 @@ def scripts_hub_cache(tmp_path_factory):
         snapshot.mkdir(parents=True)
         (repo_dir / "refs").mkdir()
         (repo_dir / "refs" / "main").write_text(commit)
-        WhisperConfig(vocab_size=51865, num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
-                      pad_token_id=50257, bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
-                      **dims).save_pretrained(snapshot)
+        WhisperConfig(
+            vocab_size=51865,
+            num_mel_bins=80,
+            max_source_positions=1500,
+            max_target_positions=448,
+            pad_token_id=50257,
+            bos_token_id=50257,
+            eos_token_id=50257,
+            decoder_start_token_id=50258,
+            **dims,
+        ).save_pretrained(snapshot)
         tokenizer.save_pretrained(snapshot)
         WhisperFeatureExtractor(feature_size=80).save_pretrained(snapshot)
     return cache
 
 
 def dry_run(script: Path, cache: Path, *extra: str) -> dict:
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run(["bash", str(script), *extra, "--dry_run", "--no_dry_run_compile"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(cache),
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
+    result = subprocess.run(
+        ["bash", str(script), *extra, "--dry_run", "--no_dry_run_compile"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan_lines = [line for line in result.stdout.splitlines() if line.startswith("plan_json: ")]
     assert len(plan_lines) == 1, result.stdout[-3000:]
@@ -1764,10 +2239,16 @@ def test_lr_search_table_reports_each_runs_best_wer(tmp_path):
     for name, wers in (("tiny_8tpu_2e5_linear", [40.0, 31.5, 33.0]), ("tiny_8tpu_3e5_linear", [35.0])):
         (root / f"scream_{name}").mkdir(parents=True)
         lines = [{"step": 2500 * (i + 1), "eval/wer_normalized": wer} for i, wer in enumerate(wers)]
-        (root / f"scream_{name}" / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        (root / f"scream_{name}" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     env = dict(os.environ, PYTHON=sys.executable, SCREAM_OUTPUT_ROOT=str(root))
-    table = subprocess.run(["bash", str(REPO / "run_lr_search_v4-8.sh"), "--table"], env=env, capture_output=True,
-                           text=True, timeout=60, check=True).stdout
+    table = subprocess.run(
+        ["bash", str(REPO / "run_lr_search_v4-8.sh"), "--table"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "| tiny_8tpu_2e5_linear | 31.50 | 5000 | 3 |" in table
     assert "| tiny_8tpu_3e5_linear | 35.00 | 2500 | 1 |" in table
     assert "| tiny_8tpu_1e5_linear | - | - | 0 |" in table
@@ -1775,8 +2256,13 @@ def test_lr_search_table_reports_each_runs_best_wer(tmp_path):
 
 def test_a_typo_in_a_flag_is_an_error_with_status_2(scripts_hub_cache):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(scripts_hub_cache))
-    result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "--learning_rat" in result.stderr
     assert "Traceback" not in result.stderr
@@ -1794,8 +2280,9 @@ sys.path.insert(0, str(REPO))
 
 # Compile-only TPU work: libtpu must neither look for a TPU nor ask a metadata server, nor wait for
 # another process's libtpu lockfile (a parallel test process may hold it).
-BENCH_TPU_ENV = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                     HF_HUB_OFFLINE="1")
+BENCH_TPU_ENV = dict(
+    os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", HF_HUB_OFFLINE="1"
+)
 
 
 def bench_tables(text: str) -> dict[str, list[dict]]:
@@ -1865,11 +2352,12 @@ def test_bench_blocked_attention_matches_dense_attention():
     def value_and_grads(attend):
         return jax.jit(jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2)))(q, k, v)
 
-    ref_value, ref_grads = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16 ** -0.5))
+    ref_value, ref_grads = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16**-0.5))
     assert "while" in jax.jit(run_scream.attention).lower(q, k, v).as_text()  # 300 queries: the blocked path
     variants = [run_scream.attention] + [
-        functools.partial(run_scream.query_block_attention, scale=16 ** -0.5, block=100, per_example=per_example)
-        for per_example in (True, False)]
+        functools.partial(run_scream.query_block_attention, scale=16**-0.5, block=100, per_example=per_example)
+        for per_example in (True, False)
+    ]
     for attend in variants:
         value, grads = value_and_grads(attend)
         np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -1891,16 +2379,32 @@ def test_bench_train_tiny_prints_both_sides_flops_and_parts(capsys):
     assert float(ours["vs PyTorch"]) == pytest.approx(float(ours["examples/s"]) / float(theirs["examples/s"]), rel=0.02)
     assert float(theirs["vs PyTorch"]) == 1
     (flops,) = bench_table(tables, "Training FLOPs per example")
-    parts = [float(flops[h]) for h in ("conv stem", "encoder projections + MLP", "encoder attention QK^T, AV",
-                                       "decoder projections + MLP", "decoder attention QK^T, AV", "output projection")]
+    parts = [
+        float(flops[h])
+        for h in (
+            "conv stem",
+            "encoder projections + MLP",
+            "encoder attention QK^T, AV",
+            "decoder projections + MLP",
+            "decoder attention QK^T, AV",
+            "output projection",
+        )
+    ]
     assert all(p > 0 for p in parts)
     assert sum(parts) == pytest.approx(float(flops["formula"]), rel=0.02)
     # XLA's own count of the compiled step adds log-mel and elementwise work: a bit above the formula.
     assert 1.0 <= float(flops["XLA / formula"]) < 1.3
     profile = bench_table(tables, "Where the time goes")
     names = [r["part"] for r in profile]
-    for expected in ("log-mel", "conv stem", "encoder layer", "self-attention core", "decoder layer",
-                     "output projection", "AdamW"):
+    for expected in (
+        "log-mel",
+        "conv stem",
+        "encoder layer",
+        "self-attention core",
+        "decoder layer",
+        "output projection",
+        "AdamW",
+    ):
         assert any(expected in name for name in names), expected
     assert all(float(r["ours (jit)"]) > 0 for r in profile)
 
@@ -1911,7 +2415,10 @@ def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
     kinds = [(r["pipeline"].split(":")[0], r["source"]) for r in rows]
     assert kinds == [(p, rate) for rate in ("16 kHz", "48 kHz") for p in ("ours", "host log-mel", "host log-mel")]
     assert [("numpy" in r["pipeline"], "backend" in r["pipeline"]) for r in rows[:3]] == [
-        (False, False), (True, False), (False, True)]  # ours, WhisperFeatureExtractor numpy, and torch-backed
+        (False, False),
+        (True, False),
+        (False, True),
+    ]  # ours, WhisperFeatureExtractor numpy, and torch-backed
     for row in rows:
         assert float(row["examples/s per core"]) * float(row["ms/example"]) == pytest.approx(1000, rel=0.02)
     for group in (rows[0:3], rows[3:6]):
@@ -1924,7 +2431,8 @@ def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
     assert all(float(r["decode"]) > 0 and float(r["log-mel numpy"]) > 0 for r in parts)
     scaling = bench_table(tables, "SpeechBatches over a local parquet dataset")
     assert sorted((r["pipeline"], r["workers"]) for r in scaling) == [
-        (p, w) for p in ("host log-mel (numpy)", "host log-mel (torch)", "ours") for w in ("1", "2")]
+        (p, w) for p in ("host log-mel (numpy)", "host log-mel (torch)", "ours") for w in ("1", "2")
+    ]
     assert all(float(r["examples/s"]) > 0 for r in scaling)
 
 
@@ -1948,8 +2456,14 @@ def test_bench_compile_tiny_times_unrolled_and_scan(capsys):
 
 def test_bench_tpu_tiny_compiles_for_a_v4_8():
     """bench_scream tpu --tiny: run_scream's real step compiled for a TPU v4-8 from this CPU."""
-    result = subprocess.run([sys.executable, str(REPO / "bench_scream.py"), "tpu", "--tiny"], env=BENCH_TPU_ENV,
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench_scream.py"), "tpu", "--tiny"],
+        env=BENCH_TPU_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = bench_table(bench_tables(result.stdout), "Per-chip memory of the real train step")
     memory = {r["sharding"]: float(r["GiB/chip at seed batch"]) for r in rows}
@@ -1969,10 +2483,34 @@ def test_bench_dry_run_reports_memory_per_chip_on_a_v4_8(tmp_path):
     tokenizer = make_demo_dataset.write_tokenizer(tmp_path / "tokenizer")
     make_demo_dataset.write_model_dir(tmp_path / "model", tokenizer, chunk_length_s=3, num_mel_bins=80)
     result = subprocess.run(
-        [sys.executable, str(REPO / "run_scream.py"), "--config_name", str(tmp_path / "model"), "--dry_run",
-         "--dry_run_topology", "v4-8", "--train_batch_size", "16", "--max_label_length", "32", "--dtype", "bfloat16",
-         "--fsdp_size", "-1", "--scan_layers", "--remat", "dots", "--output_dir", str(tmp_path / "out")],
-        env=BENCH_TPU_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        [
+            sys.executable,
+            str(REPO / "run_scream.py"),
+            "--config_name",
+            str(tmp_path / "model"),
+            "--dry_run",
+            "--dry_run_topology",
+            "v4-8",
+            "--train_batch_size",
+            "16",
+            "--max_label_length",
+            "32",
+            "--dtype",
+            "bfloat16",
+            "--fsdp_size",
+            "-1",
+            "--scan_layers",
+            "--remat",
+            "dots",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        env=BENCH_TPU_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan_lines = [line for line in result.stdout.splitlines() if line.startswith("plan_json: ")]
     assert len(plan_lines) == 1, result.stdout[-3000:]
@@ -2003,8 +2541,20 @@ def reliability_demo(tmp_path_factory):
     import make_demo_dataset
 
     root = tmp_path_factory.mktemp("reliability_demo")
-    make_demo_dataset.main(["--output_dir", str(root), "--num_train", str(RELIABILITY_NUM_TRAIN), "--num_eval", "8",
-                            "--chunk_length_s", "1", "--num_train_shards", "4"])
+    make_demo_dataset.main(
+        [
+            "--output_dir",
+            str(root),
+            "--num_train",
+            str(RELIABILITY_NUM_TRAIN),
+            "--num_eval",
+            "8",
+            "--chunk_length_s",
+            "1",
+            "--num_train_shards",
+            "4",
+        ]
+    )
     return root
 
 
@@ -2012,22 +2562,61 @@ def reliability_demo(tmp_path_factory):
 def reliability_env(tmp_path_factory):
     """Environment of every subprocess: 1 CPU device, offline, a shared compilation cache."""
     root = tmp_path_factory.mktemp("reliability_env")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        HF_HOME=str(root / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("HF_ENDPOINT", None)
     return env
 
 
-def train_flags(demo: Path, output_dir: Path, *extra: str, dataset: str | None = None, steps: int = RELIABILITY_NUM_STEPS):
+def train_flags(
+    demo: Path, output_dir: Path, *extra: str, dataset: str | None = None, steps: int = RELIABILITY_NUM_STEPS
+):
     """The one command every fault test runs (streaming, as on a pod; no shuffle buffer, so the
     order of examples is the files' own and a run is reproducible example for example)."""
-    return ["--config_name", str(demo / "model"), "--dataset_name", dataset or str(demo / "data"), "--streaming",
-            "--output_dir", str(output_dir), "--do_train", "--train_batch_size", "8", "--num_train_steps", str(steps),
-            "--learning_rate", "3e-3", "--warmup_steps", "2", "--max_label_length", "40", "--logging_steps", "1",
-            "--save_steps", str(RELIABILITY_SAVE_STEPS), "--save_total_limit", "10", "--shuffle_buffer_size", "0",
-            "--preprocessing_num_workers", "2", "--report_to", "none", *extra]
+    return [
+        "--config_name",
+        str(demo / "model"),
+        "--dataset_name",
+        dataset or str(demo / "data"),
+        "--streaming",
+        "--output_dir",
+        str(output_dir),
+        "--do_train",
+        "--train_batch_size",
+        "8",
+        "--num_train_steps",
+        str(steps),
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--max_label_length",
+        "40",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(RELIABILITY_SAVE_STEPS),
+        "--save_total_limit",
+        "10",
+        "--shuffle_buffer_size",
+        "0",
+        "--preprocessing_num_workers",
+        "2",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None) -> subprocess.Popen:
@@ -2035,8 +2624,7 @@ def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | 
     log_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "run_scream.py")]
     with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
-        return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err,
-                                start_new_session=True)
+        return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RELIABILITY_TIMEOUT_S):
@@ -2101,7 +2689,9 @@ def resumed_step(stdout: str) -> int | None:
 def reliability_reference(reliability_demo, reliability_env, tmp_path_factory):
     """The uninterrupted run every fault test must reproduce exactly."""
     root = tmp_path_factory.mktemp("reliability_reference")
-    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, root / "run"), root, "run")
+    returncode, stdout, stderr = reliability_run(
+        reliability_env, train_flags(reliability_demo, root / "run"), root, "run"
+    )
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) is None
     assert complete_checkpoints(root / "run") == [3, 6, 9, 12]
@@ -2114,11 +2704,26 @@ def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[l
     import run_scream
 
     data_args = run_scream.DataArguments(dataset_name=str(demo / "data"), streaming=True, shuffle_buffer_size=0)
-    make_source = functools.partial(run_scream.load_source, data_args, "train", process_index=0, process_count=1,
-                                    seed=0, shuffle=True, max_samples=None)
-    batches = run_scream.SpeechBatches(lambda epoch: make_source(epoch=epoch), lambda row: ({"id": row["id"]}, None),
-                                       batch_size=8, collate_fn=lambda examples: None, repeat=True, num_workers=1,
-                                       prefetch_batches=1, state=state)
+    make_source = functools.partial(
+        run_scream.load_source,
+        data_args,
+        "train",
+        process_index=0,
+        process_count=1,
+        seed=0,
+        shuffle=True,
+        max_samples=None,
+    )
+    batches = run_scream.SpeechBatches(
+        lambda epoch: make_source(epoch=epoch),
+        lambda row: ({"id": row["id"]}, None),
+        batch_size=8,
+        collate_fn=lambda examples: None,
+        repeat=True,
+        num_workers=1,
+        prefetch_batches=1,
+        state=state,
+    )
     iterator = iter(batches)
     try:
         return [[example["id"] for example in examples] for _, examples in itertools.islice(iterator, num_batches)]
@@ -2126,8 +2731,9 @@ def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[l
         iterator.close()
 
 
-def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, reliability_env,
-                                                             reliability_reference, tmp_path):
+def test_reliability_kill_9_at_a_random_step_resumes_exactly(
+    reliability_demo, reliability_env, reliability_reference, tmp_path
+):
     kill_after = random.Random(7).randint(5, 8)  # seeded: the same step on every run of the suite
     out = tmp_path / "run"
     process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
@@ -2137,7 +2743,9 @@ def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, r
     committed = complete_checkpoints(out)
     assert committed and committed[-1] < RELIABILITY_NUM_STEPS and not (out / "model.safetensors").exists(), committed
 
-    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(
+        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
+    )
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == committed[-1]  # the last complete checkpoint
     assert_same_exported_params(out, reliability_reference)
@@ -2148,15 +2756,21 @@ def test_reliability_kill_9_at_a_random_step_resumes_exactly(reliability_demo, r
     meta = json.loads((out / "checkpoints" / str(committed[-1]) / "meta" / "metadata").read_text())
     assert meta["step"] == committed[-1] and meta["examples_seen"] == 8 * committed[-1]
     straight = batch_ids(reliability_demo, RELIABILITY_NUM_STEPS)
-    assert batch_ids(reliability_demo, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0]) == straight[committed[-1]:]
+    assert (
+        batch_ids(reliability_demo, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0])
+        == straight[committed[-1] :]
+    )
     read = [example_id for batch in straight for example_id in batch]
     every_id = [f"train-{i:06d}" for i in range(RELIABILITY_NUM_TRAIN)]
-    assert read[:RELIABILITY_NUM_TRAIN] == every_id and read[RELIABILITY_NUM_TRAIN:2 * RELIABILITY_NUM_TRAIN] == every_id
-    assert read[2 * RELIABILITY_NUM_TRAIN:] == every_id[:8 * RELIABILITY_NUM_STEPS - 2 * RELIABILITY_NUM_TRAIN]
+    assert (
+        read[:RELIABILITY_NUM_TRAIN] == every_id and read[RELIABILITY_NUM_TRAIN : 2 * RELIABILITY_NUM_TRAIN] == every_id
+    )
+    assert read[2 * RELIABILITY_NUM_TRAIN :] == every_id[: 8 * RELIABILITY_NUM_STEPS - 2 * RELIABILITY_NUM_TRAIN]
 
 
-def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(reliability_demo, reliability_env,
-                                                                              reliability_reference, tmp_path):
+def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(
+    reliability_demo, reliability_env, reliability_reference, tmp_path
+):
     """A process killed while orbax writes step 9 leaves checkpoints/9.orbax-checkpoint-tmp (orbax
     writes there and renames on commit) next to the committed 3 and 6, and metrics up to step 9.
     That state is built here from the reference run's own files, deterministically."""
@@ -2173,20 +2787,23 @@ def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(rel
         if path.is_file() and (path.name == "commit_success.txt" or "manifest" in path.name):
             path.unlink()
     data_files = sorted(p for p in (partial / "state").rglob("*") if p.is_file())
-    for path in data_files[len(data_files) // 2:]:  # half the array data on disk
+    for path in data_files[len(data_files) // 2 :]:  # half the array data on disk
         path.unlink()
     lines = (reliability_reference / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(lines[:9]))
 
-    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(
+        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
+    )
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == 6
     assert_same_exported_params(out, reliability_reference)
     assert complete_checkpoints(out) == [3, 6, 9, 12] and not partial.exists()
 
 
-def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(reliability_demo, reliability_env,
-                                                                      reliability_reference, tmp_path):
+def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(
+    reliability_demo, reliability_env, reliability_reference, tmp_path
+):
     out = tmp_path / "run"
     process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
     wait_for_step(process, out, 4)
@@ -2199,7 +2816,9 @@ def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(reliabilit
     assert 4 < stopped < RELIABILITY_NUM_STEPS and complete_checkpoints(out)[-1] == stopped
     assert max(logged_steps(out)) == stopped and not (out / "model.safetensors").exists()
 
-    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch")
+    returncode, stdout, stderr = reliability_run(
+        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
+    )
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == stopped
     assert_same_exported_params(out, reliability_reference)
@@ -2258,7 +2877,7 @@ class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
             start, _, end = rng.removeprefix("bytes=").partition("-")
             start, end = int(start), min(int(end) if end else len(body) - 1, len(body) - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
-            status, body = 206, body[start:end + 1]
+            status, body = 206, body[start : end + 1]
         body = body or b""
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(body))}.items():
@@ -2273,19 +2892,30 @@ class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
         hub: FlakyHub = self.server
         repo = FlakyHub.repo_id
         files = sorted(p for p in hub.root.rglob("*") if p.is_file())
-        if path in (f"/api/datasets/{repo}", f"/api/datasets/{repo}/revision/main",
-                    f"/api/datasets/{repo}/revision/{hub.sha}"):
-            info = {"id": repo, "sha": hub.sha, "private": False, "tags": [], "cardData": {},
-                    "siblings": [{"rfilename": str(p.relative_to(hub.root))} for p in files]}
+        if path in (
+            f"/api/datasets/{repo}",
+            f"/api/datasets/{repo}/revision/main",
+            f"/api/datasets/{repo}/revision/{hub.sha}",
+        ):
+            info = {
+                "id": repo,
+                "sha": hub.sha,
+                "private": False,
+                "tags": [],
+                "cardData": {},
+                "siblings": [{"rfilename": str(p.relative_to(hub.root))} for p in files],
+            }
             return 200, json.dumps(info).encode(), {"Content-Type": "application/json"}
         if path.startswith(f"/api/datasets/{repo}/tree/"):
             folder = hub.root / path.removeprefix(f"/api/datasets/{repo}/tree/").partition("/")[2]
             if not folder.is_dir():
                 return 404, b"{}", {"Content-Type": "application/json", "X-Error-Code": "EntryNotFound"}
-            entries = [{"type": "directory", "path": str(p.relative_to(hub.root)), "oid": "0" * 40, "size": 0}
-                       if p.is_dir() else
-                       {"type": "file", "path": str(p.relative_to(hub.root)), "oid": "1" * 40, "size": p.stat().st_size}
-                       for p in sorted(folder.iterdir())]
+            entries = [
+                {"type": "directory", "path": str(p.relative_to(hub.root)), "oid": "0" * 40, "size": 0}
+                if p.is_dir()
+                else {"type": "file", "path": str(p.relative_to(hub.root)), "oid": "1" * 40, "size": p.stat().st_size}
+                for p in sorted(folder.iterdir())
+            ]
             return 200, json.dumps(entries).encode(), {"Content-Type": "application/json"}
         if path.startswith(f"/datasets/{repo}/resolve/"):
             file = hub.root / path.removeprefix(f"/datasets/{repo}/resolve/").partition("/")[2]
@@ -2300,11 +2930,13 @@ class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
 def reliability_hub_env(reliability_env, tmp_path):
     def hub_env(hub: FlakyHub) -> dict:
         return dict(reliability_env, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+
     return hub_env
 
 
-def test_reliability_dropped_connections_are_retried_without_losing_examples(reliability_demo, reliability_hub_env,
-                                                                             reliability_reference, tmp_path):
+def test_reliability_dropped_connections_are_retried_without_losing_examples(
+    reliability_demo, reliability_hub_env, reliability_reference, tmp_path
+):
     """Streams the dataset from a hub that drops every 9th request (the dataset's metadata, file
     listings and parquet byte ranges alike; each epoch opens the dataset anew): the run must go
     on and end with exactly the uninterrupted run's parameters."""
@@ -2325,8 +2957,15 @@ def test_reliability_dropped_connections_are_retried_without_losing_examples(rel
 def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_demo, reliability_hub_env, tmp_path):
     hub = FlakyHub(reliability_demo / "data", fail_every=1)
     try:
-        flags = train_flags(reliability_demo, tmp_path / "run", "--read_retries", "3", "--read_retry_wait_s", "0.1",
-                            dataset=FlakyHub.repo_id)
+        flags = train_flags(
+            reliability_demo,
+            tmp_path / "run",
+            "--read_retries",
+            "3",
+            "--read_retry_wait_s",
+            "0.1",
+            dataset=FlakyHub.repo_id,
+        )
         returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
     finally:
         hub.shutdown()
@@ -2347,9 +2986,27 @@ def test_reliability_a_dead_peer_process_stops_the_survivor(reliability_demo, re
         port = probe.getsockname()[1]
     env = dict(reliability_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = tmp_path / "run"
-    processes = [launch(env, train_flags(reliability_demo, out, "--coordinator_address", f"127.0.0.1:{port}",
-                                         "--num_processes", "2", "--process_id", str(i), "--distributed_timeout_s", "60",
-                                         steps=100000), tmp_path, f"process{i}") for i in range(2)]
+    processes = [
+        launch(
+            env,
+            train_flags(
+                reliability_demo,
+                out,
+                "--coordinator_address",
+                f"127.0.0.1:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+                "--distributed_timeout_s",
+                "60",
+                steps=100000,
+            ),
+            tmp_path,
+            f"process{i}",
+        )
+        for i in range(2)
+    ]
     try:
         wait_for_step(processes[0], out, 3)
         os.kill(processes[1].pid, signal.SIGKILL)
@@ -2382,8 +3039,9 @@ sys.exit(run_scream.main(sys.argv[2:]))
 """
 
 
-def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoint(reliability_demo, reliability_env,
-                                                                                   tmp_path):
+def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoint(
+    reliability_demo, reliability_env, tmp_path
+):
     out = tmp_path / "run"
     flags = ["5", *train_flags(reliability_demo, out, "--save_steps", "2")]
     returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
@@ -2398,8 +3056,9 @@ def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoin
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(out / "checkpoints", item_names=("state", "meta")) as manager:
-        restored = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                               meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            4, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
     assert restored["meta"]["step"] == 4 and int(restored["state"]["step"]) == 4
     leaves = [np.asarray(leaf) for leaf in __import__("jax").tree.leaves(restored["state"]["params"])]
     assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
@@ -2430,7 +3089,12 @@ def write_bad_input_dataset(root: Path, demo: Path) -> dict:
         ("zero_length", wav(np.zeros(0, np.float32)), "hei", "empty_audio"),
         ("nan_samples", wav(with_nan, subtype="FLOAT"), "hei", "non_finite_audio"),
         ("stereo_8khz", wav(np.stack([stereo_8k, 0.5 * stereo_8k], axis=1), rate=8000), "hei du", None),
-        ("clip_45s", demo_data.encode_flac(0.1 * rng.standard_normal(45 * 16000).astype(np.float32)), "hei", "too_long"),
+        (
+            "clip_45s",
+            demo_data.encode_flac(0.1 * rng.standard_normal(45 * 16000).astype(np.float32)),
+            "hei",
+            "too_long",
+        ),
         ("empty_text", demo_data.encode_flac(good[1][1]), "", "empty_text"),
         ("none_text", demo_data.encode_flac(good[2][1]), None, "empty_text"),
         ("1000_tokens", demo_data.encode_flac(good[3][1]), "hei " * 250, "too_many_tokens"),
@@ -2438,14 +3102,22 @@ def write_bad_input_dataset(root: Path, demo: Path) -> dict:
     ]
     rows = []
     for i, (text, waveform) in enumerate(good):  # a bad row after each good one; the last row is good
-        rows.append({"id": f"good-{i}", "audio": {"bytes": demo_data.encode_flac(waveform), "path": f"good-{i}.flac"},
-                     "text": text, "source": "demo"})
+        rows.append(
+            {
+                "id": f"good-{i}",
+                "audio": {"bytes": demo_data.encode_flac(waveform), "path": f"good-{i}.flac"},
+                "text": text,
+                "source": "demo",
+            }
+        )
         if i < len(bad):
             name, audio, text, _ = bad[i]
             rows.append({"id": name, "audio": {"bytes": audio, "path": f"{name}.wav"}, "text": text, "source": "bad"})
     (root / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=demo_data.FEATURES.arrow_schema),
-                   root / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=demo_data.FEATURES.arrow_schema),
+        root / "data" / "train-00000-of-00001.parquet",
+    )
     expected = {}
     for *_, reason in bad:
         if reason:
@@ -2464,7 +3136,9 @@ def test_reliability_bad_input_is_skipped_and_counted_by_reason(reliability_demo
     assert "Traceback" not in stderr
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["step"] == 2 and last["train/epoch"] == 0
-    skipped = {key.removeprefix("data/skipped_"): value for key, value in last.items() if key.startswith("data/skipped_")}
+    skipped = {
+        key.removeprefix("data/skipped_"): value for key, value in last.items() if key.startswith("data/skipped_")
+    }
     assert skipped == expected  # 8 kHz stereo and characters outside the vocabulary are used, not skipped
     assert (out / "model.safetensors").exists()
 
@@ -2488,10 +3162,14 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
     soundfile.write(buffer, np.stack([clip, 0.5 * clip], axis=1), 8000, format="WAV", subtype="FLOAT")
     text = "Hei ☃ 日本 🙂 done"
     example, reason = run_scream.prepare_example(
-        {"audio": {"bytes": buffer.getvalue()}, "text": text, "id": 7}, audio_column="audio", text_column="text",
-        id_column="id", tokenizer=tokenizer,
+        {"audio": {"bytes": buffer.getvalue()}, "text": text, "id": 7},
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
         audio_settings=run_scream.AudioSettings(16000, 16000, 0.0, 1.0),
-        text_settings=run_scream.TextSettings(False, False, 60))
+        text_settings=run_scream.TextSettings(False, False, 60),
+    )
     assert reason is None
     assert example["audio"].ndim == 1 and example["audio"].dtype == np.float32
     np.testing.assert_allclose(example["audio"], soxr.resample(0.75 * clip, 8000, 16000), atol=1e-6)  # mean of channels
@@ -2514,10 +3192,27 @@ def reliability_in_process(reliability_demo, monkeypatch, capfd, tmp_path):
 
     def main(*flags: str, output_dir: Path | None = None) -> tuple[int, str]:
         capfd.readouterr()
-        args = ["--config_name", str(reliability_demo / "model"), "--dataset_name", str(reliability_demo / "data"),
-                "--output_dir", str(output_dir or tmp_path / "run"), "--do_train", "--train_batch_size", "8",
-                "--num_train_steps", "2", "--max_label_length", "40", "--report_to", "none", "--streaming",
-                "--cache_dir", str(tmp_path / "hub_cache"), *flags]
+        args = [
+            "--config_name",
+            str(reliability_demo / "model"),
+            "--dataset_name",
+            str(reliability_demo / "data"),
+            "--output_dir",
+            str(output_dir or tmp_path / "run"),
+            "--do_train",
+            "--train_batch_size",
+            "8",
+            "--num_train_steps",
+            "2",
+            "--max_label_length",
+            "40",
+            "--report_to",
+            "none",
+            "--streaming",
+            "--cache_dir",
+            str(tmp_path / "hub_cache"),
+            *flags,
+        ]
         try:
             returncode = run_scream.main(args)
         finally:
@@ -2532,32 +3227,46 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
     assert "Traceback" not in stderr
     errors = [i for i, line in enumerate(stderr.splitlines()) if line.startswith("error: ")]
     assert len(errors) == 1, stderr[-3000:]
-    message = "\n".join(stderr.splitlines()[errors[0]:])
+    message = "\n".join(stderr.splitlines()[errors[0] :])
     assert "\n\n" not in message.strip(), message  # one paragraph
     for needle in needles:
         assert needle in message, message
 
 
-@pytest.mark.parametrize("flags, needles", [
-    (["--train_batch_size", "12"], ["--train_batch_size 12", "multiple of 8"]),
-    (["--text_column_name", "transcript"], ["--text_column_name 'transcript'", "it has: "]),
-    (["--language", "klingon"], ["--language 'klingon'", "norwegian"]),
-    (["--dataset_name", "/nonexistent/scream/data"], ["--dataset_name '/nonexistent/scream/data'", "local directory"]),
-    (["--config_name", "scream-tests/no-such-whisper"], ["'scream-tests/no-such-whisper'", "--config_name",
-                                                          "HF_HUB_OFFLINE"]),
-], ids=["batch_not_divisible", "missing_column", "unknown_language", "no_such_dataset", "no_such_model"])
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--train_batch_size", "12"], ["--train_batch_size 12", "multiple of 8"]),
+        (["--text_column_name", "transcript"], ["--text_column_name 'transcript'", "it has: "]),
+        (["--language", "klingon"], ["--language 'klingon'", "norwegian"]),
+        (
+            ["--dataset_name", "/nonexistent/scream/data"],
+            ["--dataset_name '/nonexistent/scream/data'", "local directory"],
+        ),
+        (
+            ["--config_name", "scream-tests/no-such-whisper"],
+            ["'scream-tests/no-such-whisper'", "--config_name", "HF_HUB_OFFLINE"],
+        ),
+    ],
+    ids=["batch_not_divisible", "missing_column", "unknown_language", "no_such_dataset", "no_such_model"],
+)
 def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_in_process, tmp_path, flags, needles):
     assert_config_error(*reliability_in_process(*flags), *needles)
 
 
-def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(reliability_demo, reliability_env,
-                                                                              reliability_in_process, tmp_path):
+def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(
+    reliability_demo, reliability_env, reliability_in_process, tmp_path
+):
     """A run that stopped at a misconfiguration wrote only its start-up files; the fixed command
     must start there, not be refused as another run's directory."""
     out = tmp_path / "run"
-    assert_config_error(*reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name")
+    assert_config_error(
+        *reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name"
+    )
     assert (out / "scream_config.json").exists()
-    returncode, stdout, stderr = reliability_run(reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed")
+    returncode, stdout, stderr = reliability_run(
+        reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed"
+    )
     assert returncode == 0, stderr[-3000:]
     assert logged_steps(out) == [1] and (out / "model.safetensors").exists()
 
@@ -2571,8 +3280,9 @@ def test_reliability_output_dir_with_other_files_is_refused(reliability_in_proce
 
 
 @pytest.mark.parametrize("changed", ["dataset", "model"])
-def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(reliability_demo, reliability_reference,
-                                                                         reliability_in_process, tmp_path, changed):
+def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(
+    reliability_demo, reliability_reference, reliability_in_process, tmp_path, changed
+):
     out = tmp_path / "run"
     shutil.copytree(reliability_reference, out, ignore=shutil.ignore_patterns("[0-9]", "[0-9][0-9]"))
     shutil.copytree(reliability_reference / "checkpoints" / "3", out / "checkpoints" / "3")
@@ -2583,13 +3293,21 @@ def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(reliabi
         shutil.copytree(reliability_demo / "model", tmp_path / "other_model")
         flags, needle = ["--config_name", str(tmp_path / "other_model")], "--config_name"
     saved = (out / "scream_config.json").read_text()
-    assert_config_error(*reliability_in_process(*flags, output_dir=out), "another run's checkpoints", needle,
-                        "--overwrite_output_dir")
+    assert_config_error(
+        *reliability_in_process(*flags, output_dir=out), "another run's checkpoints", needle, "--overwrite_output_dir"
+    )
     assert (out / "scream_config.json").read_text() == saved  # nothing of the other run touched
 
 
 def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"))
-    result = subprocess.run(["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"], env=env,
-                            capture_output=True, text=True, timeout=RELIABILITY_TIMEOUT_S)
-    assert_config_error(result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate")
+    result = subprocess.run(
+        ["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RELIABILITY_TIMEOUT_S,
+    )
+    assert_config_error(
+        result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"
+    )

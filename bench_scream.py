@@ -202,12 +202,10 @@ def make_train_batch(config, batch_size: int, label_length: int, chunk_s: float,
 
 
 def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, remat="none", devices=None, fsdp_size=1):
-    """run_scream's train step, jitted as run() jits it (shardings over a mesh, state donated).
-
-    Returns (step_fn, abstract_state with shardings, data sharding, model, optimizer, state sharding).
+    """run_scream's train step, jitted by run_scream.jit_train_step as run() jits it (shardings over
+    a mesh, state donated). Returns (run_scream.JittedTrainStep, model).
     AdamW without clipping or weight decay, as the experiment scripts pin it."""
     import jax
-    import jax.numpy as jnp
 
     import run_scream as rs
 
@@ -215,30 +213,7 @@ def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, r
     train_args = rs.TrainingArguments(learning_rate=1e-5, max_grad_norm=0.0, weight_decay=0.0, num_train_steps=1000)
     optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-5, 0, 1000, "linear"))
     mesh = rs.make_mesh(fsdp_size, devices if devices is not None else jax.devices()[:1])
-    abstract_params = jax.eval_shape(functools.partial(rs.init_params, model), jax.random.PRNGKey(0))
-    abstract_state = jax.eval_shape(
-        lambda p: rs.TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
-    )
-    state_sharding = rs.state_shardings(abstract_state, mesh)
-    data_sharding = rs.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(
-            rs.train_step,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=mel_filters,
-            accumulation_steps=1,
-            label_smoothing=0.0,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sharding, data_sharding),
-        out_shardings=(state_sharding, None),
-        donate_argnums=0,
-    )
-    abstract_with_sharding = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-    )
-    return step_fn, abstract_with_sharding, data_sharding, model, optimizer, state_sharding
+    return rs.jit_train_step(model, optimizer, mesh, mel_filters=mel_filters), model
 
 
 @contextlib.contextmanager
@@ -259,29 +234,19 @@ class OursTrainer:
 
     def __init__(self, config, batch: dict, mel_filters):
         import jax
-        import jax.numpy as jnp
 
         import run_scream as rs
 
         self.jax = jax
-        step_fn, abstract_state, data_sharding, model, optimizer, state_sharding = build_our_step(config, mel_filters)
-        params = jax.jit(functools.partial(rs.init_params, model), out_shardings=state_sharding.params)(
-            jax.random.PRNGKey(0)
-        )
-        opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
-        self.state = rs.TrainState(
-            jax.device_put(jnp.int32(0), state_sharding.step),
-            params,
-            opt_state,
-            jax.device_put(jax.random.PRNGKey(1), state_sharding.rng),
-        )
-        self.batch = jax.device_put(batch, data_sharding)
+        step, model = build_our_step(config, mel_filters)
+        self.state = rs.initial_train_state(step, model, seed=0)
+        self.batch = jax.device_put(batch, step.data_sharding)
         start = time.perf_counter()
-        self.step_fn = step_fn.lower(self.state, self.batch).compile()
+        self.step_fn = step.fn.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - start
         # XLA counts a loop body once, so count FLOPs on the same step with attention unblocked.
         with attention_unblocked():
-            cost = build_our_step(config, mel_filters)[0].lower(self.state, self.batch).cost_analysis()
+            cost = build_our_step(config, mel_filters)[0].fn.lower(self.state, self.batch).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.xla_flops = float(cost.get("flops", 0.0))
         self.step()  # the first run allocates and warms caches
@@ -742,6 +707,36 @@ def numpy_feature_extractor(**kwargs):
     return NumpyWhisperFeatureExtractor(**kwargs)
 
 
+def with_host_log_mel(prepare, feature_extractor):
+    """prepare_example that also computes log-mel on the host (the 2023 way, for comparison)."""
+
+    def prepare_with_features(row):
+        example, reason = prepare(row)
+        if example is not None:
+            example["input_features"] = feature_extractor(
+                example["audio"], sampling_rate=feature_extractor.sampling_rate, return_tensors="np"
+            ).input_features[0]
+        return example, reason
+
+    return prepare_with_features
+
+
+def with_host_features(collate_fn, feature_extractor):
+    """collate that ships the host's log-mel features instead of the waveform."""
+
+    def collate_with_features(examples):
+        batch = collate_fn(examples)
+        frames = feature_extractor.n_samples // feature_extractor.hop_length
+        features = np.zeros((len(batch["audio"]), feature_extractor.feature_size, frames), np.float32)
+        for row, example in enumerate(examples):
+            features[row] = example["input_features"]
+        del batch["audio"]
+        batch["input_features"] = features
+        return batch
+
+    return collate_with_features
+
+
 def bench_input(args):
     import soundfile
     import soxr
@@ -786,8 +781,8 @@ def bench_input(args):
     pipelines = {"ours": (prepare, collate)}
     for backend, extractor in extractors.items():
         pipelines[f"host log-mel ({backend})"] = (
-            rs.with_host_log_mel(prepare, extractor),
-            rs.with_host_features(collate, extractor),
+            with_host_log_mel(prepare, extractor),
+            with_host_features(collate, extractor),
         )
     titles = {
         "ours": "ours: decode + resample + tokenize + collate (log-mel on device)",
@@ -965,17 +960,15 @@ def bench_compile(args):
         for _ in range(args.rounds if name not in args.single_round_models else 1):
             for scan in (False, True):
                 sample_load()
-                step_fn, abstract_state, data_sharding, *_ = build_our_step(
-                    config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat
-                )
+                step, _ = build_our_step(config, mel_filters, dtype=args.dtype, scan_layers=scan, remat=args.remat)
                 batch = rs.abstract_batch(
                     args.batch_size,
                     n_samples=int(args.chunk_s * SAMPLING_RATE),
                     max_label_length=args.label_length,
-                    sharding=data_sharding,
+                    sharding=step.data_sharding,
                 )
                 start = time.perf_counter()
-                lowered = step_fn.lower(abstract_state, batch)
+                lowered = step.fn.lower(step.abstract_state, batch)
                 lower_times[scan].append(time.perf_counter() - start)
                 lowered.compile()
                 times[scan].append(time.perf_counter() - start)
@@ -1028,18 +1021,18 @@ def tpu_compile(
     """Compile run_scream's train step for the slice; {'bytes', 'fits', 'compile_s'} (bytes None: did not fit)."""
     import run_scream as rs
 
-    step_fn, abstract_state, data_sharding, *_ = build_our_step(
+    step, _ = build_our_step(
         config, mel_filters, dtype=dtype, scan_layers=scan, remat=remat, devices=devices, fsdp_size=fsdp_size
     )
     batch = rs.abstract_batch(
         per_chip_batch * len(devices),
         n_samples=int(chunk_s * SAMPLING_RATE),
         max_label_length=label_length,
-        sharding=data_sharding,
+        sharding=step.data_sharding,
     )
     start = time.perf_counter()
     try:
-        compiled = step_fn.lower(abstract_state, batch).compile()
+        compiled = step.fn.lower(step.abstract_state, batch).compile()
     except Exception as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

@@ -138,9 +138,6 @@ class DataArguments:
             "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
         },
     )
-    host_log_mel: bool = field(
-        default=False, metadata={"help": "Compute log-mel on the host with WhisperFeatureExtractor (for comparison)."}
-    )
 
     def __post_init__(self):
         if self.task not in ("transcribe", "translate"):
@@ -1393,13 +1390,6 @@ def token_losses(logits, labels, label_smoothing: float = 0.0):
     return jnp.where(mask, losses, 0.0), mask
 
 
-def input_features_of(batch, mel_filters):
-    """Log-mel from the raw waveform on the device, unless the host already computed it."""
-    if "input_features" in batch:
-        return batch["input_features"]
-    return log_mel(batch["audio"], mel_filters)
-
-
 def on_mesh(mesh):
     """Make `mesh` the current one while a step is traced, for keep_batch_sharded."""
     return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
@@ -1422,7 +1412,7 @@ def train_step(
         step_rng = jax.random.fold_in(state.rng, state.step)
 
         def summed_loss(params, micro_batch, rng):
-            features = input_features_of(micro_batch, mel_filters)
+            features = log_mel(micro_batch["audio"], mel_filters)
             logits = model.apply(
                 {"params": params}, features, micro_batch["decoder_input_ids"], train=True, rngs={"dropout": rng}
             )
@@ -1464,11 +1454,72 @@ def train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def with_shardings(abstract_tree, shardings):
+    """jax.ShapeDtypeStructs that carry their shardings: what restore and .lower() need."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+@dataclass(frozen=True)
+class JittedTrainStep:
+    """train_step as every caller runs it (run, bench_scream.py, the tests): state sharded over the
+    mesh and donated, the batch split by rows."""
+
+    fn: Any  # (TrainState, global batch) -> (TrainState, metrics)
+    abstract_state: TrainState  # shapes, dtypes and shardings, no data
+    state_sharding: TrainState  # a NamedSharding per leaf
+    data_sharding: NamedSharding
+    optimizer: optax.GradientTransformation
+
+
+def jit_train_step(
+    model: Whisper, optimizer, mesh, *, mel_filters, accumulation_steps: int = 1, label_smoothing: float = 0.0
+) -> JittedTrainStep:
+    """eval_shape the state -> its shardings -> jit(partial(train_step)) with those shardings."""
+    abstract_params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(
+        lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
+    )
+    state_sharding = state_shardings(abstract_state, mesh)
+    data_sharding = batch_sharding(mesh)
+    fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=mel_filters,
+            accumulation_steps=accumulation_steps,
+            label_smoothing=label_smoothing,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+    return JittedTrainStep(fn, with_shardings(abstract_state, state_sharding), state_sharding, data_sharding, optimizer)
+
+
+def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, params=None) -> TrainState:
+    """Step 0, sharded from the start: `params` (pretrained, host arrays) or a random init from
+    `seed`, fresh optimizer moments, and the dropout key seed + 1."""
+    sharding = step.state_sharding
+    if params is not None:
+        params = jax.device_put(params, sharding.params)
+    else:
+        params = jax.jit(functools.partial(init_params, model), out_shardings=sharding.params)(jax.random.PRNGKey(seed))
+    opt_state = jax.jit(step.optimizer.init, out_shardings=sharding.opt_state)(params)
+    return TrainState(
+        jax.device_put(jnp.int32(0), sharding.step),
+        params,
+        opt_state,
+        jax.device_put(jax.random.PRNGKey(seed + 1), sharding.rng),
+    )
+
+
 def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
     """Summed token loss and token count of a batch (padded rows carry no labels), and with
     `decoding` the greedy transcripts."""
     with on_mesh(mesh):
-        features = input_features_of(batch, mel_filters)
+        features = log_mel(batch["audio"], mel_filters)
         logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
         losses, mask = token_losses(logits, batch["labels"])
         out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
@@ -1738,16 +1789,6 @@ def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
         else:
             flat[prefix + (key,)] = value
     return flat
-
-
-def unflatten_tree(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def stack_layers(params: dict, dims: WhisperDims) -> dict:
@@ -2023,7 +2064,12 @@ class RunLog:
 
 
 def initialise_distributed(dist: DistributedArguments):
-    """Join the other hosts: explicitly off TPU, by itself on a multi-host TPU slice."""
+    """Join the other hosts: explicitly off TPU, by itself on a multi-host TPU slice; either way a
+    dead peer stops the others within --distributed_timeout_s."""
+    timeouts = dict(
+        initialization_timeout=dist.distributed_timeout_s,
+        heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10),
+    )
     if dist.coordinator_address:
         if dist.num_processes is None or dist.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id.")
@@ -2031,11 +2077,10 @@ def initialise_distributed(dist: DistributedArguments):
             dist.coordinator_address,
             num_processes=dist.num_processes,
             process_id=dist.process_id,
-            initialization_timeout=dist.distributed_timeout_s,
-            heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10),
+            **timeouts,
         )
     elif len(split_names(os.environ.get("TPU_WORKER_HOSTNAMES", ""))) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)  # a TPU slice finds its coordinator itself
 
 
 def tpu_topology_devices(name: str):
@@ -2086,7 +2131,8 @@ def compiled_memory(compiled) -> dict[str, int]:
     return memory
 
 
-def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sharding, n_mels: int | None = None):
+def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sharding):
+    """The shapes of a global batch as collate makes them, for compiling a step without data."""
     shapes = {
         "audio": ((plan_rows, n_samples), jnp.float32),
         "labels": ((plan_rows, max_label_length), jnp.int32),
@@ -2122,26 +2168,54 @@ def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> P
     return components
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+def say(*parts):
+    """print on process 0 only (every host runs the same code)."""
+    if jax.process_index() == 0:
+        print(*parts, flush=True)
 
 
-def run(argv: list[str] | None = None) -> int:
-    model_args, data_args, train_args, dist_args = parse_arguments(argv)
-    if not (train_args.do_train or train_args.do_eval or train_args.dry_run):
-        raise ConfigError("Nothing to do: pass --do_train and/or --do_eval (or --dry_run).")
-    if not train_args.dry_run:
-        initialise_distributed(dist_args)
-    is_main = jax.process_index() == 0
-    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything a run derives from its flags before it touches the output directory or the data."""
 
+    model_args: ModelArguments
+    data_args: DataArguments
+    train_args: TrainingArguments
+    components: Pretrained  # config, tokenizer, feature extractor; params None for a dry run or a scratch model
+    generation_config: Any  # transformers GenerationConfig written with the exported model
+    decoding: DecodingSettings
+    devices: tuple
+    mesh: jax.sharding.Mesh
+    plan: BatchPlan
+    schedule: Any  # optax schedule: step -> learning rate
+    model: Whisper
+    mel_filters: np.ndarray  # (n_freqs, n_mels)
+    train_step: JittedTrainStep
+    eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
+    run_config: dict  # the flags and what was resolved from them: printed, saved, and in the model card
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train_args.output_dir)
+
+    @property
+    def n_samples(self) -> int:
+        return self.components.feature_extractor.n_samples
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.components.feature_extractor.sampling_rate
+
+
+def setup_run(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, dist_args: DistributedArguments
+) -> RunSetup:
+    """Components, decoding settings, mesh, batch plan, model and the jitted steps; no data read,
+    no device memory used beyond what jit needs."""
     components = resolve_components(model_args, weights=not train_args.dry_run)
     config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     language = language_code(data_args.language)
@@ -2173,9 +2247,7 @@ def run(argv: list[str] | None = None) -> int:
     schedule = learning_rate_schedule(
         peak_lr, train_args.warmup_steps, train_args.num_train_steps, train_args.lr_scheduler_type
     )
-    optimizer = make_optimizer(train_args, schedule)
     model = build_model(config, dtype=model_args.dtype, scan_layers=model_args.scan_layers, remat=model_args.remat)
-    sampling_rate = feature_extractor.sampling_rate
     n_samples = feature_extractor.n_samples
     if n_samples // feature_extractor.hop_length != 2 * config.max_source_positions:
         raise ConfigError(
@@ -2184,7 +2256,24 @@ def run(argv: list[str] | None = None) -> int:
             f"{2 * config.max_source_positions}: use a matching --feature_extractor_name."
         )
     mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
-
+    step = jit_train_step(
+        model,
+        make_optimizer(train_args, schedule),
+        mesh,
+        mel_filters=mel_filters,
+        accumulation_steps=train_args.gradient_accumulation_steps,
+        label_smoothing=train_args.label_smoothing_factor,
+    )
+    eval_fn = jax.jit(
+        functools.partial(
+            eval_step,
+            model=model,
+            mel_filters=mel_filters,
+            decoding=decoding if train_args.predict_with_generate else None,
+            mesh=mesh,
+        ),
+        in_shardings=(step.state_sharding.params, step.data_sharding),
+    )
     run_config = {
         "model": dataclasses.asdict(model_args),
         "data": dataclasses.asdict(data_args),
@@ -2202,56 +2291,67 @@ def run(argv: list[str] | None = None) -> int:
             "prompt_ids": list(prompt_ids),
             "total_train_examples": plan.global_batch_size * train_args.num_train_steps,
             "audio_samples_per_example": n_samples,
-            "sampling_rate": sampling_rate,
+            "sampling_rate": feature_extractor.sampling_rate,
         },
     }
-
-    abstract_params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
-    abstract_state = jax.eval_shape(
-        lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
-    )
-    state_sharding = state_shardings(abstract_state, mesh)
-    data_sharding = batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=mel_filters,
-            accumulation_steps=train_args.gradient_accumulation_steps,
-            label_smoothing=train_args.label_smoothing_factor,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sharding, data_sharding),
-        out_shardings=(state_sharding, None),
-        donate_argnums=0,
+    return RunSetup(
+        model_args=model_args,
+        data_args=data_args,
+        train_args=train_args,
+        components=components,
+        generation_config=generation_config,
+        decoding=decoding,
+        devices=tuple(devices),
+        mesh=mesh,
+        plan=plan,
+        schedule=schedule,
+        model=model,
+        mel_filters=mel_filters,
+        train_step=step,
+        eval_step=eval_fn,
+        run_config=run_config,
     )
 
-    if train_args.dry_run:
-        return dry_run(
-            run_config,
-            model,
-            abstract_state,
-            state_sharding,
-            step_fn,
-            plan,
-            data_sharding,
-            n_samples,
-            data_args,
-            train_args,
-            devices,
+
+RUN_IDENTITY = (
+    ("model", "model_name_or_path"),
+    ("model", "config_name"),
+    ("data", "dataset_name"),
+    ("data", "language"),
+    ("data", "task"),
+    ("training", "seed"),
+)
+
+
+def check_same_run(saved: dict, current: dict, path: Path):
+    """Refuse to resume a different run from an output directory's checkpoints."""
+    changed = [
+        f"--{name}: {saved[group][name]!r} there, {current[group][name]!r} now"
+        for group, name in RUN_IDENTITY
+        if saved.get(group, {}).get(name) != current[group][name]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--output_dir holds another run's checkpoints ({path} differs in "
+            + "; ".join(changed)
+            + "). Choose a new --output_dir, or pass --overwrite_output_dir to start over."
         )
 
-    # Output directory: resume, refuse, or start.
-    output_dir = Path(train_args.output_dir)
+
+# What a run writes before its first step: relaunching the fixed command after a misconfiguration
+# found at start-up (a wrong column, a missing dataset) must not be refused as "not empty".
+STARTUP_FILES = {"scream_config.json", "checkpoints", "tensorboard"}
+
+
+def prepare_output_dir(setup: RunSetup):
+    """Resume, refuse, or start: check --output_dir against the flags, clear it with
+    --overwrite_output_dir, and write scream_config.json (process 0)."""
+    train_args, output_dir = setup.train_args, setup.output_dir
     checkpoints_dir = output_dir / "checkpoints"
     has_checkpoints = checkpoints_dir.is_dir() and any(checkpoints_dir.iterdir())
-    # What a run writes before its first step: relaunching the fixed command after a misconfiguration
-    # found at start-up (a wrong column, a missing dataset) must not be refused as "not empty".
-    startup_files = {"scream_config.json", "checkpoints", "tensorboard"}
     if (
         output_dir.is_dir()
-        and any(p.name not in startup_files for p in output_dir.iterdir())
+        and any(p.name not in STARTUP_FILES for p in output_dir.iterdir())
         and not has_checkpoints
         and not train_args.overwrite_output_dir
         and train_args.do_train
@@ -2274,7 +2374,7 @@ def run(argv: list[str] | None = None) -> int:
     # process 0 wrote scream_config.json would refuse a fresh run as "not empty" and hang the rest.
     sync_hosts("output_dir checked")
     if train_args.overwrite_output_dir and train_args.do_train:
-        if is_main:
+        if setup.is_main:
             for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
                 shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
                     output_dir / stale
@@ -2282,57 +2382,47 @@ def run(argv: list[str] | None = None) -> int:
         has_checkpoints = False
     saved_config_path = output_dir / "scream_config.json"
     if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
-        check_same_run(json.loads(saved_config_path.read_text()), run_config, saved_config_path)
-    if is_main:
+        check_same_run(json.loads(saved_config_path.read_text()), setup.run_config, saved_config_path)
+    if setup.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        saved_config_path.write_text(json.dumps(run_config, indent=2, default=str))
+        saved_config_path.write_text(json.dumps(setup.run_config, indent=2, default=str))
     sync_hosts("output_dir prepared")  # ... and no host opens the checkpoints before an overwrite removed them
-    say(json.dumps(run_config, indent=2, default=str))
+    say(json.dumps(setup.run_config, indent=2, default=str))
 
-    # Train state: restored, pretrained or random; sharded from the start.
-    manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit) if train_args.do_train else None
-    restored_meta = None
-    latest = (
-        manager.latest_step()
-        if (manager and train_args.resume_from_checkpoint and not train_args.overwrite_output_dir)
-        else None
-    )
-    if latest is not None:
-        abstract_with_sharding = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-        )
-        state, restored_meta = restore_checkpoint(manager, latest, abstract_with_sharding)
-        if restored_meta["num_processes"] != jax.process_count():
-            raise ConfigError(
-                f"The checkpoint at step {latest} was written by {restored_meta['num_processes']} "
-                f"processes; resume with the same number of hosts (now {jax.process_count()})."
-            )
-        say(f"resumed from {checkpoints_dir / str(latest)} (step {latest})")
-        if is_main:  # the steps after the checkpoint are redone: keep one log line per step
-            drop_metrics_after(output_dir / "metrics.jsonl", latest)
-    else:
-        if components.params is not None:
-            params = stack_layers(components.params, model.dims) if model_args.scan_layers else components.params
-            params = jax.device_put(params, state_sharding.params)
-        else:
-            params = jax.jit(functools.partial(init_params, model), out_shardings=state_sharding.params)(
-                jax.random.PRNGKey(train_args.seed)
-            )
-        opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
-        state = TrainState(
-            jax.device_put(jnp.int32(0), state_sharding.step),
-            params,
-            opt_state,
-            jax.device_put(jax.random.PRNGKey(train_args.seed + 1), state_sharding.rng),
-        )
-    start_step = int(jax.device_get(state.step))
 
-    # Data.
+def init_or_restore(setup: RunSetup, manager) -> tuple[TrainState, dict | None]:
+    """The train state, sharded from the start: the latest checkpoint in --output_dir (with its
+    metadata: step, examples seen, each host's data position), else the pretrained or random
+    weights (metadata None)."""
+    train_args = setup.train_args
+    resume = manager is not None and train_args.resume_from_checkpoint and not train_args.overwrite_output_dir
+    latest = manager.latest_step() if resume else None
+    if latest is None:
+        params = setup.components.params
+        if params is not None and setup.model_args.scan_layers:
+            params = stack_layers(params, setup.model.dims)
+        return initial_train_state(setup.train_step, setup.model, seed=train_args.seed, params=params), None
+    state, meta = restore_checkpoint(manager, latest, setup.train_step.abstract_state)
+    if meta["num_processes"] != jax.process_count():
+        raise ConfigError(
+            f"The checkpoint at step {latest} was written by {meta['num_processes']} "
+            f"processes; resume with the same number of hosts (now {jax.process_count()})."
+        )
+    say(f"resumed from {setup.output_dir / 'checkpoints' / str(latest)} (step {latest})")
+    if setup.is_main:  # the steps after the checkpoint are redone: keep one log line per step
+        drop_metrics_after(setup.output_dir / "metrics.jsonl", latest)
+    return state, meta
+
+
+def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, state: dict | None = None):
+    """This host's SpeechBatches of `split`: shuffled and repeated for training, one pass for
+    evaluation; `state` resumes a training stream where a checkpoint left it."""
+    data_args, train_args = setup.data_args, setup.train_args
     audio_settings = AudioSettings(
-        sampling_rate,
-        n_samples,
+        setup.sampling_rate,
+        setup.n_samples,
         data_args.min_duration_in_seconds,
-        min(data_args.max_duration_in_seconds, n_samples / sampling_rate),
+        min(data_args.max_duration_in_seconds, setup.n_samples / setup.sampling_rate),
     )
     text_settings = TextSettings(data_args.do_lower_case, data_args.do_remove_punctuation, data_args.max_label_length)
     prepare = functools.partial(
@@ -2340,176 +2430,125 @@ def run(argv: list[str] | None = None) -> int:
         audio_column=data_args.audio_column_name,
         text_column=data_args.text_column_name,
         id_column=data_args.id_column_name,
-        tokenizer=tokenizer,
+        tokenizer=setup.components.tokenizer,
         audio_settings=audio_settings,
         text_settings=text_settings,
     )
-    if data_args.host_log_mel:
-        prepare = with_host_log_mel(prepare, feature_extractor)
-
-    def batches(split, *, train, batch_size, state=None):
-        make_source = functools.partial(
-            load_source,
-            data_args,
-            split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            seed=train_args.seed,
-            shuffle=train,
-            max_samples=data_args.max_train_samples if train else data_args.max_eval_samples,
-        )
-        collate_fn = functools.partial(
-            collate,
-            batch_size=batch_size,
-            n_samples=n_samples,
-            max_label_length=data_args.max_label_length,
-            pad_token_id=config.pad_token_id,
-        )
-        if data_args.host_log_mel:
-            collate_fn = with_host_features(collate_fn, feature_extractor)
-        return SpeechBatches(
-            lambda epoch: make_source(epoch=epoch),
-            prepare,
-            batch_size=batch_size,
-            collate_fn=collate_fn,
-            repeat=train,
-            num_workers=data_args.preprocessing_num_workers,
-            prefetch_batches=data_args.prefetch_batches,
-            state=state,
-            read_retries=data_args.read_retries,
-            read_retry_wait_s=data_args.read_retry_wait_s,
-        )
-
-    # Validate the eval split up front: a typo should fail now, not after hours of training.
-    if train_args.do_eval:
-        batches(data_args.eval_split_name, train=False, batch_size=plan.per_host_eval_batch_size).make_source(0)
-
-    log = RunLog(train_args.output_dir, train_args.report_to, run_config, train_args, enabled=is_main)
-    eval_fn = jax.jit(
-        functools.partial(
-            eval_step,
-            model=model,
-            mel_filters=mel_filters,
-            decoding=decoding if train_args.predict_with_generate else None,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sharding.params, data_sharding),
+    make_source = functools.partial(
+        load_source,
+        data_args,
+        split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=train_args.seed,
+        shuffle=train,
+        max_samples=data_args.max_train_samples if train else data_args.max_eval_samples,
     )
-
-    def evaluate(params, step: int) -> dict:
-        return run_evaluation(
-            eval_fn,
-            params,
-            batches(data_args.eval_split_name, train=False, batch_size=plan.per_host_eval_batch_size),
-            data_sharding,
-            tokenizer,
-            step,
-            train_args,
-            log,
-            is_main,
-        )
-
-    final_eval: dict = {}
-    pushes: list[threading.Thread] = []
-
-    def export(params, step: int, eval_results: dict):
-        params = gather_params(params)  # a collective: every host takes part
-        if is_main:
-            export_pretrained(
-                params,
-                config,
-                output_dir,
-                tokenizer=tokenizer,
-                feature_extractor=feature_extractor,
-                generation_config=generation_config,
-            )
-            write_model_card(
-                output_dir,
-                base_model=model_args.model_name_or_path or model_args.config_name,
-                run_args=run_config,
-                eval_results=eval_results,
-            )
-            if train_args.push_to_hub:
-                pushes.append(
-                    push_to_hub_in_background(
-                        str(output_dir),
-                        train_args.hub_model_id or train_args.run_name,
-                        train_args.hub_private_repo,
-                        f"step {step}",
-                    )
-                )
-
-    if not train_args.do_train:
-        final_eval = evaluate(state.params, start_step)
-        log.close()
-        return 0
-
-    train_batches = batches(
-        data_args.train_split_name,
-        train=True,
-        batch_size=plan.per_host_batch_size,
-        state=restored_meta["data_states"][jax.process_index()] if restored_meta else None,
+    collate_fn = functools.partial(
+        collate,
+        batch_size=batch_size,
+        n_samples=setup.n_samples,
+        max_label_length=data_args.max_label_length,
+        pad_token_id=setup.components.config.pad_token_id,
     )
-    stop_requested = threading.Event()
-    if jax.process_count() == 1:  # multi-host runs use JAX's own preemption notice (reached_preemption)
-        signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    state, final_eval, stopped_early = train_loop(
+    return SpeechBatches(
+        lambda epoch: make_source(epoch=epoch),
+        prepare,
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+        repeat=train,
+        num_workers=data_args.preprocessing_num_workers,
+        prefetch_batches=data_args.prefetch_batches,
         state=state,
-        start_step=start_step,
-        step_fn=step_fn,
-        train_batches=train_batches,
-        data_sharding=data_sharding,
-        plan=plan,
-        train_args=train_args,
-        schedule=schedule,
-        manager=manager,
-        log=log,
-        evaluate=evaluate,
-        export=export,
-        stop_requested=stop_requested,
-        is_main=is_main,
+        read_retries=data_args.read_retries,
+        read_retry_wait_s=data_args.read_retry_wait_s,
     )
-    for thread in pushes:
-        thread.join()
-    log.close()
-    if stopped_early:
-        say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")
-    else:
-        say(f"done: model exported to {output_dir}")
-    return 0
+
+
+def eval_batches(setup: RunSetup):
+    """The evaluation split, this host's share, one pass."""
+    return make_batches(
+        setup, setup.data_args.eval_split_name, train=False, batch_size=setup.plan.per_host_eval_batch_size
+    )
+
+
+def evaluate(setup: RunSetup, params, step: int, log: RunLog) -> dict:
+    """Evaluate `params` on the whole eval split: metrics logged and returned, predictions written."""
+    return run_evaluation(
+        setup.eval_step,
+        params,
+        eval_batches(setup),
+        setup.train_step.data_sharding,
+        setup.components.tokenizer,
+        step,
+        setup.train_args,
+        log,
+        setup.is_main,
+    )
+
+
+def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.Thread | None:
+    """Write the model in transformers' format and its model card into --output_dir; with
+    --push_to_hub start the upload. Every host calls it (gathering parameters is a collective);
+    returns the upload thread on process 0."""
+    params = gather_params(params)
+    if not setup.is_main:
+        return None
+    export_pretrained(
+        params,
+        setup.components.config,
+        setup.output_dir,
+        tokenizer=setup.components.tokenizer,
+        feature_extractor=setup.components.feature_extractor,
+        generation_config=setup.generation_config,
+    )
+    write_model_card(
+        setup.output_dir,
+        base_model=setup.model_args.model_name_or_path or setup.model_args.config_name,
+        run_args=setup.run_config,
+        eval_results=eval_results,
+    )
+    train_args = setup.train_args
+    if not train_args.push_to_hub:
+        return None
+    return push_to_hub_in_background(
+        str(setup.output_dir),
+        train_args.hub_model_id or train_args.run_name,
+        train_args.hub_private_repo,
+        f"step {step}",
+    )
+
+
+def stop_on_sigterm() -> threading.Event:
+    """An event set by SIGTERM (a preemption notice on one host): the loop checkpoints and stops.
+    Multi-host runs use JAX's own preemption notice instead (manager.reached_preemption)."""
+    stop_requested = threading.Event()
+    if jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    return stop_requested
 
 
 def train_loop(
-    *,
-    state,
-    start_step,
-    step_fn,
-    train_batches,
-    data_sharding,
-    plan,
-    train_args,
-    schedule,
-    manager,
-    log,
-    evaluate,
-    export,
-    stop_requested,
-    is_main,
+    setup: RunSetup, state: TrainState, *, train_batches, manager, log: RunLog, stop_requested: threading.Event
 ):
-    """Steps until num_train_steps or a stop request; logs, evaluates, checkpoints and exports on cadence.
+    """Steps until --num_train_steps or a stop request; logs, evaluates, checkpoints and exports on
+    cadence. Returns (state, the last eval results, whether it stopped early).
 
     Each step's metrics are read one step later, so the host never stalls the device; a
     non-finite loss still stops the run before the state after it can be checkpointed.
     """
     from tqdm import tqdm
 
+    train_args, plan, schedule, is_main = setup.train_args, setup.plan, setup.schedule, setup.is_main
+    step_fn, data_sharding = setup.train_step.fn, setup.train_step.data_sharding
     num_steps = train_args.num_train_steps
-    bar = tqdm(total=num_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    step = int(jax.device_get(state.step))
+    bar = tqdm(total=num_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     batch_iterator = iter(train_batches)
     window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
     in_flight = None  # (step, device metrics) not yet read
     eval_results: dict = {}
-    step = start_step
+    pushes: list[threading.Thread] = []
 
     def settle():
         nonlocal in_flight
@@ -2568,10 +2607,9 @@ def train_loop(
                 )
                 window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
             if do_eval:
-                eval_results = evaluate(state.params, step)
-                bar.write(
-                    " ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})"
-                ) if is_main else None
+                eval_results = evaluate(setup, state.params, step, log)
+                if is_main:
+                    bar.write(" ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})")
             if do_save:
                 meta = {
                     "step": step,
@@ -2581,100 +2619,36 @@ def train_loop(
                 }
                 save_checkpoint(manager, step, state, meta)
             if is_last or (do_eval and train_args.push_to_hub):
-                export(state.params, step, eval_results)
+                pushes.append(export(setup, state.params, step, eval_results))
             if stopping and not is_last:
                 stopped_early = True
                 break
-            if do_eval or do_save:
-                window["start"], window["wait_s"], window["steps"] = (
-                    time.perf_counter(),
-                    0.0,
-                    0,
-                )  # time eval/saving apart
+            if do_eval or do_save:  # time evaluation and saving apart from the steps
+                window["start"], window["wait_s"], window["steps"] = time.perf_counter(), 0.0, 0
     finally:
         manager.wait_until_finished()
         bar.close()
+    for thread in pushes:
+        if thread is not None:
+            thread.join()
     return state, eval_results, stopped_early
-
-
-RUN_IDENTITY = (
-    ("model", "model_name_or_path"),
-    ("model", "config_name"),
-    ("data", "dataset_name"),
-    ("data", "language"),
-    ("data", "task"),
-    ("training", "seed"),
-)
-
-
-def check_same_run(saved: dict, current: dict, path: Path):
-    """Refuse to resume a different run from an output directory's checkpoints."""
-    changed = [
-        f"--{name}: {saved[group][name]!r} there, {current[group][name]!r} now"
-        for group, name in RUN_IDENTITY
-        if saved.get(group, {}).get(name) != current[group][name]
-    ]
-    if changed:
-        raise ConfigError(
-            f"--output_dir holds another run's checkpoints ({path} differs in "
-            + "; ".join(changed)
-            + "). Choose a new --output_dir, or pass --overwrite_output_dir to start over."
-        )
-
-
-def with_host_log_mel(prepare, feature_extractor):
-    """prepare_example that also computes log-mel on the host (the 2023 way, for comparison)."""
-
-    def prepare_with_features(row):
-        example, reason = prepare(row)
-        if example is not None:
-            example["input_features"] = feature_extractor(
-                example["audio"], sampling_rate=feature_extractor.sampling_rate, return_tensors="np"
-            ).input_features[0]
-        return example, reason
-
-    return prepare_with_features
-
-
-def with_host_features(collate_fn, feature_extractor):
-    def collate_with_features(examples):
-        batch = collate_fn(examples)
-        frames = feature_extractor.n_samples // feature_extractor.hop_length
-        features = np.zeros((len(batch["audio"]), feature_extractor.feature_size, frames), np.float32)
-        for row, example in enumerate(examples):
-            features[row] = example["input_features"]
-        del batch["audio"]
-        batch["input_features"] = features
-        return batch
-
-    return collate_with_features
 
 
 class NotCompiled(Exception):
     """--no_dry_run_compile: the plan without the compiled step's memory."""
 
 
-def dry_run(
-    run_config,
-    model,
-    abstract_state,
-    state_sharding,
-    step_fn,
-    plan,
-    data_sharding,
-    n_samples,
-    data_args,
-    train_args,
-    devices,
-) -> int:
+def dry_run(setup: RunSetup) -> int:
     """Print the plan and the compiled train step's memory per device; compile only, no data."""
-    resolved = run_config["resolved"]
+    run_config, plan, train_args, data_args = setup.run_config, setup.plan, setup.train_args, setup.data_args
+    resolved, model, devices = run_config["resolved"], setup.model, setup.devices
+    abstract_state = setup.train_step.abstract_state
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    abstract_with_sharding = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-    )
     batch = abstract_batch(
-        plan.global_batch_size, n_samples=n_samples, max_label_length=data_args.max_label_length, sharding=data_sharding
+        plan.global_batch_size,
+        n_samples=setup.n_samples,
+        max_label_length=data_args.max_label_length,
+        sharding=setup.train_step.data_sharding,
     )
     plan_out = {
         "hosts": resolved["processes"],
@@ -2709,7 +2683,7 @@ def dry_run(
     try:
         if not train_args.dry_run_compile:
             raise NotCompiled
-        compiled = step_fn.lower(abstract_with_sharding, batch).compile()
+        compiled = setup.train_step.fn.lower(abstract_state, batch).compile()
         memory = compiled_memory(compiled)
         plan_out["memory_per_device_bytes"] = memory["total_bytes"]
         plan_out["fits"] = None
@@ -2734,6 +2708,59 @@ def dry_run(
         )
     print("plan_json: " + json.dumps(plan_out, default=str), flush=True)
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """One run, as its table of contents."""
+    model_args, data_args, train_args, dist_args = parse_arguments(argv)
+    if not (train_args.do_train or train_args.do_eval or train_args.dry_run):
+        raise ConfigError("Nothing to do: pass --do_train and/or --do_eval (or --dry_run).")
+    if not train_args.dry_run:
+        initialise_distributed(dist_args)
+    setup = setup_run(model_args, data_args, train_args, dist_args)
+    if train_args.dry_run:
+        return dry_run(setup)
+
+    prepare_output_dir(setup)
+    manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit) if train_args.do_train else None
+    state, restored_meta = init_or_restore(setup, manager)
+    if train_args.do_eval:  # a typo in the eval split fails now, not after hours of training
+        eval_batches(setup).make_source(0)
+    log = RunLog(train_args.output_dir, train_args.report_to, setup.run_config, train_args, enabled=setup.is_main)
+
+    if not train_args.do_train:
+        evaluate(setup, state.params, int(jax.device_get(state.step)), log)
+        log.close()
+        return 0
+
+    train_batches = make_batches(
+        setup,
+        data_args.train_split_name,
+        train=True,
+        batch_size=setup.plan.per_host_batch_size,
+        state=restored_meta["data_states"][jax.process_index()] if restored_meta else None,
+    )
+    state, _, stopped_early = train_loop(
+        setup, state, train_batches=train_batches, manager=manager, log=log, stop_requested=stop_on_sigterm()
+    )
+    log.close()
+    if stopped_early:
+        say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")
+    else:
+        say(f"done: model exported to {setup.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """run() with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
+    try:
+        return run(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

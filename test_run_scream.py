@@ -1221,28 +1221,18 @@ def test_collate_pads_a_ragged_last_batch(data_env):
 
 def test_train_step_compiles_once(data_env):
     """Batches of clips from 0.1 s to the full chunk and labels from 5 to 30 tokens, a ragged one
-    included: one trace, one compiled executable."""
+    included, through run()'s jitted step (two devices): one trace, one compiled executable (jit
+    traces again only for a new input signature, and each new signature is a new executable)."""
     config = data_env["config"]
     model = run_scream.build_model(config)
     train_args = run_scream.TrainingArguments(learning_rate=1e-3, num_train_steps=10)
     optimizer = run_scream.make_optimizer(train_args, run_scream.learning_rate_schedule(1e-3, 0, 10, "linear"))
-    params = run_scream.init_params(model, jax.random.PRNGKey(0))
-    state = run_scream.TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.PRNGKey(1))
-    traces = []
-
-    def counted_step(state, batch):
-        traces.append(1)  # runs only while tracing
-        return run_scream.train_step(
-            state,
-            batch,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=np.asarray(data_env["feature_extractor"].mel_filters, np.float32),
-            accumulation_steps=1,
-            label_smoothing=0.0,
-        )
-
-    step = jax.jit(counted_step, donate_argnums=0)
+    mel_filters = np.asarray(data_env["feature_extractor"].mel_filters, np.float32)
+    jitted = run_scream.jit_train_step(
+        model, optimizer, run_scream.make_mesh(1, jax.devices()[:2]), mel_filters=mel_filters
+    )
+    state = run_scream.initial_train_state(jitted, model, seed=0)
+    step = jitted.fn
     collate = functools.partial(
         run_scream.collate,
         batch_size=2,
@@ -1257,9 +1247,9 @@ def test_train_step_compiles_once(data_env):
     ]
     losses = []
     for batch in batches:
-        state, metrics = step(state, batch)
+        state, metrics = step(state, run_scream.to_global_batch(batch, jitted.data_sharding))
         losses.append(float(metrics["loss"]))
-    assert len(traces) == 1 and step._cache_size() == 1
+    assert step._cache_size() == 1
     assert int(state.step) == 3 and all(np.isfinite(losses))
 
 
@@ -1528,26 +1518,11 @@ def train_step_runs(train_demo):
     )
 
     def run(mesh, accumulation_steps):
-        sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
-        data_sharding = rs.batch_sharding(mesh)
-        step_fn = jax.jit(
-            functools.partial(
-                rs.train_step,
-                model=model,
-                optimizer=optimizer,
-                mel_filters=mel_filters,
-                accumulation_steps=accumulation_steps,
-                label_smoothing=0.0,
-                mesh=mesh,
-            ),
-            in_shardings=(sharding, data_sharding),
-            out_shardings=(sharding, None),
-            donate_argnums=0,
-        )
-        state = jax.device_put(initial, sharding)
+        step = rs.jit_train_step(model, optimizer, mesh, mel_filters=mel_filters, accumulation_steps=accumulation_steps)
+        state = jax.device_put(initial, step.state_sharding)
         losses = []
         for batch in batches:
-            state, metrics = step_fn(state, rs.to_global_batch(batch, data_sharding))
+            state, metrics = step.fn(state, rs.to_global_batch(batch, step.data_sharding))
             losses.append(float(metrics["loss"]))
         return {"losses": np.array(losses), "params": jax.device_get(state.params), "state": state}
 
@@ -1604,31 +1579,14 @@ def fsdp_step_hlo(train_step_runs, monkeypatch, pinned: bool) -> str:
     """The compiled FSDP-8 train step's HLO, with or without keep_batch_sharded's pins."""
     if not pinned:
         monkeypatch.setattr(rs, "keep_batch_sharded", lambda x: x)
-    model, initial = train_step_runs["model"], train_step_runs["initial"]
+    model = train_step_runs["model"]
     optimizer = rs.make_optimizer(rs.TrainingArguments(), rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
-    mesh = rs.make_mesh(8)
-    sharding = rs.state_shardings(jax.eval_shape(lambda: initial), mesh)
-    step_fn = jax.jit(
-        functools.partial(
-            rs.train_step,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=train_step_runs["mel_filters"],
-            accumulation_steps=1,
-            label_smoothing=0.0,
-            mesh=mesh,
-        ),
-        in_shardings=(sharding, rs.batch_sharding(mesh)),
-        out_shardings=(sharding, None),
-    )
+    step = rs.jit_train_step(model, optimizer, rs.make_mesh(8), mel_filters=train_step_runs["mel_filters"])
     batch = train_step_runs["batches"][0]
     abstract = rs.abstract_batch(
-        8,
-        n_samples=batch["audio"].shape[1],
-        max_label_length=batch["labels"].shape[1],
-        sharding=rs.batch_sharding(mesh),
+        8, n_samples=batch["audio"].shape[1], max_label_length=batch["labels"].shape[1], sharding=step.data_sharding
     )
-    text = step_fn.lower(jax.eval_shape(lambda: initial), abstract).compile().as_text()
+    text = step.fn.lower(step.abstract_state, abstract).compile().as_text()
     monkeypatch.undo()
     return text
 

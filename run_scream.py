@@ -92,9 +92,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(
-        default="demo_data/data",
-        metadata={"help": "Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."},
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Required. Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset config name(s), comma-separated."})
     dataset_probabilities: str | None = field(
@@ -146,9 +148,14 @@ class DataArguments:
             raise ConfigError("--max_label_length must be at least 1.")
 
 
+DEFAULT_SAVE_STEPS = 1000  # without an eval cadence: at most this many steps lost to a crash
+
+
 @dataclass
 class TrainingArguments:
-    output_dir: str = field(default="demo_output", metadata={"help": "Where checkpoints, logs and the model go."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Required. Where checkpoints, logs and the model go."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow a non-empty output dir without checkpoints."}
     )
@@ -167,8 +174,14 @@ class TrainingArguments:
     lr_reference_batch_size: int | None = field(
         default=None, metadata={"help": "Global batch at which --learning_rate applies (needed with --lr_scaling)."}
     )
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, constant or constant_with_warmup."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={
+            "help": "After the warmup: linear (decay to 0 at --num_train_steps) or constant (the peak); "
+            "constant_with_warmup is the same as constant."
+        },
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps (any schedule)."})
     num_train_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -184,7 +197,11 @@ class TrainingArguments:
         default=None, metadata={"help": "Evaluate every this many steps (default: at the end)."}
     )
     save_steps: int | None = field(
-        default=None, metadata={"help": "Checkpoint every this many steps (default: --eval_steps)."}
+        default=None,
+        metadata={
+            "help": f"Checkpoint every this many steps (default: every --eval_steps with --do_eval and --eval_steps, "
+            f"else every {DEFAULT_SAVE_STEPS}); also at the last step and on SIGTERM."
+        },
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     resume_from_checkpoint: bool = field(
@@ -198,10 +215,12 @@ class TrainingArguments:
         default=None, metadata={"help": "Predictions written per eval (default: all)."}
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, 'tensorboard,wandb' or none."})
-    wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project."})
-    wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity."})
+    wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project (with wandb)."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity (with wandb)."})
     run_name: str | None = field(default=None, metadata={"help": "Run name for logs (default: output_dir's name)."})
-    run_description: str | None = field(default=None, metadata={"help": "Free text stored with the run."})
+    run_description: str | None = field(
+        default=None, metadata={"help": "Free text stored with the run in Weights & Biases (with wandb)."}
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Push the exported model after each eval and at the end."}
     )
@@ -231,11 +250,29 @@ class TrainingArguments:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} exceeds --num_train_steps {self.num_train_steps}.")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError("--gradient_accumulation_steps must be at least 1.")
+        for flag in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{flag} {value} is not a cadence: give a number of steps of at least 1.")
+        if self.save_steps is None:
+            self.save_steps = self.eval_steps if (self.do_eval and self.eval_steps) else DEFAULT_SAVE_STEPS
         if self.eval_steps is None:
             self.eval_steps = self.num_train_steps
-        if self.save_steps is None:
-            self.save_steps = self.eval_steps
-        if self.run_name is None:
+        if not self.dry_run:
+            if self.dry_run_topology is not None:
+                raise ConfigError(
+                    f"--dry_run_topology {self.dry_run_topology} only plans a run: add --dry_run, or drop the flag."
+                )
+            if not self.dry_run_compile:
+                raise ConfigError("--no_dry_run_compile only applies to a plan: add --dry_run, or drop the flag.")
+        if "wandb" not in [target.strip() for target in self.report_to.split(",")]:
+            for flag in ("wandb_project", "wandb_entity", "run_description"):
+                if getattr(self, flag) is not None:
+                    raise ConfigError(
+                        f"--{flag} is only stored by Weights & Biases, but --report_to {self.report_to!r} does not "
+                        "include wandb: add wandb to --report_to (e.g. --report_to tensorboard,wandb), or drop the flag."
+                    )
+        if self.run_name is None and self.output_dir is not None:
             self.run_name = Path(self.output_dir).name
 
 
@@ -282,6 +319,14 @@ def parse_arguments(argv: list[str] | None = None):
             + (f"Did you mean: {', '.join(hints)}? " if hints else "")
             + "Every flag starts with -- and takes its value after a space; run with --help for the list."
         )
+    data_args, train_args = groups[1], groups[2]
+    for flag, value in (("--dataset_name", data_args.dataset_name), ("--output_dir", train_args.output_dir)):
+        if not value:
+            raise ConfigError(
+                f"{flag} is required: the dataset(s) to read and the directory for checkpoints, logs and the model "
+                "have no defaults, so that a script never trains on, or writes over, the demo's "
+                "(run_demo.sh passes --dataset_name demo_data/data --output_dir demo_output)."
+            )
     return groups
 
 
@@ -1335,10 +1380,8 @@ class TrainState:
 
 
 def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_train_steps: int, kind: str):
-    """linear: 0 -> peak over warmup, then linear to 0 at num_train_steps. constant: peak from step 0.
-    constant_with_warmup: the warmup, then peak."""
-    if kind == "constant":
-        return optax.constant_schedule(peak_lr)
+    """0 -> peak over the warmup, then linear: down to 0 at num_train_steps, or constant (and its
+    synonym constant_with_warmup): the peak."""
     after = (
         optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps))
         if kind == "linear"

@@ -1794,7 +1794,7 @@ def test_resume_after_sigterm_and_sigkill_matches_a_straight_run(train_straight,
 
 
 def expected_lr(kind: str, step: int, peak: float, warmup: int, total: int) -> float:
-    if kind != "constant" and step < warmup:
+    if step < warmup:  # every schedule warms up
         return peak * step / warmup
     if kind == "linear":
         return peak * max(0.0, (total - step) / (total - warmup))
@@ -2460,6 +2460,8 @@ def test_bench_dry_run_reports_memory_per_chip_on_a_v4_8(tmp_path):
             "--scan_layers",
             "--remat",
             "dots",
+            "--dataset_name",
+            "NbAiLab/NCC_speech_all_v5",  # required, never read by a dry run
             "--output_dir",
             str(tmp_path / "out"),
         ],
@@ -3205,11 +3207,75 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
             ["--config_name", "scream-tests/no-such-whisper"],
             ["'scream-tests/no-such-whisper'", "--config_name", "HF_HUB_OFFLINE"],
         ),
+        # flags that used to be accepted and then ignored, or silently divided by
+        (["--dry_run_topology", "v4-8"], ["--dry_run_topology v4-8", "add --dry_run"]),
+        (["--no_dry_run_compile"], ["--no_dry_run_compile", "add --dry_run"]),
+        (["--eval_steps", "0"], ["--eval_steps 0", "at least 1"]),
+        (["--save_steps", "0"], ["--save_steps 0", "at least 1"]),
+        (["--logging_steps", "0"], ["--logging_steps 0", "at least 1"]),
+        (["--wandb_project", "scream"], ["--wandb_project", "--report_to 'none'", "add wandb to --report_to"]),
+        (["--wandb_entity", "nb"], ["--wandb_entity", "add wandb to --report_to"]),
+        (["--run_description", "a test"], ["--run_description", "add wandb to --report_to"]),
     ],
-    ids=["batch_not_divisible", "missing_column", "unknown_language", "no_such_dataset", "no_such_model"],
+    ids=[
+        "batch_not_divisible",
+        "missing_column",
+        "unknown_language",
+        "no_such_dataset",
+        "no_such_model",
+        "topology_without_dry_run",
+        "no_compile_without_dry_run",
+        "eval_steps_0",
+        "save_steps_0",
+        "logging_steps_0",
+        "wandb_project_without_wandb",
+        "wandb_entity_without_wandb",
+        "run_description_without_wandb",
+    ],
 )
 def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_in_process, tmp_path, flags, needles):
     assert_config_error(*reliability_in_process(*flags), *needles)
+
+
+@pytest.mark.parametrize("missing", ["--dataset_name", "--output_dir"])
+def test_reliability_dataset_and_output_dir_are_required(reliability_demo, capfd, tmp_path, missing):
+    """No demo defaults: a script that forgets one must not train on, or write over, the demo's."""
+    import run_scream
+
+    given = {"--dataset_name": str(reliability_demo / "data"), "--output_dir": str(tmp_path / "run")}
+    del given[missing]
+    capfd.readouterr()
+    flags = ["--config_name", str(reliability_demo / "model"), "--do_train", "--train_batch_size", "8"]
+    returncode = run_scream.main(flags + [part for pair in given.items() for part in pair])
+    assert_config_error(returncode, capfd.readouterr().err, f"{missing} is required", "run_demo.sh")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_have_a_cadence_by_default():
+    """Every --eval_steps with --do_eval; otherwise every DEFAULT_SAVE_STEPS, never only at the end."""
+    args = rs.TrainingArguments(output_dir="x", num_train_steps=50_000)
+    assert args.save_steps == rs.DEFAULT_SAVE_STEPS == 1000
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True).save_steps == 1000
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True, eval_steps=250).save_steps == 250
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, eval_steps=250).save_steps == 1000
+    assert rs.TrainingArguments(output_dir="x", eval_steps=250, save_steps=70).save_steps == 70
+
+
+def test_distributed_timeout_bounds_a_tpu_pod_too(monkeypatch):
+    """On a TPU slice jax.distributed.initialize finds the coordinator itself, and still gets
+    --distributed_timeout_s (start-up) and a heartbeat timeout of a tenth of it."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0,t1k-w-1")
+    rs.initialise_distributed(rs.DistributedArguments(distributed_timeout_s=200))
+    rs.initialise_distributed(rs.DistributedArguments(coordinator_address="h:1", num_processes=2, process_id=0))
+    assert calls == [
+        ((), {"initialization_timeout": 200, "heartbeat_timeout_seconds": 20}),
+        (
+            ("h:1",),
+            {"num_processes": 2, "process_id": 0, "initialization_timeout": 300, "heartbeat_timeout_seconds": 30},
+        ),
+    ]
 
 
 def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(

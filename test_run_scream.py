@@ -1,4 +1,21 @@
-"""Scream's test-suite: CPU, tiny shapes, no network. Run: python -m pytest -q test_run_scream.py"""
+"""Scream's test-suite: CPU, tiny shapes, no network. Run: python -m pytest -q test_run_scream.py
+
+Where the README's promises are tested (test name prefixes, or the section):
+  Whisper port = transformers' logits, loads every format, exports   test_model_*   (--- model ---)
+  greedy decoding = transformers' generate                          test_model_greedy_generation_*
+  on-device log-mel = WhisperFeatureExtractor                       test_log_mel_*   (--- data ---)
+  each example once per epoch on any number of hosts, exact resume  test_two_hosts_*, test_resume_*
+  bad rows skipped and counted, never a crash                       test_bad_examples_*, test_reliability_bad_input_*
+  same loss and parameters on every mesh, FSDP really shards        test_train_step_*, test_fsdp_*  (--- train ---)
+  two processes = one, metrics/predictions/checkpoints/model card   test_two_processes_*, test_metrics_jsonl, ...
+  the experiment scripts pin the 2023 settings, dry runs            (--- scripts ---)
+  the benchmark tables                                              test_bench_*   (--- bench ---)
+  "What survives what" (kill -9, SIGTERM, flaky network, dead peer,
+  NaN loss, misconfigurations: one paragraph, exit 2)               test_reliability_*   (--- reliability ---)
+
+Whole runs are subprocesses started by one harness (launch / finish / run_and_wait / run_to_end)
+on one demo (demo_dir) with one environment (run_env: 8 CPU devices; one_device_env: 1).
+"""
 
 import os
 
@@ -44,9 +61,9 @@ import make_demo_dataset as demo
 import run_scream
 import run_scream as rs
 
-# --- model ---
+REPO = Path(__file__).resolve().parent
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# --- model ---
 
 
 # Two tiny configs that differ in everything a config can vary: width, heads (so head_dim),
@@ -1124,30 +1141,6 @@ def test_missing_column_is_a_config_error(data_env):
     assert "id, audio, text, source" in message  # what the dataset has
 
 
-def test_main_reports_a_missing_column_and_an_unknown_language(data_env, tmp_path, capsys):
-    """What a user sees: exit status 2 and one `error:` line naming the flag."""
-    common = [
-        "--config_name",
-        str(data_env["model_dir"]),
-        "--dataset_name",
-        data_env["four_shards"],
-        "--do_eval",
-        "--eval_batch_size",
-        "8",
-        "--train_batch_size",
-        "8",
-        "--report_to",
-        "none",
-    ]
-    assert run_scream.main(common + ["--output_dir", str(tmp_path / "a"), "--language", "klingon"]) == 2
-    err = capsys.readouterr().err
-    assert "error: --language 'klingon' is not a Whisper language" in err
-    assert run_scream.main(common + ["--output_dir", str(tmp_path / "b"), "--audio_column_name", "speech"]) == 2
-    err = capsys.readouterr().err
-    assert "error: --audio_column_name 'speech' is not a column" in err and "id, audio, text, source" in err
-    assert run_scream.language_code("norwegian") == run_scream.language_code("<|no|>") == "no"
-
-
 def test_no_surviving_example_stops_with_the_flag_to_fix(data_env):
     """Every clip longer than --max_duration_in_seconds: an error after one epoch, not an endless loop."""
     batches = data_batches(
@@ -1255,8 +1248,6 @@ def test_train_step_compiles_once(data_env):
 
 # --- train ---
 
-HERE = Path(__file__).resolve().parent
-
 
 CHUNK_S = 1  # 1-second windows: 100 mel frames, max_source_positions 50
 
@@ -1280,45 +1271,61 @@ COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=3
 
 
 @pytest.fixture(scope="session")
-def train_demo(tmp_path_factory):
-    """A small demo setup: tokenizer, weightless model dir, 40 train (2 shards) + 12 eval clips."""
-    root = tmp_path_factory.mktemp("train_demo")
+def demo_dir(tmp_path_factory):
+    """The demo of every whole-run test: tokenizer, weightless tiny model (1 s windows), 40 train
+    clips in 4 parquet shards and 12 eval clips."""
+    root = tmp_path_factory.mktemp("demo")
     tokenizer = demo.write_tokenizer(root / "tokenizer")
     demo.write_model_dir(root / "model", tokenizer, CHUNK_S, 80)
-    demo.write_dataset(root / "data", NUM_TRAIN, NUM_EVAL, seed=0, chunk_length_s=CHUNK_S, num_shards=2)
+    demo.write_dataset(root / "data", NUM_TRAIN, NUM_EVAL, seed=0, chunk_length_s=CHUNK_S, num_shards=4)
     return root
 
 
+def with_devices(env: dict, num_devices: int) -> dict:
+    """`env` for a process with `num_devices` fake CPU devices."""
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {COLLECTIVE_TIMEOUT_FLAG}"}
+
+
 @pytest.fixture(scope="session")
-def train_env(tmp_path_factory):
-    """Environment of the run_scream.py subprocesses: 8 CPU devices and a shared compilation cache.
+def run_env(tmp_path_factory):
+    """Environment of every run_scream.py subprocess: 8 CPU devices, offline, a shared compilation
+    cache and its own Hugging Face home.
 
     XLA's CPU collectives abort a process whose devices do not all reach a collective within 40 s;
     on a machine loaded by other jobs that happened once in these tests, so the limit is raised
     (a real hang still fails, at RUN_TIMEOUT_S)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT_FLAG}",
-            "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("train_jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(HERE),
-        }
+    root = tmp_path_factory.mktemp("run_env")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        HF_HOME=str(root / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
     )
-    return env
+    env.pop("HF_ENDPOINT", None)
+    return with_devices(env, 8)
 
 
-def train_command(demo_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+@pytest.fixture(scope="session")
+def one_device_env(run_env):
+    """The same with one CPU device: the fault tests' runs."""
+    return with_devices(run_env, 1)
+
+
+def train_command(demo: Path, output_dir: Path, *extra: str) -> list[str]:
     """The one command of the whole-run tests. No shuffle buffer, so that the data order is fixed."""
     return [
         "--config_name",
-        str(demo_dir / "model"),
+        str(demo / "model"),
         "--dataset_name",
-        str(demo_dir / "data"),
+        str(demo / "data"),
         "--output_dir",
         str(output_dir),
         "--do_train",
@@ -1354,84 +1361,61 @@ def train_command(demo_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-# A launcher that runs run_scream.main with one test hook (TRAIN_HOOK=<kind>:<n>):
-#   sigterm_at_call:N   SIGTERM arrives while the N-th train batch of this launch is being put on the
-#                       devices (a preemption notice in the middle of a step)
-#   hang_at_call:N      at the N-th train batch of this launch, once every checkpoint save started so
-#                       far is finalized, write TRAIN_HOOK_MARKER and hang, to be SIGKILLed
-#   slow_start:S        sleep S seconds after joining the other processes (a slow host)
-HOOKED_MAIN = """
-import os, signal, sys, time
-from pathlib import Path
+# A slow host: process 1 sleeps after joining the others, so that process 0 checks and writes
+# the output directory first (which once made process 1 refuse the run as "not empty").
+SLOW_HOST_SCRIPT = """
+import sys, time
 import run_scream as rs
 
-kind, n = os.environ["TRAIN_HOOK"].split(":")
-n = int(n)
-calls, managers = [], []
-original_to_global_batch, original_checkpoint_manager = rs.to_global_batch, rs.checkpoint_manager
 original_initialise_distributed = rs.initialise_distributed
-
-
-def checkpoint_manager(*args, **kwargs):
-    managers.append(original_checkpoint_manager(*args, **kwargs))
-    return managers[-1]
-
-
-def to_global_batch(host_batch, sharding):
-    calls.append(1)
-    if len(calls) == n and kind == "sigterm_at_call":
-        os.kill(os.getpid(), signal.SIGTERM)
-    if len(calls) == n and kind == "hang_at_call":
-        managers[0].wait_until_finished()
-        Path(os.environ["TRAIN_HOOK_MARKER"]).write_text(str(managers[0].latest_step()))
-        time.sleep(3600)
-    return original_to_global_batch(host_batch, sharding)
 
 
 def initialise_distributed(dist):
     original_initialise_distributed(dist)
-    if kind == "slow_start":
-        time.sleep(n)
+    time.sleep(float(sys.argv[1]))
 
 
-rs.checkpoint_manager, rs.to_global_batch = checkpoint_manager, to_global_batch
 rs.initialise_distributed = initialise_distributed
-sys.exit(rs.main(sys.argv[1:]))
+sys.exit(rs.main(sys.argv[2:]))
 """
 
 
-@pytest.fixture(scope="session")
-def train_hooked_main(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train_hooks") / "hooked_main.py"
-    path.write_text(HOOKED_MAIN)
-    return path
+def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None) -> subprocess.Popen:
+    """Start run_scream.py (or a wrapper script around its main, run with -c) in its own session,
+    stdout and stderr in log_dir/name.out and .err."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "run_scream.py")]
+    with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
+        return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
 
 
-def start_run(args, env, log_path: Path, *, script=None, extra_env=None) -> subprocess.Popen:
-    with log_path.open("w") as log:
-        return subprocess.Popen(
-            [sys.executable, str(script or HERE / "run_scream.py"), *args],
-            cwd=HERE,
-            env={**env, **(extra_env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def finish_run(process: subprocess.Popen, log_path: Path, *, expect_rc=0, timeout=RUN_TIMEOUT_S) -> str:
+def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RUN_TIMEOUT_S):
+    """Wait (bounded: a hung run fails the test) and return (exit code, stdout, stderr)."""
     try:
-        process.wait(timeout=timeout)
+        returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        pytest.fail(f"run timed out after {timeout}s; log:\n{log_path.read_text()[-4000:]}")
-    text = log_path.read_text()
-    assert process.returncode == expect_rc, f"exit {process.returncode}; log:\n{text[-4000:]}"
-    return text
+        pytest.fail(f"{name} did not finish within {timeout} s:\n{(log_dir / f'{name}.err').read_text()[-3000:]}")
+    return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
 
 
-def run_to_end(args, env, log_path: Path, **kwargs) -> str:
-    return finish_run(start_run(args, env, log_path, **kwargs), log_path)
+def run_and_wait(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
+    """launch + finish: (exit code, stdout, stderr)."""
+    return finish(launch(env, flags, log_dir, name, script), log_dir, name)
+
+
+def run_to_end(env: dict, flags: list[str], log_dir: Path, name: str = "run", script: str | None = None) -> str:
+    """A run that must succeed; its stdout."""
+    returncode, stdout, stderr = run_and_wait(env, flags, log_dir, name, script)
+    assert returncode == 0, f"exit {returncode}; stderr:\n{stderr[-4000:]}"
+    return stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def metrics_lines(output_dir: Path) -> list[dict]:
@@ -1461,22 +1445,22 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="session")
-def train_straight(train_demo, train_env, tmp_path_factory):
+def train_straight(demo_dir, run_env, tmp_path_factory):
     """The reference run: one process, 8 devices, 6 steps straight through."""
     out = tmp_path_factory.mktemp("train_straight") / "out"
-    log = run_to_end(train_command(train_demo, out), train_env, out.parent / "log.txt")
+    log = run_to_end(run_env, train_command(demo_dir, out), out.parent)
     return out, log
 
 
 @pytest.fixture(scope="session")
-def train_step_runs(train_demo):
+def train_step_runs(demo_dir):
     """Three optimizer steps of `train_step` on the same global batches on several meshes, jitted
     with in/out shardings and donation as run() does. Returns per-run losses, parameters and state."""
-    pretrained = rs.load_pretrained(str(train_demo / "model"), weights=False)
+    pretrained = rs.load_pretrained(str(demo_dir / "model"), weights=False)
     config, tokenizer, feature_extractor = pretrained.config, pretrained.tokenizer, pretrained.feature_extractor
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     source = rs.load_source(
-        rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0),
+        rs.DataArguments(dataset_name=str(demo_dir / "data"), shuffle_buffer_size=0),
         "train",
         process_index=0,
         process_count=1,
@@ -1627,24 +1611,20 @@ def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
         assert run["losses"][0] == pytest.approx(token_mean, rel=1e-5), name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def train_two_processes(train_demo, train_env, train_hooked_main, tmp_path_factory):
+def train_two_processes(demo_dir, run_env, tmp_path_factory):
     """The straight run's command on 2 processes x 4 devices, joined through jax.distributed on
     localhost. Process 1 is a slow host: it dawdles 4 s after joining, so that process 0 reaches
     the output directory first (which once made process 1 refuse the run as "not empty")."""
     out = tmp_path_factory.mktemp("train_two_processes") / "out"
     port = free_port()
-    env = {**train_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT_FLAG}"}
+    env = with_devices(run_env, 4)
     processes = [
-        start_run(
-            train_command(
-                train_demo,
+        launch(
+            env,
+            ["4" if i == 1 else "0"]
+            + train_command(
+                demo_dir,
                 out,
                 "--coordinator_address",
                 f"127.0.0.1:{port}",
@@ -1655,15 +1635,18 @@ def train_two_processes(train_demo, train_env, train_hooked_main, tmp_path_facto
                 "--distributed_timeout_s",
                 "120",
             ),
-            env,
-            out.parent / f"log{i}.txt",
-            script=train_hooked_main,
-            extra_env={"TRAIN_HOOK": "slow_start:4" if i == 1 else "none:0"},
+            out.parent,
+            f"process{i}",
+            script=SLOW_HOST_SCRIPT,
         )
         for i in range(2)
     ]
     try:
-        logs = [finish_run(p, out.parent / f"log{i}.txt") for i, p in enumerate(processes)]
+        logs = []
+        for i, process in enumerate(processes):
+            returncode, stdout, stderr = finish(process, out.parent, f"process{i}")
+            assert returncode == 0, f"process {i}: exit {returncode}; stderr:\n{stderr[-4000:]}"
+            logs.append(stdout)
     finally:
         for p in processes:
             if p.poll() is None:
@@ -1672,14 +1655,14 @@ def train_two_processes(train_demo, train_env, train_hooked_main, tmp_path_facto
     return out, logs
 
 
-def test_two_processes_give_the_losses_of_one(train_demo, train_straight, train_two_processes):
+def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_two_processes):
     # The global batch is host 0's rows, then host 1's. Both layouts must see the same *set* of
     # examples per step, or the losses would differ for a legitimate reason. The train split is
     # iterated as 40 one-row shards; split_dataset_by_node deals them round-robin, so host 0
     # reads examples 0, 2, 4, ... and host 1 reads 1, 3, 5, ...: with 4 rows per host, step k
     # sees examples 8k..8k+7 on one process and on two (in another row order, which the
     # token-summed loss does not care about). This is checked here first.
-    data_args = rs.DataArguments(dataset_name=str(train_demo / "data"), shuffle_buffer_size=0)
+    data_args = rs.DataArguments(dataset_name=str(demo_dir / "data"), shuffle_buffer_size=0)
 
     def ids(process_index, process_count):
         source = rs.load_source(
@@ -1722,75 +1705,6 @@ def test_two_processes_give_the_losses_of_one(train_demo, train_straight, train_
     ]
     assert sorted(row["id"] for row in predictions) == [f"validation-{i:06d}" for i in range(NUM_EVAL)]
     assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) < PARAM_ATOL
-
-
-@pytest.fixture(scope="session")
-def train_resumed(train_demo, train_env, train_hooked_main, tmp_path_factory):
-    """The straight run's command, interrupted twice and relaunched unchanged each time:
-    launch 1 gets SIGTERM during step 3 (it saves checkpoint 3 and exits 0); launch 2 resumes from
-    3, saves checkpoint 4 on its cadence, logs steps 4 and 5, and is SIGKILLed during step 6 (once
-    checkpoint 4 is finalized, so the kill is deterministic); launch 3 resumes from 4, redoes step 5
-    and finishes."""
-    root = tmp_path_factory.mktemp("train_resumed")
-    out = root / "out"
-    args = train_command(train_demo, out)
-
-    first = run_to_end(
-        args, train_env, root / "log1.txt", script=train_hooked_main, extra_env={"TRAIN_HOOK": "sigterm_at_call:3"}
-    )
-    checkpoints_after_first = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
-
-    marker, log2 = root / "hanging", root / "log2.txt"
-    process = start_run(
-        args,
-        train_env,
-        log2,
-        script=train_hooked_main,
-        extra_env={"TRAIN_HOOK": "hang_at_call:3", "TRAIN_HOOK_MARKER": str(marker)},
-    )
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    hanging = marker.exists() and process.poll() is None
-    process.kill()  # SIGKILL
-    process.wait()
-    assert hanging, f"launch 2 never reached step 6 (exit {process.returncode}); log:\n{log2.read_text()[-4000:]}"
-    second = log2.read_text()
-    latest_at_kill = int(marker.read_text())
-    steps_logged_at_kill = [m["step"] for m in metrics_lines(out) if "train/loss" in m]
-
-    third = run_to_end(args, train_env, root / "log3.txt")
-    return {
-        "out": out,
-        "logs": (first, second, third),
-        "checkpoints_after_first": checkpoints_after_first,
-        "latest_at_kill": latest_at_kill,
-        "steps_logged_at_kill": steps_logged_at_kill,
-    }
-
-
-def test_resume_after_sigterm_and_sigkill_matches_a_straight_run(train_straight, train_resumed):
-    straight, _ = train_straight
-    out, (first, second, third) = train_resumed["out"], train_resumed["logs"]
-    assert "stopped by SIGTERM after step 3" in first
-    assert train_resumed["checkpoints_after_first"] == [2, 3]  # the cadence's 2 and the SIGTERM's 3
-    assert "resumed from" in second and "(step 3)" in second
-    # Killed during step 6 with steps 4 and 5 logged but only checkpoint 4 on disk.
-    assert train_resumed["latest_at_kill"] == 4 and train_resumed["steps_logged_at_kill"] == [1, 2, 3, 4, 5]
-    assert "resumed from" in third and "(step 4)" in third
-    # Each step logged exactly once over the three launches (step 5, done twice, too), with the
-    # straight run's numbers. Measured: bit-identical (same executable, state and data position).
-    resumed, reference = train_lines(out), train_lines(straight)
-    assert sorted(resumed) == sorted(reference) == list(range(1, NUM_STEPS + 1))
-    for step in range(1, NUM_STEPS + 1):
-        for key in ("train/loss", "train/grad_norm", "train/learning_rate", "examples_seen", "train/epoch"):
-            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=0), (step, key)
-    assert resumed[NUM_STEPS]["train/epoch"] == 1  # the run crossed an epoch boundary
-    (eval_resumed,), (eval_reference,) = eval_lines(out), eval_lines(straight)
-    assert eval_resumed["eval/loss"] == pytest.approx(eval_reference["eval/loss"], rel=1e-6)
-    # Same final parameters, read back from both exported models.
-    assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) <= 1e-7
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]
 
 
 def expected_lr(kind: str, step: int, peak: float, warmup: int, total: int) -> float:
@@ -1864,7 +1778,7 @@ def test_metrics_jsonl(train_straight):
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_predictions_each_eval_example_once(train_demo, train_straight):
+def test_predictions_each_eval_example_once(demo_dir, train_straight):
     straight, _ = train_straight
     rows = [
         json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
@@ -1874,7 +1788,7 @@ def test_predictions_each_eval_example_once(train_demo, train_straight):
     assert {row["id"]: row["reference"] for row in rows} == references
     assert len(rows) == NUM_EVAL  # 12 examples in batches of 8: the padded rows of the last batch are not counted
     # Eval tokens: every example's label tokens (prefix + text + eot, less the first), padding excluded.
-    tokenizer = rs.load_pretrained(str(train_demo / "model"), weights=False).tokenizer
+    tokenizer = rs.load_pretrained(str(demo_dir / "model"), weights=False).tokenizer
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     num_tokens = sum(len(tokenizer(text).input_ids) - 1 for text in references.values())
     (final,) = eval_lines(straight)
@@ -1907,7 +1821,7 @@ def test_checkpoints_config_and_model_card(train_straight):
     assert '"num_train_steps": 6' in card
 
 
-def test_exported_model_loads_in_transformers_with_our_logits(train_demo, train_straight):
+def test_exported_model_loads_in_transformers_with_our_logits(demo_dir, train_straight):
     import torch
     from transformers import WhisperForConditionalGeneration
 
@@ -1933,17 +1847,18 @@ def test_exported_model_loads_in_transformers_with_our_logits(train_demo, train_
     assert np.max(np.abs(logits - torch_logits)) < 1e-4
 
 
-def test_eval_only_of_the_exported_model(train_demo, train_env, train_straight, tmp_path):
+def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_path):
     """--do_eval alone on the exported model: the final eval of training again, and
     --log_max_eval_predictions 3 writes 3 rows."""
     straight, _ = train_straight
     out = tmp_path / "eval"
     run_to_end(
+        run_env,
         [
             "--model_name_or_path",
             str(straight),
             "--dataset_name",
-            str(train_demo / "data"),
+            str(demo_dir / "data"),
             "--output_dir",
             str(out),
             "--do_eval",
@@ -1961,8 +1876,7 @@ def test_eval_only_of_the_exported_model(train_demo, train_env, train_straight, 
             "--report_to",
             "none",
         ],
-        train_env,
-        tmp_path / "log.txt",
+        tmp_path,
     )
     (final,), (again,) = eval_lines(straight), eval_lines(out)
     assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
@@ -1971,26 +1885,7 @@ def test_eval_only_of_the_exported_model(train_demo, train_env, train_straight, 
     assert len(rows) == 3
 
 
-def test_refuses_a_non_empty_output_dir_without_checkpoints(train_demo, tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("someone's files")
-    code = rs.main(train_command(train_demo, tmp_path, "--report_to", "none"))
-    message = capsys.readouterr().err
-    assert code == 2
-    assert "--output_dir" in message and "--overwrite_output_dir" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
-
-
-def test_batch_not_divisible_by_devices(train_demo, tmp_path, capsys):
-    code = rs.main(train_command(train_demo, tmp_path / "out", "--train_batch_size", "12"))
-    message = capsys.readouterr().err
-    assert code == 2
-    assert "--train_batch_size 12" in message and "multiple of 8" in message
-    assert not (tmp_path / "out").exists()
-
-
 # --- scripts ---
-
-REPO = Path(__file__).resolve().parent
 
 
 # The real dims of the two base models; a dry run reads config, tokenizer and feature extractor only.
@@ -2212,20 +2107,6 @@ def test_lr_search_table_reports_each_runs_best_wer(tmp_path):
     assert "| tiny_8tpu_1e5_linear | - | - | 0 |" in table
 
 
-def test_a_typo_in_a_flag_is_an_error_with_status_2(scripts_hub_cache):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(scripts_hub_cache))
-    result = subprocess.run(
-        ["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "--learning_rat" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 # --- bench ---
 
 # With libtpu installed, a process that starts JAX without this loads libtpu and holds
@@ -2330,12 +2211,9 @@ def test_bench_train_tiny_prints_both_sides_flops_and_parts(capsys):
     ours, theirs = rows
     assert "ours" in ours["model"] and "PyTorch" in theirs["model"] and "precomputed" in theirs["model"]
     for row in rows:
-        seconds, examples_per_s = float(row["s/step"]), float(row["examples/s"])
-        assert seconds > 0 and examples_per_s > 0
-        assert seconds * examples_per_s == pytest.approx(2, rel=0.02)  # batch 2
+        assert float(row["s/step"]) > 0 and float(row["examples/s"]) > 0
+        # a FLOP count or a peak off by an order of magnitude shows here
         assert 0 < float(row["fraction of matmul peak"]) < 2
-    assert float(ours["vs PyTorch"]) == pytest.approx(float(ours["examples/s"]) / float(theirs["examples/s"]), rel=0.02)
-    assert float(theirs["vs PyTorch"]) == 1
     (flops,) = bench_table(tables, "Training FLOPs per example")
     parts = [
         float(flops[h])
@@ -2377,12 +2255,11 @@ def test_bench_input_tiny_compares_pipelines_and_workers(capsys):
         (True, False),
         (False, True),
     ]  # ours, WhisperFeatureExtractor numpy, and torch-backed
-    for row in rows:
-        assert float(row["examples/s per core"]) * float(row["ms/example"]) == pytest.approx(1000, rel=0.02)
     for group in (rows[0:3], rows[3:6]):
-        ours_ms = float(group[0]["ms/example"])
-        for row in group:
-            assert float(row["time vs ours"]) == pytest.approx(float(row["ms/example"]) / ours_ms, rel=0.02)
+        # The host log-mel pipelines do ours' work and WhisperFeatureExtractor's on top: slower per
+        # example, whatever the load (a pipeline that skipped its log-mel would not be).
+        assert float(group[0]["time vs ours"]) == 1
+        assert all(float(row["time vs ours"]) > 1 for row in group[1:]), group
     parts = bench_table(tables, "Where the host time goes")
     assert [r["source"] for r in parts] == ["16 kHz", "48 kHz"]
     assert float(parts[0]["resample"]) < float(parts[1]["resample"])  # 16 kHz sources are not resampled
@@ -2409,7 +2286,6 @@ def test_bench_compile_tiny_times_unrolled_and_scan(capsys):
     assert row["model"] == "toy" and row["layers"] == "2+2"
     unrolled, scanned = float(row["unrolled: lower + compile"]), float(row["scan: lower + compile"])
     assert unrolled > float(row["unrolled: lower"]) > 0 and scanned > float(row["scan: lower"]) > 0
-    assert float(row["scan speed-up"]) == pytest.approx(unrolled / scanned, rel=0.02)
 
 
 def test_bench_tpu_tiny_compiles_for_a_v4_8():
@@ -2483,60 +2359,13 @@ def test_bench_dry_run_reports_memory_per_chip_on_a_v4_8(tmp_path):
 
 # --- reliability ---
 
-RELIABILITY_NUM_TRAIN = 40  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
+RELIABILITY_NUM_TRAIN = NUM_TRAIN  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
 
 
 RELIABILITY_NUM_STEPS = 12
 
 
 RELIABILITY_SAVE_STEPS = 3
-
-
-RELIABILITY_TIMEOUT_S = 300  # a hang guard for each subprocess, not a performance bound
-
-
-@pytest.fixture(scope="session")
-def reliability_demo(tmp_path_factory):
-    """The demo's tokenizer, tiny model (1 s windows) and a 40 + 8 example dataset in 4 train shards."""
-    import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("reliability_demo")
-    make_demo_dataset.main(
-        [
-            "--output_dir",
-            str(root),
-            "--num_train",
-            str(RELIABILITY_NUM_TRAIN),
-            "--num_eval",
-            "8",
-            "--chunk_length_s",
-            "1",
-            "--num_train_shards",
-            "4",
-        ]
-    )
-    return root
-
-
-@pytest.fixture(scope="session")
-def reliability_env(tmp_path_factory):
-    """Environment of every subprocess: 1 CPU device, offline, a shared compilation cache."""
-    root = tmp_path_factory.mktemp("reliability_env")
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-        HF_HOME=str(root / "hf_home"),
-        HF_HUB_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.pop("HF_ENDPOINT", None)
-    return env
 
 
 def train_flags(
@@ -2579,29 +2408,6 @@ def train_flags(
     ]
 
 
-def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None) -> subprocess.Popen:
-    """Start run_scream.py (or a wrapper script around its main) with stdout/stderr in log_dir."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "run_scream.py")]
-    with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
-        return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RELIABILITY_TIMEOUT_S):
-    """Wait (bounded) and return (exit code, stdout, stderr)."""
-    try:
-        returncode = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"{name} did not finish within {timeout} s:\n{(log_dir / f'{name}.err').read_text()[-3000:]}")
-    return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
-
-
-def reliability_run(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
-    return finish(launch(env, flags, log_dir, name, script), log_dir, name)
-
-
 def logged_steps(output_dir: Path) -> list[int]:
     path = output_dir / "metrics.jsonl"
     steps = []
@@ -2613,7 +2419,7 @@ def logged_steps(output_dir: Path) -> list[int]:
     return steps
 
 
-def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = RELIABILITY_TIMEOUT_S):
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = RUN_TIMEOUT_S):
     """Poll metrics.jsonl (a line per step) until `step` is logged; the run must still be going."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -2640,18 +2446,28 @@ def assert_same_exported_params(output_dir: Path, reference_dir: Path):
     assert not different, f"{len(different)} of {len(want)} tensors differ from the uninterrupted run: {different[:5]}"
 
 
+def assert_each_step_logged_once_as_in(output_dir: Path, reference_dir: Path):
+    """Over all launches each step is logged exactly once (the steps redone after a resume too),
+    with the uninterrupted run's numbers. Measured: bit-identical (same executable, state and data
+    position)."""
+    resumed, reference = train_lines(output_dir), train_lines(reference_dir)
+    assert sorted(resumed) == sorted(reference) == list(range(1, RELIABILITY_NUM_STEPS + 1))
+    for step in reference:
+        for key in ("train/loss", "train/grad_norm", "train/learning_rate", "examples_seen", "train/epoch"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=0), (step, key)
+    assert reference[RELIABILITY_NUM_STEPS]["train/epoch"] == 2  # both runs crossed two epoch boundaries
+
+
 def resumed_step(stdout: str) -> int | None:
     match = re.search(r"^resumed from .* \(step (\d+)\)$", stdout, re.MULTILINE)
     return int(match.group(1)) if match else None
 
 
 @pytest.fixture(scope="session")
-def reliability_reference(reliability_demo, reliability_env, tmp_path_factory):
+def reliability_reference(demo_dir, one_device_env, tmp_path_factory):
     """The uninterrupted run every fault test must reproduce exactly."""
     root = tmp_path_factory.mktemp("reliability_reference")
-    returncode, stdout, stderr = reliability_run(
-        reliability_env, train_flags(reliability_demo, root / "run"), root, "run"
-    )
+    returncode, stdout, stderr = run_and_wait(one_device_env, train_flags(demo_dir, root / "run"), root, "run")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) is None
     assert complete_checkpoints(root / "run") == [3, 6, 9, 12]
@@ -2691,34 +2507,30 @@ def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[l
         iterator.close()
 
 
-def test_reliability_kill_9_at_a_random_step_resumes_exactly(
-    reliability_demo, reliability_env, reliability_reference, tmp_path
-):
+def test_reliability_kill_9_at_a_random_step_resumes_exactly(demo_dir, one_device_env, reliability_reference, tmp_path):
     kill_after = random.Random(7).randint(5, 8)  # seeded: the same step on every run of the suite
     out = tmp_path / "run"
-    process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
+    process = launch(one_device_env, train_flags(demo_dir, out), tmp_path, "first")
     wait_for_step(process, out, kill_after)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     committed = complete_checkpoints(out)
     assert committed and committed[-1] < RELIABILITY_NUM_STEPS and not (out / "model.safetensors").exists(), committed
 
-    returncode, stdout, stderr = reliability_run(
-        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
-    )
+    returncode, stdout, stderr = run_and_wait(one_device_env, train_flags(demo_dir, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == committed[-1]  # the last complete checkpoint
     assert_same_exported_params(out, reliability_reference)
+    assert_each_step_logged_once_as_in(out, reliability_reference)
 
     # Example ids across that real checkpoint's boundary: the data state it stored continues with
     # exactly the batches an uninterrupted reader gives next, and 12 batches read every example
     # once per epoch.
     meta = json.loads((out / "checkpoints" / str(committed[-1]) / "meta" / "metadata").read_text())
     assert meta["step"] == committed[-1] and meta["examples_seen"] == 8 * committed[-1]
-    straight = batch_ids(reliability_demo, RELIABILITY_NUM_STEPS)
+    straight = batch_ids(demo_dir, RELIABILITY_NUM_STEPS)
     assert (
-        batch_ids(reliability_demo, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0])
-        == straight[committed[-1] :]
+        batch_ids(demo_dir, RELIABILITY_NUM_STEPS - committed[-1], meta["data_states"][0]) == straight[committed[-1] :]
     )
     read = [example_id for batch in straight for example_id in batch]
     every_id = [f"train-{i:06d}" for i in range(RELIABILITY_NUM_TRAIN)]
@@ -2729,7 +2541,7 @@ def test_reliability_kill_9_at_a_random_step_resumes_exactly(
 
 
 def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(
-    reliability_demo, reliability_env, reliability_reference, tmp_path
+    demo_dir, one_device_env, reliability_reference, tmp_path
 ):
     """A process killed while orbax writes step 9 leaves checkpoints/9.orbax-checkpoint-tmp (orbax
     writes there and renames on commit) next to the committed 3 and 6, and metrics up to step 9.
@@ -2752,9 +2564,7 @@ def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(
     lines = (reliability_reference / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(lines[:9]))
 
-    returncode, stdout, stderr = reliability_run(
-        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
-    )
+    returncode, stdout, stderr = run_and_wait(one_device_env, train_flags(demo_dir, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == 6
     assert_same_exported_params(out, reliability_reference)
@@ -2762,10 +2572,10 @@ def test_reliability_kill_9_while_writing_a_checkpoint_uses_the_previous_one(
 
 
 def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(
-    reliability_demo, reliability_env, reliability_reference, tmp_path
+    demo_dir, one_device_env, reliability_reference, tmp_path
 ):
     out = tmp_path / "run"
-    process = launch(reliability_env, train_flags(reliability_demo, out), tmp_path, "first")
+    process = launch(one_device_env, train_flags(demo_dir, out), tmp_path, "first")
     wait_for_step(process, out, 4)
     process.send_signal(signal.SIGTERM)
     returncode, stdout, stderr = finish(process, tmp_path, "first")
@@ -2773,15 +2583,16 @@ def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(
     match = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved, relaunch to resume", stdout)
     assert match, stdout[-2000:]
     stopped = int(match.group(1))
-    assert 4 < stopped < RELIABILITY_NUM_STEPS and complete_checkpoints(out)[-1] == stopped
+    assert 4 < stopped < RELIABILITY_NUM_STEPS
+    # the cadence's checkpoints and the SIGTERM's
+    assert complete_checkpoints(out) == list(range(RELIABILITY_SAVE_STEPS, stopped, RELIABILITY_SAVE_STEPS)) + [stopped]
     assert max(logged_steps(out)) == stopped and not (out / "model.safetensors").exists()
 
-    returncode, stdout, stderr = reliability_run(
-        reliability_env, train_flags(reliability_demo, out), tmp_path, "relaunch"
-    )
+    returncode, stdout, stderr = run_and_wait(one_device_env, train_flags(demo_dir, out), tmp_path, "relaunch")
     assert returncode == 0, stderr[-3000:]
     assert resumed_step(stdout) == stopped
     assert_same_exported_params(out, reliability_reference)
+    assert_each_step_logged_once_as_in(out, reliability_reference)
 
 
 class FlakyHub(http.server.ThreadingHTTPServer):
@@ -2887,23 +2698,29 @@ class FlakyHubHandler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def reliability_hub_env(reliability_env, tmp_path):
+def reliability_hub_env(one_device_env, tmp_path):
     def hub_env(hub: FlakyHub) -> dict:
-        return dict(reliability_env, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+        return dict(
+            one_device_env,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_OFFLINE="0",
+            HF_DATASETS_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf_home"),
+        )
 
     return hub_env
 
 
 def test_reliability_dropped_connections_are_retried_without_losing_examples(
-    reliability_demo, reliability_hub_env, reliability_reference, tmp_path
+    demo_dir, reliability_hub_env, reliability_reference, tmp_path
 ):
     """Streams the dataset from a hub that drops every 9th request (the dataset's metadata, file
     listings and parquet byte ranges alike; each epoch opens the dataset anew): the run must go
     on and end with exactly the uninterrupted run's parameters."""
-    hub = FlakyHub(reliability_demo / "data", fail_every=9)
+    hub = FlakyHub(demo_dir / "data", fail_every=9)
     try:
-        flags = train_flags(reliability_demo, tmp_path / "run", "--read_retry_wait_s", "0.1", dataset=FlakyHub.repo_id)
-        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
+        flags = train_flags(demo_dir, tmp_path / "run", "--read_retry_wait_s", "0.1", dataset=FlakyHub.repo_id)
+        returncode, stdout, stderr = run_and_wait(reliability_hub_env(hub), flags, tmp_path, "run")
     finally:
         hub.shutdown()
     assert returncode == 0, stderr[-3000:]
@@ -2914,11 +2731,11 @@ def test_reliability_dropped_connections_are_retried_without_losing_examples(
     assert_same_exported_params(tmp_path / "run", reliability_reference)
 
 
-def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_demo, reliability_hub_env, tmp_path):
-    hub = FlakyHub(reliability_demo / "data", fail_every=1)
+def test_reliability_a_dead_network_gives_up_after_bounded_retries(demo_dir, reliability_hub_env, tmp_path):
+    hub = FlakyHub(demo_dir / "data", fail_every=1)
     try:
         flags = train_flags(
-            reliability_demo,
+            demo_dir,
             tmp_path / "run",
             "--read_retries",
             "3",
@@ -2926,7 +2743,7 @@ def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_d
             "0.1",
             dataset=FlakyHub.repo_id,
         )
-        returncode, stdout, stderr = reliability_run(reliability_hub_env(hub), flags, tmp_path, "run")
+        returncode, stdout, stderr = run_and_wait(reliability_hub_env(hub), flags, tmp_path, "run")
     finally:
         hub.shutdown()
     assert returncode == 1
@@ -2937,20 +2754,18 @@ def test_reliability_a_dead_network_gives_up_after_bounded_retries(reliability_d
     assert not complete_checkpoints(tmp_path / "run")
 
 
-def test_reliability_a_dead_peer_process_stops_the_survivor(reliability_demo, reliability_env, tmp_path):
+def test_reliability_a_dead_peer_process_stops_the_survivor(demo_dir, one_device_env, tmp_path):
     """Two processes (2 CPU devices each) on localhost; process 1 is killed after training
     started. Process 0 must exit with an error (JAX's coordination service notices the missing
     heartbeats) instead of waiting forever in the next collective."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(reliability_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = free_port()
+    env = with_devices(one_device_env, 2)
     out = tmp_path / "run"
     processes = [
         launch(
             env,
             train_flags(
-                reliability_demo,
+                demo_dir,
                 out,
                 "--coordinator_address",
                 f"127.0.0.1:{port}",
@@ -2999,12 +2814,10 @@ sys.exit(run_scream.main(sys.argv[2:]))
 """
 
 
-def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoint(
-    reliability_demo, reliability_env, tmp_path
-):
+def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoint(demo_dir, one_device_env, tmp_path):
     out = tmp_path / "run"
-    flags = ["5", *train_flags(reliability_demo, out, "--save_steps", "2")]
-    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
+    flags = ["5", *train_flags(demo_dir, out, "--save_steps", "2")]
+    returncode, stdout, stderr = run_and_wait(one_device_env, flags, tmp_path, "run", script=NAN_BATCH_SCRIPT)
     assert returncode == 1, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite loss" in errors[0] and "at step 5" in errors[0], stderr[-3000:]
@@ -3086,12 +2899,12 @@ def write_bad_input_dataset(root: Path, demo: Path) -> dict:
     return expected
 
 
-def test_reliability_bad_input_is_skipped_and_counted_by_reason(reliability_demo, reliability_env, tmp_path):
-    expected = write_bad_input_dataset(tmp_path / "bad_data", reliability_demo)
+def test_reliability_bad_input_is_skipped_and_counted_by_reason(demo_dir, one_device_env, tmp_path):
+    expected = write_bad_input_dataset(tmp_path / "bad_data", demo_dir)
     out = tmp_path / "run"
-    flags = train_flags(reliability_demo, out, dataset=str(tmp_path / "bad_data"), steps=2)
+    flags = train_flags(demo_dir, out, dataset=str(tmp_path / "bad_data"), steps=2)
     flags.remove("--streaming")  # the downloaded (Arrow) path, the other way of reading
-    returncode, stdout, stderr = reliability_run(reliability_env, flags, tmp_path, "run")
+    returncode, stdout, stderr = run_and_wait(one_device_env, flags, tmp_path, "run")
     assert returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -3103,7 +2916,7 @@ def test_reliability_bad_input_is_skipped_and_counted_by_reason(reliability_demo
     assert (out / "model.safetensors").exists()
 
 
-def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliability_demo):
+def test_reliability_resampled_stereo_and_unusual_characters_are_handled(demo_dir):
     """The two bad-input rows that are used: 8 kHz stereo becomes 16 kHz mono of the same length,
     and characters outside the byte-level vocabulary's letters round-trip through its bytes."""
     import io
@@ -3115,7 +2928,7 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
     import make_demo_dataset as demo_data
     import run_scream
 
-    tokenizer = WhisperTokenizer.from_pretrained(reliability_demo / "model")
+    tokenizer = WhisperTokenizer.from_pretrained(demo_dir / "model")
     tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
     clip = demo_data.synthesize("hei du", np.random.default_rng(0), sample_rate=8000, max_duration_s=1.0)
     buffer = io.BytesIO()
@@ -3139,7 +2952,7 @@ def test_reliability_resampled_stereo_and_unusual_characters_are_handled(reliabi
 
 
 @pytest.fixture
-def reliability_in_process(reliability_demo, monkeypatch, capfd, tmp_path):
+def reliability_in_process(demo_dir, monkeypatch, capfd, tmp_path):
     """run_scream.main in this process, offline; returns (exit code, stderr). SIGTERM's handler is
     put back afterwards."""
     import huggingface_hub
@@ -3154,9 +2967,9 @@ def reliability_in_process(reliability_demo, monkeypatch, capfd, tmp_path):
         capfd.readouterr()
         args = [
             "--config_name",
-            str(reliability_demo / "model"),
+            str(demo_dir / "model"),
             "--dataset_name",
-            str(reliability_demo / "data"),
+            str(demo_dir / "data"),
             "--output_dir",
             str(output_dir or tmp_path / "run"),
             "--do_train",
@@ -3197,8 +3010,9 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
     "flags, needles",
     [
         (["--train_batch_size", "12"], ["--train_batch_size 12", "multiple of 8"]),
-        (["--text_column_name", "transcript"], ["--text_column_name 'transcript'", "it has: "]),
-        (["--language", "klingon"], ["--language 'klingon'", "norwegian"]),
+        (["--text_column_name", "transcript"], ["--text_column_name 'transcript'", "it has: id, audio, text, source"]),
+        (["--audio_column_name", "speech"], ["--audio_column_name 'speech' is not a column", "it has: id, audio"]),
+        (["--language", "klingon"], ["--language 'klingon' is not a Whisper language", "norwegian"]),
         (
             ["--dataset_name", "/nonexistent/scream/data"],
             ["--dataset_name '/nonexistent/scream/data'", "local directory"],
@@ -3219,7 +3033,8 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
     ],
     ids=[
         "batch_not_divisible",
-        "missing_column",
+        "missing_text_column",
+        "missing_audio_column",
         "unknown_language",
         "no_such_dataset",
         "no_such_model",
@@ -3235,17 +3050,27 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
 )
 def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_in_process, tmp_path, flags, needles):
     assert_config_error(*reliability_in_process(*flags), *needles)
+    out = tmp_path / "run"
+    if flags[0] in ("--text_column_name", "--audio_column_name", "--dataset_name"):
+        # found when the data is opened, after the output directory is prepared: start-up files only
+        assert (out / "scream_config.json").exists() and {p.name for p in out.iterdir()} <= rs.STARTUP_FILES
+    else:
+        assert not out.exists()  # found before anything is written
+
+
+def test_language_code_reads_codes_names_and_tokens():
+    assert rs.language_code("norwegian") == rs.language_code("<|no|>") == rs.language_code("no") == "no"
 
 
 @pytest.mark.parametrize("missing", ["--dataset_name", "--output_dir"])
-def test_reliability_dataset_and_output_dir_are_required(reliability_demo, capfd, tmp_path, missing):
+def test_reliability_dataset_and_output_dir_are_required(demo_dir, capfd, tmp_path, missing):
     """No demo defaults: a script that forgets one must not train on, or write over, the demo's."""
     import run_scream
 
-    given = {"--dataset_name": str(reliability_demo / "data"), "--output_dir": str(tmp_path / "run")}
+    given = {"--dataset_name": str(demo_dir / "data"), "--output_dir": str(tmp_path / "run")}
     del given[missing]
     capfd.readouterr()
-    flags = ["--config_name", str(reliability_demo / "model"), "--do_train", "--train_batch_size", "8"]
+    flags = ["--config_name", str(demo_dir / "model"), "--do_train", "--train_batch_size", "8"]
     returncode = run_scream.main(flags + [part for pair in given.items() for part in pair])
     assert_config_error(returncode, capfd.readouterr().err, f"{missing} is required", "run_demo.sh")
     assert not (tmp_path / "run").exists()
@@ -3279,7 +3104,7 @@ def test_distributed_timeout_bounds_a_tpu_pod_too(monkeypatch):
 
 
 def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(
-    reliability_demo, reliability_env, reliability_in_process, tmp_path
+    demo_dir, one_device_env, reliability_in_process, tmp_path
 ):
     """A run that stopped at a misconfiguration wrote only its start-up files; the fixed command
     must start there, not be refused as another run's directory."""
@@ -3288,8 +3113,8 @@ def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(
         *reliability_in_process("--text_column_name", "transcript", output_dir=out), "--text_column_name"
     )
     assert (out / "scream_config.json").exists()
-    returncode, stdout, stderr = reliability_run(
-        reliability_env, train_flags(reliability_demo, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed"
+    returncode, stdout, stderr = run_and_wait(
+        one_device_env, train_flags(demo_dir, out, "--warmup_steps", "0", steps=1), tmp_path, "fixed"
     )
     assert returncode == 0, stderr[-3000:]
     assert logged_steps(out) == [1] and (out / "model.safetensors").exists()
@@ -3300,21 +3125,22 @@ def test_reliability_output_dir_with_other_files_is_refused(reliability_in_proce
     out.mkdir()
     (out / "notes.txt").write_text("someone else's")
     assert_config_error(*reliability_in_process(output_dir=out), f"--output_dir {out}", "--overwrite_output_dir")
-    assert (out / "notes.txt").exists() and not (out / "scream_config.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written, nothing removed
+    assert (out / "notes.txt").read_text() == "someone else's"
 
 
 @pytest.mark.parametrize("changed", ["dataset", "model"])
 def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(
-    reliability_demo, reliability_reference, reliability_in_process, tmp_path, changed
+    demo_dir, reliability_reference, reliability_in_process, tmp_path, changed
 ):
     out = tmp_path / "run"
     shutil.copytree(reliability_reference, out, ignore=shutil.ignore_patterns("[0-9]", "[0-9][0-9]"))
     shutil.copytree(reliability_reference / "checkpoints" / "3", out / "checkpoints" / "3")
     if changed == "dataset":
-        shutil.copytree(reliability_demo / "data", tmp_path / "other_data")
+        shutil.copytree(demo_dir / "data", tmp_path / "other_data")
         flags, needle = ["--dataset_name", str(tmp_path / "other_data")], "--dataset_name"
     else:
-        shutil.copytree(reliability_demo / "model", tmp_path / "other_model")
+        shutil.copytree(demo_dir / "model", tmp_path / "other_model")
         flags, needle = ["--config_name", str(tmp_path / "other_model")], "--config_name"
     saved = (out / "scream_config.json").read_text()
     assert_config_error(
@@ -3330,7 +3156,7 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=RELIABILITY_TIMEOUT_S,
+        timeout=RUN_TIMEOUT_S,
     )
     assert_config_error(
         result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"

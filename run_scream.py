@@ -197,6 +197,13 @@ class TrainingArguments:
     generation_max_length: int | None = field(
         default=None, metadata={"help": "New tokens per decode (default: max_label_length)."}
     )
+    generation_num_beams: int = field(
+        default=1, metadata={"help": "Beams per example in eval decoding (1: greedy), as transformers' num_beams."}
+    )
+    generation_length_penalty: float = field(
+        default=1.0,
+        metadata={"help": "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."},
+    )
     log_max_eval_predictions: int | None = field(
         default=None, metadata={"help": "Predictions written per eval (default: all)."}
     )
@@ -234,6 +241,10 @@ class TrainingArguments:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} exceeds --num_train_steps {self.num_train_steps}.")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError("--gradient_accumulation_steps must be at least 1.")
+        if self.generation_num_beams < 1:
+            raise ConfigError(
+                f"--generation_num_beams {self.generation_num_beams} must be at least 1 (1 decodes greedily)."
+            )
         if self.eval_steps is None:
             self.eval_steps = self.num_train_steps
         if self.save_steps is None:
@@ -1214,24 +1225,47 @@ def empty_cache(dims: WhisperDims, batch_size: int, max_length: int, dtype) -> d
 
 @dataclass(frozen=True)
 class DecodingSettings:
-    """Greedy decoding as transformers' generate(num_beams=1) does it for Whisper."""
+    """Decoding as transformers' generate() does it for Whisper: greedy (num_beams=1) or beam search."""
 
-    prompt_ids: tuple[int, ...]  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
+    prompt_length: int  # P: <|startoftranscript|><|lang|><|task|><|notimestamps|>, per row in generate's prompt_ids
     max_new_tokens: int
     eos_token_id: int
     pad_token_id: int
     suppress_tokens: tuple[int, ...] = ()
     begin_suppress_tokens: tuple[int, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0  # a finished hypothesis scores sum_logprobs / generated_length**length_penalty
+    early_stopping: bool | str = False  # GenerationConfig.early_stopping: True, False or "never"
 
 
-def generate(model: Whisper, params, input_features, settings: DecodingSettings):
-    """Greedy decoding with a key/value cache and static shapes (jit it with model and settings static).
+def suppression_masks(settings: DecodingSettings, vocab_size: int):
+    """(always, at_begin): (vocab,) masks of the tokens suppressed at every step, and at the first
+    generated position (begin_suppress_tokens on top of suppress_tokens), as transformers'
+    SuppressTokens- and SuppressTokensAtBeginLogitsProcessor do."""
+    always = (
+        jnp.zeros(vocab_size, bool)
+        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
+        .set(len(settings.suppress_tokens) > 0)
+    )
+    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
+        len(settings.begin_suppress_tokens) > 0
+    )
+    return always, at_begin
 
-    Returns (B, len(prompt) + max_new_tokens) ids: the prompt, the generated tokens up to and
-    including <|endoftext|>, then pad. Stops early once every row has ended.
+
+def generate(model: Whisper, params, input_features, prompt_ids, settings: DecodingSettings):
+    """Greedy decoding (settings.num_beams == 1) or beam search, with a key/value cache and static
+    shapes (jit it with model and settings static).
+
+    prompt_ids: (B, P) int32, each row's forced prefix (P == settings.prompt_length).
+    Returns (B, P + max_new_tokens) ids: the prompt, the generated tokens (of the best hypothesis)
+    up to and including <|endoftext|>, then pad. Stops early once every row has ended.
     """
-    batch_size = input_features.shape[0]
-    prompt_length = len(settings.prompt_ids)
+    batch_size, prompt_length = prompt_ids.shape
+    if prompt_length != settings.prompt_length:
+        raise ValueError(
+            f"prompt_ids has {prompt_length} tokens per row, settings.prompt_length {settings.prompt_length}"
+        )
     total_length = prompt_length + settings.max_new_tokens
     if total_length > model.dims.max_target_positions:
         raise ConfigError(
@@ -1239,19 +1273,23 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
             f"max_target_positions {model.dims.max_target_positions}."
         )
     variables = {"params": params}
+    prompt_ids = prompt_ids.astype(jnp.int32)
+    # The encoder and the prompt run once per row; beam search repeats their outputs per beam.
     encoder_hidden = model.apply(variables, input_features, method=Whisper.encode)
     cache = empty_cache(model.dims, batch_size, total_length, model.dtype)
-    prompt = jnp.broadcast_to(jnp.asarray(settings.prompt_ids, jnp.int32), (batch_size, prompt_length))
-    logits, cache = model.apply(variables, prompt, encoder_hidden, cache, 0, method=Whisper.decode)
-    tokens = jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt)
-    always = (
-        jnp.zeros(model.dims.vocab_size, bool)
-        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
-        .set(len(settings.suppress_tokens) > 0)
+    logits, cache = model.apply(variables, prompt_ids, encoder_hidden, cache, 0, method=Whisper.decode)
+    search = greedy_search if settings.num_beams == 1 else beam_search
+    return search(model, variables, logits[:, -1], cache, prompt_ids, settings)
+
+
+def greedy_search(model: Whisper, variables, first_logits, cache, prompt_ids, settings: DecodingSettings):
+    """generate() with num_beams=1: the argmax token per row, from the prompt's logits (B, vocab)."""
+    batch_size, prompt_length = prompt_ids.shape
+    total_length = prompt_length + settings.max_new_tokens
+    tokens = (
+        jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt_ids)
     )
-    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
-        len(settings.begin_suppress_tokens) > 0
-    )
+    always, at_begin = suppression_masks(settings, model.dims.vocab_size)
 
     def keep_going(carry):
         _, _, _, position, done = carry
@@ -1269,8 +1307,120 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
         logits, cache = model.apply(variables, next_token[:, None], None, cache, write_at, method=Whisper.decode)
         return tokens, cache, logits[:, -1], position + 1, done
 
-    carry = (tokens, cache, logits[:, -1], jnp.int32(prompt_length), jnp.zeros(batch_size, bool))
+    carry = (tokens, cache, first_logits, jnp.int32(prompt_length), jnp.zeros(batch_size, bool))
     return jax.lax.while_loop(keep_going, step, carry)[0]
+
+
+# transformers' beam search marks impossible candidates by adding this (float32) constant.
+BEAM_NEG = -1.0e9
+
+
+def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, settings: DecodingSettings):
+    """generate(num_beams=N) as transformers 5.23's GenerationMixin._beam_search does it, step for
+    step: the same top-2N candidates, the same -1e9 bookkeeping, the same finished-hypothesis
+    scores (sum of log-probs / generated_length**length_penalty, the prompt not counted) and the
+    same early-stopping heuristic, so ties aside it picks the same hypothesis. first_logits are
+    the prompt's (B, vocab); the cache holds B rows and is repeated here to B*N, one row per beam."""
+    batch_size, prompt_length = prompt_ids.shape
+    beams, vocab = settings.num_beams, model.dims.vocab_size
+    total_length = prompt_length + settings.max_new_tokens
+    candidates = 2 * beams  # their beams_to_keep: max(2, 1 + number of eos ids) * num_beams, one eos id
+    always, at_begin = suppression_masks(settings, vocab)
+    early_stopping = settings.early_stopping
+    # generated_length**length_penalty for lengths 1..max_new_tokens, in Python floats as theirs is
+    # (an int ** a float), then float32 as torch divides a float32 tensor by it.
+    penalties = jnp.asarray(
+        [float(n) ** settings.length_penalty for n in range(1, settings.max_new_tokens + 1)], jnp.float32
+    )
+    top_beams = jnp.arange(candidates) < beams  # their top_num_beam_mask
+    rows = jnp.arange(batch_size)[:, None]
+
+    def gather(x, index):  # x (B, K, ...), index (B, M) -> (B, M, ...): their _gather_beams
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def penalised(scores, generated_length):
+        return scores / penalties[generated_length - 1]
+
+    def keep_going(carry):
+        position, is_open, finished, all_hit = carry[0], carry[5], carry[4], carry[8]
+        return (position < total_length) & is_open.any() & ~(finished.all() & (early_stopping is True)) & ~all_hit
+
+    def step(carry):
+        position, sequences, scores, best, finished, is_open, cache, next_logits, _ = carry
+        best_sequences, best_scores = best
+        # b. log-probs, then the suppressions (their logits processors run on log-probs), plus the beam's score
+        log_probs = jax.nn.log_softmax(next_logits, axis=-1)  # (B*N, vocab)
+        log_probs = jnp.where(jnp.where(position == prompt_length, at_begin, always), -jnp.inf, log_probs)
+        totals = log_probs.reshape(batch_size, beams, vocab) + scores[:, :, None]
+        # c. the top 2N continuations over all beams of a row
+        top_scores, top_index = jax.lax.top_k(totals.reshape(batch_size, beams * vocab), candidates)  # (B, 2N)
+        source, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+        top_sequences = gather(sequences, source)  # (B, 2N, T)
+        top_sequences = jnp.where(jnp.arange(total_length) == position, token[:, :, None], top_sequences)
+        # d. which of them end: <|endoftext|> or max_length (their EosTokenCriteria, MaxLengthCriteria)
+        hits = (token == settings.eos_token_id) | (position + 1 >= total_length)
+        # e. the best N that go on
+        running_scores = top_scores + hits.astype(jnp.float32) * BEAM_NEG
+        scores, keep = jax.lax.top_k(running_scores, beams)  # (B, N)
+        sequences, beam_of = gather(top_sequences, keep), gather(source, keep)
+        # f. the finished set: the top N candidates that just ended, if they beat the worst kept
+        candidate_scores = penalised(top_scores, position + 1 - prompt_length)
+        full = finished.all(axis=1, keepdims=True) & (early_stopping is True)
+        candidate_scores += full.astype(jnp.float32) * BEAM_NEG
+        candidate_scores += (~is_open[:, None]).astype(jnp.float32) * BEAM_NEG
+        just_finished = hits & top_beams[None, :]
+        candidate_scores += (~just_finished).astype(jnp.float32) * BEAM_NEG
+        merged_scores = jnp.concatenate([best_scores, candidate_scores], axis=1)
+        best_scores, pick = jax.lax.top_k(merged_scores, beams)
+        best_sequences = gather(jnp.concatenate([best_sequences, top_sequences], axis=1), pick)
+        finished = gather(jnp.concatenate([finished, just_finished], axis=1), pick)
+        # g. each beam's key/value rows follow it. Cross-attention rows are the same for every beam
+        # of a row, and a beam only moves within its row, so only self-attention rows are gathered.
+        flat = (rows * beams + beam_of).reshape(-1)  # (B*N,)
+        cache = {**cache, "self_k": cache["self_k"][:, flat], "self_v": cache["self_v"][:, flat]}
+        position = position + 1
+        if early_stopping == "never" and settings.length_penalty > 0.0:
+            best_possible = penalised(scores[:, :1], total_length - prompt_length)
+        else:
+            best_possible = penalised(scores[:, :1], position - prompt_length)
+        worst_finished = jnp.where(finished, best_scores.min(axis=1, keepdims=True), BEAM_NEG)
+        is_open = is_open & (best_possible > worst_finished).any(axis=1)
+        # The next step's logits (at the last position their loop stops here, so does ours).
+        write_at = jnp.minimum(position - 1, total_length - 1)
+        next_tokens = sequences[:, :, position - 1].reshape(-1, 1)  # (B*N, 1)
+        logits, cache = model.apply(variables, next_tokens, None, cache, write_at, method=Whisper.decode)
+        return (
+            position,
+            sequences,
+            scores,
+            (best_sequences, best_scores),
+            finished,
+            is_open,
+            cache,
+            logits[:, -1],
+            hits.all(),
+        )
+
+    tokens = (
+        jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt_ids)
+    )
+    sequences = jnp.repeat(tokens[:, None], beams, axis=1)  # (B, N, T)
+    # Only the first beam starts open (the others are copies), as theirs: scores 0, -1e9, ...
+    scores = jnp.where(jnp.arange(beams) == 0, 0.0, BEAM_NEG) * jnp.ones((batch_size, 1), jnp.float32)
+    best = (sequences, jnp.full((batch_size, beams), BEAM_NEG, jnp.float32))
+    cache = jax.tree.map(lambda c: jnp.repeat(c, beams, axis=1), cache)  # (layers, B*N, ...)
+    carry = (
+        jnp.int32(prompt_length),
+        sequences,
+        scores,
+        best,
+        jnp.zeros((batch_size, beams), bool),
+        jnp.ones(batch_size, bool),  # their is_early_stop_heuristic_unsatisfied
+        cache,
+        jnp.repeat(first_logits, beams, axis=0),  # (B*N, vocab)
+        jnp.bool_(False),
+    )
+    return jax.lax.while_loop(keep_going, step, carry)[3][0][:, 0]
 
 
 # --- sharding ---
@@ -1466,14 +1616,16 @@ def train_step(
 
 def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
     """Summed token loss and token count of a batch (padded rows carry no labels), and with
-    `decoding` the greedy transcripts."""
+    `decoding` the transcripts (greedy, or beam search with decoding.num_beams > 1)."""
     with on_mesh(mesh):
         features = input_features_of(batch, mel_filters)
         logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
         losses, mask = token_losses(logits, batch["labels"])
         out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
         if decoding is not None:
-            out["generated"] = generate(model, params, features, decoding)
+            # Each row's forced prefix; until collate emits "prompt_ids", the start of its decoder input.
+            prompt_ids = batch.get("prompt_ids", batch["decoder_input_ids"][:, : decoding.prompt_length])
+            out["generated"] = generate(model, params, features, prompt_ids, decoding)
         return out
 
 
@@ -2157,12 +2309,15 @@ def run(argv: list[str] | None = None) -> int:
         tokenizer, config, language, data_args.task, components.generation_config
     )
     decoding = DecodingSettings(
-        prompt_ids=prompt_ids,
+        prompt_length=len(prompt_ids),
         max_new_tokens=train_args.generation_max_length or data_args.max_label_length,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
         begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+        num_beams=train_args.generation_num_beams,
+        length_penalty=train_args.generation_length_penalty,
+        early_stopping=generation_config.early_stopping or False,  # None (unset) is False in generate()
     )
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()

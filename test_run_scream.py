@@ -306,23 +306,34 @@ def test_model_export_loads_in_transformers_and_pipeline(model_generation_dir, t
     assert isinstance(result, dict) and isinstance(result["text"], str) and result["text"]
 
 
-model_generate = jax.jit(run_scream.generate, static_argnums=(0, 3))
+model_generate = jax.jit(run_scream.generate, static_argnums=(0, 4))
 
 
 MODEL_MAX_NEW_TOKENS = 8
 
 
-def model_decoding_settings(pretrained, max_new_tokens: int) -> run_scream.DecodingSettings:
-    """As run_scream.run builds them: the tokenizer's prefix and the generation config's suppressions."""
-    tokenizer, generation_config = pretrained.tokenizer, pretrained.generation_config
-    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+def model_prompt(pretrained, language: str = "no") -> tuple[int, ...]:
+    """The tokenizer's <|startoftranscript|><|language|><|transcribe|><|notimestamps|> prefix."""
+    pretrained.tokenizer.set_prefix_tokens(language=language, task="transcribe", predict_timestamps=False)
+    return tuple(pretrained.tokenizer.prefix_tokens)
+
+
+def model_prompts(pretrained, batch_size: int, language: str = "no") -> np.ndarray:
+    """(batch_size, P) prompt_ids for generate: the same prefix on every row."""
+    return np.tile(np.asarray(model_prompt(pretrained, language), np.int32), (batch_size, 1))
+
+
+def model_decoding_settings(pretrained, max_new_tokens: int, **beam) -> run_scream.DecodingSettings:
+    """As run_scream.run builds them: the prefix's length and the generation config's suppressions."""
+    generation_config = pretrained.generation_config
     return run_scream.DecodingSettings(
-        prompt_ids=tuple(tokenizer.prefix_tokens),
+        prompt_length=len(model_prompt(pretrained)),
         max_new_tokens=max_new_tokens,
         eos_token_id=pretrained.config.eos_token_id,
         pad_token_id=pretrained.config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
         begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+        **beam,
     )
 
 
@@ -333,12 +344,13 @@ def test_model_greedy_generation_matches_transformers(model_generation_dir):
     max_new_tokens = MODEL_MAX_NEW_TOKENS
     settings = model_decoding_settings(pretrained, max_new_tokens)
     ids = tokenizer.convert_tokens_to_ids
-    assert settings.prompt_ids == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
+    prompts = model_prompts(pretrained, 6)
+    assert tuple(prompts[0]) == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
     assert settings.suppress_tokens and settings.begin_suppress_tokens  # the generation config's, exercised
 
     features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
-    ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, settings))
-    prompt_length = len(settings.prompt_ids)
+    ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, prompts, settings))
+    prompt_length = settings.prompt_length
     assert ours.shape == (6, prompt_length + max_new_tokens)
     generate = functools.partial(
         torch_model.generate,

@@ -3323,3 +3323,121 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     assert_config_error(
         result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"
     )
+
+
+# --- beam search ---
+
+# (num_beams, length_penalty, early_stopping, reaches_max): transformers' defaults for Whisper
+# (1.0, False) at 2 and 5 beams, and the other length-penalty and early-stopping branches of their
+# beam search; reaches_max: some row's best hypothesis runs to max_new_tokens on these inputs, so
+# hypotheses finished by the length limit (not <|endoftext|>) are compared too.
+BEAM_CASES = [(2, 1.0, False, True), (5, 1.0, False, False), (5, 0.5, True, False), (3, 2.0, "never", True)]
+
+
+def beam_transformers_sequences(torch_model, features: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
+    """transformers' generate(...).sequences: prompt, tokens, eos, then pad to the longest row."""
+    with torch.no_grad():
+        return torch_model.generate(
+            torch.from_numpy(features),
+            do_sample=False,
+            task="transcribe",
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            **kwargs,
+        ).sequences.numpy()
+
+
+def beam_assert_same_ids(ours: np.ndarray, theirs: np.ndarray, pad_token_id: int):
+    """Ours are (B, P + max_new_tokens); theirs end at the longest row. Same ids, then pad only."""
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1] :] == pad_token_id).all()
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, reaches_max", BEAM_CASES)
+def test_beam_search_matches_transformers(model_generation_dir, num_beams, length_penalty, early_stopping, reaches_max):
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    config, max_new_tokens = pretrained.config, MODEL_MAX_NEW_TOKENS
+    beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    settings = model_decoding_settings(pretrained, max_new_tokens, **beam)
+    features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
+    model, prompts = run_scream.build_model(config), model_prompts(pretrained, 6)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, settings))
+    assert ours.shape == (6, settings.prompt_length + max_new_tokens)
+    theirs = beam_transformers_sequences(torch_model, features, max_new_tokens, language="no", **beam)
+    beam_assert_same_ids(ours, theirs, config.pad_token_id)
+
+    greedy = np.asarray(
+        model_generate(model, pretrained.params, features, prompts, model_decoding_settings(pretrained, max_new_tokens))
+    )
+    changed = [not np.array_equal(a, b) for a, b in zip(ours, greedy)]
+    assert any(changed), "beam search picked the greedy hypothesis on every row: a weak comparison"
+    assert len({tuple(row) for row in ours}) >= 2, ours
+    if reaches_max:
+        assert (ours[:, -1] != config.eos_token_id).any(), ours
+
+
+def test_beam_search_with_one_beam_is_greedy(model_generation_dir):
+    """num_beams=1 is transformers' greedy search, whatever the length penalty says (their beam
+    search is never used with one beam)."""
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
+    model, prompts = run_scream.build_model(pretrained.config), model_prompts(pretrained, 6)
+    greedy = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS)
+    one_beam = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=1, length_penalty=0.3)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, one_beam))
+    np.testing.assert_array_equal(ours, np.asarray(model_generate(model, pretrained.params, features, prompts, greedy)))
+    theirs = beam_transformers_sequences(torch_model, features, MODEL_MAX_NEW_TOKENS, language="no", num_beams=1)
+    beam_assert_same_ids(ours, theirs, pretrained.config.pad_token_id)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_beam_search_prefix_per_row(model_generation_dir, num_beams):
+    """Rows with different forced languages in one batch decode as transformers decodes each row alone."""
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    languages = ["no", "en", "sv", "no"]
+    features = np.random.default_rng(5).normal(size=(len(languages), 80, 100)).astype(np.float32)
+    prompts = np.stack([model_prompts(pretrained, 1, language)[0] for language in languages])
+    assert len({tuple(p) for p in prompts}) == 3
+    settings = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=num_beams)
+    model = run_scream.build_model(pretrained.config)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, settings))
+    for row, language in enumerate(languages):
+        theirs = beam_transformers_sequences(
+            torch_model, features[row : row + 1], MODEL_MAX_NEW_TOKENS, language=language, num_beams=num_beams
+        )
+        beam_assert_same_ids(ours[row : row + 1], theirs, pretrained.config.pad_token_id)
+    # The language really steers this model: the two "no" rows aside, rows differ in their text too.
+    assert len({tuple(row[settings.prompt_length :]) for row in ours}) >= 3, ours
+
+
+def test_beam_search_eval_step_takes_each_rows_prefix(model_generation_dir):
+    """eval_step decodes from batch["prompt_ids"], and without it from the start of each row's
+    decoder input (collate's <|startoftranscript|><|lang|><|task|><|notimestamps|> text ...)."""
+    directory, _ = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    model = run_scream.build_model(pretrained.config)
+    settings = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=2)
+    features = np.random.default_rng(6).normal(size=(3, 80, 100)).astype(np.float32)
+    languages, swapped = ["no", "en", "sv"], ["sv", "no", "en"]
+    prompts = np.stack([model_prompts(pretrained, 1, language)[0] for language in languages])
+    text = np.random.default_rng(7).integers(0, 200, (3, 6)).astype(np.int32)
+    batch = {
+        "input_features": features,
+        "decoder_input_ids": np.concatenate([prompts, text], axis=1),
+        "labels": np.concatenate([prompts[:, 1:], text, text[:, :1]], axis=1),
+    }
+    step = jax.jit(functools.partial(run_scream.eval_step, model=model, mel_filters=None, decoding=settings))
+    expected = model_generate(model, pretrained.params, features, prompts, settings)
+    np.testing.assert_array_equal(step(pretrained.params, batch)["generated"], expected)
+    other = np.stack([model_prompts(pretrained, 1, language)[0] for language in swapped])
+    ours = np.asarray(step(pretrained.params, {**batch, "prompt_ids": other})["generated"])
+    np.testing.assert_array_equal(ours, model_generate(model, pretrained.params, features, other, settings))
+    np.testing.assert_array_equal(ours[:, : settings.prompt_length], other)
+
+
+def test_beam_search_zero_beams_is_a_config_error():
+    with pytest.raises(run_scream.ConfigError, match="--generation_num_beams 0 must be at least 1"):
+        run_scream.TrainingArguments(generation_num_beams=0)

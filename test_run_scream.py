@@ -3441,3 +3441,17 @@ def test_beam_search_eval_step_takes_each_rows_prefix(model_generation_dir):
 def test_beam_search_zero_beams_is_a_config_error():
     with pytest.raises(run_scream.ConfigError, match="--generation_num_beams 0 must be at least 1"):
         run_scream.TrainingArguments(generation_num_beams=0)
+
+
+def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
+    tables = run_bench(capsys, "generate", "--tiny")
+    rows = bench_table(tables, "Eval decoding on CPU")
+    assert [(row["model"], int(row["beams"])) for row in rows] == [("toy", 1), ("toy", 2), ("toy", 3)]
+    greedy = float(rows[0]["s per example"])
+    assert greedy > 0 and float(rows[0]["x greedy"]) == 1
+    for row in rows:
+        assert float(row["x greedy"]) == pytest.approx(float(row["s per example"]) / greedy, rel=0.02)
+        assert float(row["compile s"]) > 0
+        # One key/value row per beam: the cache grows with the beam count exactly.
+        cache = float(row["KV cache MiB"])
+        assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)

@@ -1262,6 +1262,8 @@ def generate(model: Whisper, params, input_features, prompt_ids, settings: Decod
     up to and including <|endoftext|>, then pad. Stops early once every row has ended.
     """
     batch_size, prompt_length = prompt_ids.shape
+    if settings.num_beams < 1:
+        raise ValueError(f"settings.num_beams is {settings.num_beams}: 1 (greedy) or more")
     if prompt_length != settings.prompt_length:
         raise ValueError(
             f"prompt_ids has {prompt_length} tokens per row, settings.prompt_length {settings.prompt_length}"

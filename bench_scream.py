@@ -5,6 +5,7 @@
     python bench_scream.py input    # host examples/s per core: our pipeline vs host log-mel features
     python bench_scream.py compile  # time to compile the train step: unrolled vs scan_layers
     python bench_scream.py tpu      # compile-only on TPU v4 slices: memory per chip, largest batch that fits
+    python bench_scream.py generate --num_beams 1 2 5  # eval decoding per example: beam search vs greedy
 
 Every subcommand takes --tiny: toy sizes that run in seconds (the test suite runs them so the
 script cannot rot). Timings are medians of alternating runs (ours, theirs, ours, theirs, ...), so
@@ -1002,6 +1003,72 @@ def bench_compile(args):
     )
 
 
+# --- generate: greedy vs beam search ---
+
+
+def bench_generate(args):
+    """run_scream.generate (as eval_step runs it) at each --num_beams: seconds per example and the
+    ratio to greedy. <|endoftext|> is suppressed, so every variant decodes all --max_new_tokens
+    (random weights would otherwise end at random lengths): the ratio is per decoded token."""
+    import jax
+    import jax.numpy as jnp
+
+    import run_scream as rs
+
+    print(f"## generate: eval decoding, greedy vs beam search ({machine_line()})")
+    beam_counts = [1] + [n for n in args.num_beams if n != 1]  # greedy is the reference row
+    rows = []
+    for name in args.models:
+        config = whisper_config(name, args.chunk_s)
+        model = rs.build_model(config, dtype=args.dtype)
+        params = jax.jit(functools.partial(rs.init_params, model))(jax.random.PRNGKey(0))
+        rng = np.random.default_rng(0)
+        frames = 2 * config.max_source_positions
+        features = jnp.asarray(rng.standard_normal((args.batch_size, config.num_mel_bins, frames)), jnp.float32)
+        prefix = [config.decoder_start_token_id, 1, 2, 3]  # <|startoftranscript|> and three stand-ins
+        prompt_ids = jnp.asarray(np.tile(prefix, (args.batch_size, 1)), jnp.int32)
+        compiled, compile_s, times = {}, {}, {n: [] for n in beam_counts}
+        for beams in beam_counts:
+            settings = rs.DecodingSettings(
+                prompt_length=len(prefix),
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id,
+                suppress_tokens=(config.eos_token_id,),
+                num_beams=beams,
+            )
+            start = time.perf_counter()
+            compiled[beams] = (
+                jax.jit(functools.partial(rs.generate, model, settings=settings))
+                .lower(params, features, prompt_ids)
+                .compile()
+            )
+            compile_s[beams] = time.perf_counter() - start
+        for _ in range(args.rounds):
+            for beams in beam_counts:
+                sample_load()
+                start = time.perf_counter()
+                compiled[beams](params, features, prompt_ids).block_until_ready()
+                times[beams].append(time.perf_counter() - start)
+        greedy = median(times[1]) / args.batch_size
+        for beams in beam_counts:
+            per_example = median(times[beams]) / args.batch_size
+            cache = rs.empty_cache(
+                model.dims, args.batch_size * beams, len(prefix) + args.max_new_tokens, jnp.dtype(args.dtype)
+            )
+            cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+            rows.append([name, beams, per_example, per_example / greedy, compile_s[beams], cache_bytes / 2**20])
+    table(
+        f"Eval decoding on CPU: {args.dtype}, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+        f"{args.chunk_s:g} s windows",
+        ["model", "beams", "s per example", "x greedy", "compile s", "KV cache MiB"],
+        rows,
+        f"Random weights, <|endoftext|> suppressed (every row decodes all {args.max_new_tokens} tokens); the "
+        f"encoder runs once per example, the decoder on batch x beams rows. Medians of {args.rounds} alternating "
+        f"rounds. {load_range()}.",
+    )
+
+
 # --- tpu: compile-only on v4 slices ---
 
 
@@ -1270,7 +1337,16 @@ def parse_args(argv=None):
     tpu.add_argument("--chunk_s", type=float, default=30.0)
     tpu.add_argument("--label_length", type=int, default=128)
 
-    for sub in (train, inputs, compile_, tpu):
+    generate = commands.add_parser("generate", help="eval decoding per example: beam search vs greedy")
+    generate.add_argument("--models", type=parse_list, default=["base"])
+    generate.add_argument("--num_beams", type=int, nargs="+", default=[1, 2, 5])
+    generate.add_argument("--batch_size", type=int, default=8)
+    generate.add_argument("--max_new_tokens", type=int, default=64)
+    generate.add_argument("--chunk_s", type=float, default=30.0)
+    generate.add_argument("--rounds", type=int, default=3)
+    generate.add_argument("--dtype", default="float32")
+
+    for sub in (train, inputs, compile_, tpu, generate):
         sub.add_argument("--tiny", action="store_true", help="toy sizes that finish in seconds (for the tests)")
     args = parser.parse_args(argv)
     if args.tiny:  # the same code paths, toy sizes
@@ -1306,6 +1382,9 @@ def parse_args(argv=None):
                 remats=["dots"],
                 compare_unblocked=[],
             ),  # one compile per sharding
+            "generate": dict(
+                models=["toy"], num_beams=[1, 2, 3], batch_size=2, max_new_tokens=6, chunk_s=3.0, rounds=1
+            ),
         }[args.command]
         for key, value in toy.items():
             setattr(args, key, value)
@@ -1320,7 +1399,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to guard with /tmp/libtpu_lockfile
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    {"train": bench_train, "input": bench_input, "compile": bench_compile, "tpu": bench_tpu}[args.command](args)
+    commands = {"train": bench_train, "input": bench_input, "compile": bench_compile, "tpu": bench_tpu}
+    commands["generate"] = bench_generate
+    commands[args.command](args)
     return 0
 
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import string
+import struct as pystruct  # flax.struct is `struct` here
 import sys
 import threading
 import time
@@ -211,6 +212,13 @@ class TrainingArguments:
     generation_max_length: int | None = field(
         default=None, metadata={"help": "New tokens per decode (default: max_label_length)."}
     )
+    generation_num_beams: int = field(
+        default=1, metadata={"help": "Beams per example in eval decoding (1: greedy), as transformers' num_beams."}
+    )
+    generation_length_penalty: float = field(
+        default=1.0,
+        metadata={"help": "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."},
+    )
     log_max_eval_predictions: int | None = field(
         default=None, metadata={"help": "Predictions written per eval (default: all)."}
     )
@@ -226,6 +234,13 @@ class TrainingArguments:
     )
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to push to."})
     hub_private_repo: bool = field(default=True, metadata={"help": "Create the hub repository private."})
+    export_ctranslate2: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
+            "float32, ... (needs ctranslate2 and torch)."
+        },
+    )
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
     dry_run_topology: str | None = field(
         default=None,
@@ -256,6 +271,10 @@ class TrainingArguments:
                 raise ConfigError(f"--{flag} {value} is not a cadence: give a number of steps of at least 1.")
         if self.save_steps is None:
             self.save_steps = self.eval_steps if (self.do_eval and self.eval_steps) else DEFAULT_SAVE_STEPS
+        if self.generation_num_beams < 1:
+            raise ConfigError(
+                f"--generation_num_beams {self.generation_num_beams} must be at least 1 (1 decodes greedily)."
+            )
         if self.eval_steps is None:
             self.eval_steps = self.num_train_steps
         if not self.dry_run:
@@ -274,6 +293,21 @@ class TrainingArguments:
                     )
         if self.run_name is None and self.output_dir is not None:
             self.run_name = Path(self.output_dir).name
+        if self.export_ctranslate2 is not None:  # checked now, not after a week of training
+            try:
+                import ctranslate2.specs.model_spec
+                import torch  # noqa: F401  (ctranslate2's converter reads the exported model with it)
+            except ImportError as error:
+                raise ConfigError(
+                    f"--export_ctranslate2 needs ctranslate2 and torch, which are not installed ({error}): "
+                    "pip install ctranslate2 torch (the CPU build of torch is enough), or drop the flag."
+                ) from None
+            accepted = ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES
+            if self.export_ctranslate2 not in accepted:
+                raise ConfigError(
+                    f"--export_ctranslate2 {self.export_ctranslate2!r} is not a CTranslate2 quantization: use one "
+                    f"of {', '.join(accepted)}."
+                )
 
 
 @dataclass
@@ -450,6 +484,37 @@ def normalise_transcript(text: str, settings: TextSettings) -> str:
         text = text.translate(str.maketrans("", "", string.punctuation))
         text = " ".join(text.split())
     return text.strip()
+
+
+ENGLISH_ONLY_VOCAB_SIZE = 51864  # the .en checkpoints' vocabulary: GPT-2's, one token short of the multilingual 51865
+
+
+def is_english_only(config, generation_config=None) -> bool:
+    """An English-only (.en) Whisper: its generation config says so, or (without one) it has the .en
+    vocabulary size. (Small test vocabularies with language tokens count as multilingual.)"""
+    multilingual = getattr(generation_config, "is_multilingual", None)
+    return not multilingual if multilingual is not None else config.vocab_size == ENGLISH_ONLY_VOCAB_SIZE
+
+
+def decoder_prefix(tokenizer, language: str, task: str, *, english_only: bool) -> tuple[int, ...]:
+    """The tokens every transcript starts with: <|startoftranscript|><|lang|><|task|><|notimestamps|>, or
+    <|startoftranscript|><|notimestamps|> for an English-only model, which has no language or task tokens
+    (so any language but English, or translating, is an error there)."""
+    if english_only and (language != "en" or task != "transcribe"):
+        flag = f"--language {language!r}" if language != "en" else f"--task {task!r}"
+        raise ConfigError(
+            f"{flag} needs a multilingual model, but {tokenizer.name_or_path or 'the model'} is English-only "
+            "(a .en Whisper, whose prompt has no language or task token): pass --language en --task transcribe, "
+            "or fine-tune a multilingual checkpoint."
+        )
+    tokens = ["<|startoftranscript|>"] + ([] if english_only else [f"<|{language}|>", f"<|{task}|>"])
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in tokens + ["<|notimestamps|>"] if token not in vocab]
+    if missing:
+        raise ConfigError(
+            f"The tokenizer has no {', '.join(missing)} token for the decoder prompt; check --language and --tokenizer_name."
+        )
+    return tuple(vocab[token] for token in tokens + ["<|notimestamps|>"])
 
 
 def prepare_example(
@@ -1256,24 +1321,49 @@ def empty_cache(dims: WhisperDims, batch_size: int, max_length: int, dtype) -> d
 
 @dataclass(frozen=True)
 class DecodingSettings:
-    """Greedy decoding as transformers' generate(num_beams=1) does it for Whisper."""
+    """Decoding as transformers' generate() does it for Whisper: greedy (num_beams=1) or beam search."""
 
-    prompt_ids: tuple[int, ...]  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
+    prompt_length: int  # P: <|startoftranscript|><|lang|><|task|><|notimestamps|>, per row in generate's prompt_ids
     max_new_tokens: int
     eos_token_id: int
     pad_token_id: int
     suppress_tokens: tuple[int, ...] = ()
     begin_suppress_tokens: tuple[int, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0  # a finished hypothesis scores sum_logprobs / generated_length**length_penalty
+    early_stopping: bool | str = False  # GenerationConfig.early_stopping: True, False or "never"
 
 
-def generate(model: Whisper, params, input_features, settings: DecodingSettings):
-    """Greedy decoding with a key/value cache and static shapes (jit it with model and settings static).
+def suppression_masks(settings: DecodingSettings, vocab_size: int):
+    """(always, at_begin): (vocab,) masks of the tokens suppressed at every step, and at the first
+    generated position (begin_suppress_tokens on top of suppress_tokens), as transformers'
+    SuppressTokens- and SuppressTokensAtBeginLogitsProcessor do."""
+    always = (
+        jnp.zeros(vocab_size, bool)
+        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
+        .set(len(settings.suppress_tokens) > 0)
+    )
+    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
+        len(settings.begin_suppress_tokens) > 0
+    )
+    return always, at_begin
 
-    Returns (B, len(prompt) + max_new_tokens) ids: the prompt, the generated tokens up to and
-    including <|endoftext|>, then pad. Stops early once every row has ended.
+
+def generate(model: Whisper, params, input_features, prompt_ids, settings: DecodingSettings):
+    """Greedy decoding (settings.num_beams == 1) or beam search, with a key/value cache and static
+    shapes (jit it with model and settings static).
+
+    prompt_ids: (B, P) int32, each row's forced prefix (P == settings.prompt_length).
+    Returns (B, P + max_new_tokens) ids: the prompt, the generated tokens (of the best hypothesis)
+    up to and including <|endoftext|>, then pad. Stops early once every row has ended.
     """
-    batch_size = input_features.shape[0]
-    prompt_length = len(settings.prompt_ids)
+    batch_size, prompt_length = prompt_ids.shape
+    if settings.num_beams < 1:
+        raise ValueError(f"settings.num_beams is {settings.num_beams}: 1 (greedy) or more")
+    if prompt_length != settings.prompt_length:
+        raise ValueError(
+            f"prompt_ids has {prompt_length} tokens per row, settings.prompt_length {settings.prompt_length}"
+        )
     total_length = prompt_length + settings.max_new_tokens
     if total_length > model.dims.max_target_positions:
         raise ConfigError(
@@ -1281,19 +1371,23 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
             f"max_target_positions {model.dims.max_target_positions}."
         )
     variables = {"params": params}
+    prompt_ids = prompt_ids.astype(jnp.int32)
+    # The encoder and the prompt run once per row; beam search repeats their outputs per beam.
     encoder_hidden = model.apply(variables, input_features, method=Whisper.encode)
     cache = empty_cache(model.dims, batch_size, total_length, model.dtype)
-    prompt = jnp.broadcast_to(jnp.asarray(settings.prompt_ids, jnp.int32), (batch_size, prompt_length))
-    logits, cache = model.apply(variables, prompt, encoder_hidden, cache, 0, method=Whisper.decode)
-    tokens = jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt)
-    always = (
-        jnp.zeros(model.dims.vocab_size, bool)
-        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
-        .set(len(settings.suppress_tokens) > 0)
+    logits, cache = model.apply(variables, prompt_ids, encoder_hidden, cache, 0, method=Whisper.decode)
+    search = greedy_search if settings.num_beams == 1 else beam_search
+    return search(model, variables, logits[:, -1], cache, prompt_ids, settings)
+
+
+def greedy_search(model: Whisper, variables, first_logits, cache, prompt_ids, settings: DecodingSettings):
+    """generate() with num_beams=1: the argmax token per row, from the prompt's logits (B, vocab)."""
+    batch_size, prompt_length = prompt_ids.shape
+    total_length = prompt_length + settings.max_new_tokens
+    tokens = (
+        jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt_ids)
     )
-    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
-        len(settings.begin_suppress_tokens) > 0
-    )
+    always, at_begin = suppression_masks(settings, model.dims.vocab_size)
 
     def keep_going(carry):
         _, _, _, position, done = carry
@@ -1311,8 +1405,120 @@ def generate(model: Whisper, params, input_features, settings: DecodingSettings)
         logits, cache = model.apply(variables, next_token[:, None], None, cache, write_at, method=Whisper.decode)
         return tokens, cache, logits[:, -1], position + 1, done
 
-    carry = (tokens, cache, logits[:, -1], jnp.int32(prompt_length), jnp.zeros(batch_size, bool))
+    carry = (tokens, cache, first_logits, jnp.int32(prompt_length), jnp.zeros(batch_size, bool))
     return jax.lax.while_loop(keep_going, step, carry)[0]
+
+
+# transformers' beam search marks impossible candidates by adding this (float32) constant.
+BEAM_NEG = -1.0e9
+
+
+def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, settings: DecodingSettings):
+    """generate(num_beams=N) as transformers 5.23's GenerationMixin._beam_search does it, step for
+    step: the same top-2N candidates, the same -1e9 bookkeeping, the same finished-hypothesis
+    scores (sum of log-probs / generated_length**length_penalty, the prompt not counted) and the
+    same early-stopping heuristic, so ties aside it picks the same hypothesis. first_logits are
+    the prompt's (B, vocab); the cache holds B rows and is repeated here to B*N, one row per beam."""
+    batch_size, prompt_length = prompt_ids.shape
+    beams, vocab = settings.num_beams, model.dims.vocab_size
+    total_length = prompt_length + settings.max_new_tokens
+    candidates = 2 * beams  # their beams_to_keep: max(2, 1 + number of eos ids) * num_beams, one eos id
+    always, at_begin = suppression_masks(settings, vocab)
+    early_stopping = settings.early_stopping
+    # generated_length**length_penalty for lengths 1..max_new_tokens, in Python floats as theirs is
+    # (an int ** a float), then float32 as torch divides a float32 tensor by it.
+    penalties = jnp.asarray(
+        [float(n) ** settings.length_penalty for n in range(1, settings.max_new_tokens + 1)], jnp.float32
+    )
+    top_beams = jnp.arange(candidates) < beams  # their top_num_beam_mask
+    rows = jnp.arange(batch_size)[:, None]
+
+    def gather(x, index):  # x (B, K, ...), index (B, M) -> (B, M, ...): their _gather_beams
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def penalised(scores, generated_length):
+        return scores / penalties[generated_length - 1]
+
+    def keep_going(carry):
+        position, is_open, finished, all_hit = carry[0], carry[5], carry[4], carry[8]
+        return (position < total_length) & is_open.any() & ~(finished.all() & (early_stopping is True)) & ~all_hit
+
+    def step(carry):
+        position, sequences, scores, best, finished, is_open, cache, next_logits, _ = carry
+        best_sequences, best_scores = best
+        # b. log-probs, then the suppressions (their logits processors run on log-probs), plus the beam's score
+        log_probs = jax.nn.log_softmax(next_logits, axis=-1)  # (B*N, vocab)
+        log_probs = jnp.where(jnp.where(position == prompt_length, at_begin, always), -jnp.inf, log_probs)
+        totals = log_probs.reshape(batch_size, beams, vocab) + scores[:, :, None]
+        # c. the top 2N continuations over all beams of a row
+        top_scores, top_index = jax.lax.top_k(totals.reshape(batch_size, beams * vocab), candidates)  # (B, 2N)
+        source, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+        top_sequences = gather(sequences, source)  # (B, 2N, T)
+        top_sequences = jnp.where(jnp.arange(total_length) == position, token[:, :, None], top_sequences)
+        # d. which of them end: <|endoftext|> or max_length (their EosTokenCriteria, MaxLengthCriteria)
+        hits = (token == settings.eos_token_id) | (position + 1 >= total_length)
+        # e. the best N that go on
+        running_scores = top_scores + hits.astype(jnp.float32) * BEAM_NEG
+        scores, keep = jax.lax.top_k(running_scores, beams)  # (B, N)
+        sequences, beam_of = gather(top_sequences, keep), gather(source, keep)
+        # f. the finished set: the top N candidates that just ended, if they beat the worst kept
+        candidate_scores = penalised(top_scores, position + 1 - prompt_length)
+        full = finished.all(axis=1, keepdims=True) & (early_stopping is True)
+        candidate_scores += full.astype(jnp.float32) * BEAM_NEG
+        candidate_scores += (~is_open[:, None]).astype(jnp.float32) * BEAM_NEG
+        just_finished = hits & top_beams[None, :]
+        candidate_scores += (~just_finished).astype(jnp.float32) * BEAM_NEG
+        merged_scores = jnp.concatenate([best_scores, candidate_scores], axis=1)
+        best_scores, pick = jax.lax.top_k(merged_scores, beams)
+        best_sequences = gather(jnp.concatenate([best_sequences, top_sequences], axis=1), pick)
+        finished = gather(jnp.concatenate([finished, just_finished], axis=1), pick)
+        # g. each beam's key/value rows follow it. Cross-attention rows are the same for every beam
+        # of a row, and a beam only moves within its row, so only self-attention rows are gathered.
+        flat = (rows * beams + beam_of).reshape(-1)  # (B*N,)
+        cache = {**cache, "self_k": cache["self_k"][:, flat], "self_v": cache["self_v"][:, flat]}
+        position = position + 1
+        if early_stopping == "never" and settings.length_penalty > 0.0:
+            best_possible = penalised(scores[:, :1], total_length - prompt_length)
+        else:
+            best_possible = penalised(scores[:, :1], position - prompt_length)
+        worst_finished = jnp.where(finished, best_scores.min(axis=1, keepdims=True), BEAM_NEG)
+        is_open = is_open & (best_possible > worst_finished).any(axis=1)
+        # The next step's logits (at the last position their loop stops here, so does ours).
+        write_at = jnp.minimum(position - 1, total_length - 1)
+        next_tokens = sequences[:, :, position - 1].reshape(-1, 1)  # (B*N, 1)
+        logits, cache = model.apply(variables, next_tokens, None, cache, write_at, method=Whisper.decode)
+        return (
+            position,
+            sequences,
+            scores,
+            (best_sequences, best_scores),
+            finished,
+            is_open,
+            cache,
+            logits[:, -1],
+            hits.all(),
+        )
+
+    tokens = (
+        jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt_ids)
+    )
+    sequences = jnp.repeat(tokens[:, None], beams, axis=1)  # (B, N, T)
+    # Only the first beam starts open (the others are copies), as theirs: scores 0, -1e9, ...
+    scores = jnp.where(jnp.arange(beams) == 0, 0.0, BEAM_NEG) * jnp.ones((batch_size, 1), jnp.float32)
+    best = (sequences, jnp.full((batch_size, beams), BEAM_NEG, jnp.float32))
+    cache = jax.tree.map(lambda c: jnp.repeat(c, beams, axis=1), cache)  # (layers, B*N, ...)
+    carry = (
+        jnp.int32(prompt_length),
+        sequences,
+        scores,
+        best,
+        jnp.zeros((batch_size, beams), bool),
+        jnp.ones(batch_size, bool),  # their is_early_stop_heuristic_unsatisfied
+        cache,
+        jnp.repeat(first_logits, beams, axis=0),  # (B*N, vocab)
+        jnp.bool_(False),
+    )
+    return jax.lax.while_loop(keep_going, step, carry)[3][0][:, 0]
 
 
 # --- sharding ---
@@ -1560,14 +1766,16 @@ def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, par
 
 def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
     """Summed token loss and token count of a batch (padded rows carry no labels), and with
-    `decoding` the greedy transcripts."""
+    `decoding` the transcripts (greedy, or beam search with decoding.num_beams > 1)."""
     with on_mesh(mesh):
         features = log_mel(batch["audio"], mel_filters)
         logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
         losses, mask = token_losses(logits, batch["labels"])
         out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
         if decoding is not None:
-            out["generated"] = generate(model, params, features, decoding)
+            # Each row's forced prefix; until collate emits "prompt_ids", the start of its decoder input.
+            prompt_ids = batch.get("prompt_ids", batch["decoder_input_ids"][:, : decoding.prompt_length])
+            out["generated"] = generate(model, params, features, prompt_ids, decoding)
         return out
 
 
@@ -1725,9 +1933,11 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
     try:
         directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=patterns))
         if not any((directory / name).exists() for name in WEIGHT_FILES):  # old repos: PyTorch pickle only
-            directory = Path(
+            directory = Path(  # ... or a CTranslate2 (faster-whisper) model
                 huggingface_hub.snapshot_download(
-                    name_or_path, cache_dir=cache_dir, allow_patterns=patterns + ["pytorch_model*.bin"]
+                    name_or_path,
+                    cache_dir=cache_dir,
+                    allow_patterns=patterns + ["pytorch_model*.bin", "model.bin", "model.bin.part*"],
                 )
             )
     except Exception as error:
@@ -1824,6 +2034,283 @@ def read_old_flax_checkpoint(path: Path) -> dict:
     return convert(tree)
 
 
+# CTranslate2 (faster-whisper) Whisper directories: model.bin in ctranslate2's binary format (its
+# python/ctranslate2/specs/model_spec.py writes it: an int32 version, the spec name, an int32
+# revision, the variables, then the aliases), config.json with the suppress lists, language ids and
+# alignment heads, and tokenizer.json. A model.bin too large for one file (a wheel, an upload limit)
+# may come split into model.bin.part1, .part2, ...: read in order as one stream, never joined on disk.
+
+CT2_BINARY_VERSION = 6  # the version ctranslate2 4.x writes
+CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # ctranslate2's DataType ids
+CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "swish", 3: "gelu"}  # its common_spec.Activation
+# The spec's scalar switches and the values transformers' Whisper allows (None: any; read as a
+# dimension, or ctranslate2's alignment defaults, which config.json's alignment_heads replace).
+CT2_SCALARS = {
+    "encoder/num_heads": None,
+    "decoder/num_heads": None,
+    "decoder/activation": tuple(CT2_ACTIVATIONS),
+    "decoder/alignment_heads": None,
+    "decoder/alignment_layer": None,
+    "decoder/pre_norm": (1,),
+    "decoder/scale_embeddings": (0, 1),  # off, or a factor of 1: transformers' Whisper never scales them
+    "decoder/start_from_zero_embedding": (0,),
+    "decoder/alibi": (0,),
+    "decoder/alibi_use_positive_positions": None,  # both moot with alibi off
+    "decoder/scale_alibi": None,
+}
+# Sub-layer names inside encoder/layer_N and decoder/layer_N -> transformers' module names; a tuple
+# is a projection fused along the output axis, split back in this order.
+CT2_LAYER_MODULES = {
+    "self_attention/layer_norm": "self_attn_layer_norm",
+    "self_attention/linear_0": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attention/linear_1": "self_attn.out_proj",
+    "attention/layer_norm": "encoder_attn_layer_norm",
+    "attention/linear_0": "encoder_attn.q_proj",
+    "attention/linear_1": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
+    "attention/linear_2": "encoder_attn.out_proj",
+    "ffn/layer_norm": "final_layer_norm",
+    "ffn/linear_0": "fc1",
+    "ffn/linear_1": "fc2",
+}
+CT2_MODULES = {
+    "encoder/conv1": "encoder.conv1",
+    "encoder/conv2": "encoder.conv2",
+    "encoder/layer_norm": "encoder.layer_norm",
+    "encoder/position_encodings": "encoder.embed_positions",
+    "decoder/embeddings": "decoder.embed_tokens",
+    "decoder/position_encodings": "decoder.embed_positions",
+    "decoder/layer_norm": "decoder.layer_norm",
+}
+CT2_LEAVES = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias", "encodings": "weight"}
+
+
+def ctranslate2_model_files(directory: Path) -> list[Path]:
+    """[model.bin], or [model.bin.part1, model.bin.part2, ...] in order; [] when neither is there."""
+    if (directory / "model.bin").exists():
+        return [directory / "model.bin"]
+    parts = []
+    while (directory / f"model.bin.part{len(parts) + 1}").exists():
+        parts.append(directory / f"model.bin.part{len(parts) + 1}")
+    return parts
+
+
+class JoinedFiles:
+    """Read files one after the other as one stream, so a split model.bin needs no joined copy."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.index, self.file = list(paths), 0, open(paths[0], "rb")
+
+    def read(self, size: int) -> bytes:
+        chunks = []
+        while size:
+            chunk = self.file.read(size)
+            if not chunk:
+                if self.index + 1 == len(self.paths):
+                    raise ConfigError(
+                        f"{self.paths[-1]} ends in the middle of the model: a truncated download, or a "
+                        f"missing part after {self.paths[-1].name}?"
+                    )
+                self.file.close()
+                self.index += 1
+                self.file = open(self.paths[self.index], "rb")
+                continue
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def at_end(self) -> bool:
+        return self.index + 1 == len(self.paths) and not self.file.peek(1)
+
+    def close(self):
+        self.file.close()
+
+
+def read_ctranslate2_variables(paths: list[Path]) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
+    """(spec name, {name: array}, {alias: name it stands for}) from a model.bin (or its parts)."""
+    stream = JoinedFiles(paths)
+    try:
+
+        def unpack(fmt: str) -> tuple:
+            return pystruct.unpack("<" + fmt, stream.read(pystruct.calcsize("<" + fmt)))
+
+        def text() -> str:
+            (length,) = unpack("H")  # including the terminating NUL
+            return stream.read(length)[:-1].decode()
+
+        (version,) = unpack("I")
+        if version != CT2_BINARY_VERSION:
+            raise ConfigError(
+                f"{paths[0]} is a CTranslate2 model of binary version {version}; this reader knows version "
+                f"{CT2_BINARY_VERSION} (ctranslate2 4.x): convert it again with a current ctranslate2."
+            )
+        spec = text()
+        unpack("I")  # the spec's revision: the names below are checked one by one instead
+        variables = {}
+        for _ in range(unpack("I")[0]):
+            name = text()
+            (rank,) = unpack("B")
+            shape = unpack(f"{rank}I")
+            dtype_id, num_bytes = unpack("B")[0], unpack("I")[0]
+            dtype = jnp.bfloat16 if CT2_DTYPES[dtype_id] == "bfloat16" else np.dtype(CT2_DTYPES[dtype_id])
+            variables[name] = np.frombuffer(stream.read(num_bytes), dtype).reshape(shape)
+        aliases = {}
+        for _ in range(unpack("I")[0]):
+            alias = text()
+            aliases[alias] = text()
+        if not stream.at_end():
+            raise ConfigError(f"{paths[-1]} has data after the model's last alias: not a CTranslate2 model.bin?")
+    finally:
+        stream.close()
+    return spec, variables, aliases
+
+
+def ctranslate2_to_torch(variables: dict[str, np.ndarray], aliases: dict[str, str], source: str):
+    """CTranslate2 Whisper variables -> (transformers-named float32 state dict, the spec's scalars).
+
+    Aliases (ctranslate2 stores a repeated tensor once) are resolved; fused projections are split
+    (self-attention q|k|v, cross-attention k|v); the key slot of a fused bias is dropped, as
+    transformers' k_proj has none (ctranslate2 stores zeros there, and a key bias cancels in the
+    softmax anyway); int8/int16 weights are divided by their stored scales; everything is widened
+    to float32. The output projection must be the token embedding (Whisper ties them)."""
+    variables = dict(variables)
+    for alias, target in aliases.items():
+        if target not in variables:
+            raise ConfigError(f"{source}: alias {alias} points at {target}, which the model does not hold.")
+        variables[alias] = variables[target]
+    for name in [n for n in variables if n.endswith("_scale") and n.removesuffix("_scale") in variables]:
+        weight = variables.pop(name.removesuffix("_scale")).astype(np.float32)
+        scale = variables.pop(name).astype(np.float32)
+        variables[name.removesuffix("_scale")] = weight / scale.reshape(scale.shape + (1,) * (weight.ndim - scale.ndim))
+    scalars = {name: variables.pop(name).item() for name in CT2_SCALARS if name in variables}
+    projection = variables.pop("decoder/projection/weight", None)
+    embedding = variables.get("decoder/embeddings/weight")
+    if projection is not None and embedding is not None and not np.array_equal(projection, embedding):
+        raise ConfigError(
+            f"{source}: decoder/projection/weight differs from the token embedding; Whisper ties the two, "
+            "so this model cannot be read as a Whisper checkpoint."
+        )
+    state, unmapped = {}, []
+    for name, value in variables.items():
+        layer = re.fullmatch(r"(encoder|decoder)/layer_(\d+)/(.+)/(\w+)", name)
+        module, leaf = (layer.group(3), layer.group(4)) if layer else name.rsplit("/", 1)
+        target = CT2_LAYER_MODULES.get(module) if layer else CT2_MODULES.get(module)
+        if target is None or leaf not in CT2_LEAVES or not np.issubdtype(value.dtype, np.floating):
+            unmapped.append(name)
+            continue
+        prefix = f"model.{layer.group(1)}.layers.{layer.group(2)}." if layer else "model."
+        targets = target if isinstance(target, tuple) else (target,)
+        for piece, part in zip(np.split(np.asarray(value, np.float32), len(targets)), targets):
+            if not (part.endswith("k_proj") and leaf == "bias"):
+                state[f"{prefix}{part}.{CT2_LEAVES[leaf]}"] = piece
+    unknown = [
+        f"{name}={scalars[name]}"
+        for name, allowed in CT2_SCALARS.items()
+        if allowed is not None and name in scalars and scalars[name] not in allowed
+    ]
+    if unmapped or unknown:
+        raise ConfigError(
+            f"{source} holds CTranslate2 variables that have no place in transformers' Whisper: "
+            f"{', '.join(sorted(unmapped) + unknown)}. Only Whisper models converted by ctranslate2's "
+            "TransformersConverter (or faster-whisper's conversions) can be read."
+        )
+    return state, scalars
+
+
+def read_ctranslate2(directory: Path):
+    """A CTranslate2 Whisper directory -> (WhisperConfig, unstacked float32 params, tokenizer,
+    feature extractor, generation config).
+
+    The dimensions come from the weights (mel bins from conv1), the special token ids from the
+    tokenizer, the suppress lists, language ids and alignment heads from config.json; a vocabulary
+    smaller than the multilingual one marks an English-only (.en) model."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    spec, variables, aliases = read_ctranslate2_variables(ctranslate2_model_files(directory))
+    if spec != "WhisperSpec":
+        raise ConfigError(f"{directory} holds a CTranslate2 {spec}, not a Whisper model (WhisperSpec).")
+    state, scalars = ctranslate2_to_torch(variables, aliases, str(directory))
+    missing = [
+        name
+        for name in (
+            "decoder/num_heads",
+            "encoder/num_heads",
+            "encoder/conv1/weight",
+            "decoder/embeddings/weight",
+            "encoder/position_encodings/encodings",
+            "decoder/position_encodings/encodings",
+            "encoder/layer_0/ffn/linear_0/weight",
+            "decoder/layer_0/ffn/linear_0/weight",
+        )
+        if name not in variables and name not in scalars
+    ]
+    if missing:
+        raise ConfigError(f"{directory}/model.bin lacks {', '.join(missing)}: not a complete CTranslate2 Whisper.")
+    if not (directory / "tokenizer.json").exists():
+        raise ConfigError(
+            f"{directory} has no tokenizer.json (a vocabulary list alone lacks the BPE merges): copy the "
+            "model's tokenizer.json there, or give --tokenizer_name with a Whisper tokenizer of the same vocabulary."
+        )
+    tokenizer = WhisperTokenizer(tokenizer_file=str(directory / "tokenizer.json"), name_or_path=str(directory))
+    vocab = tokenizer.get_vocab()
+    special = {token: vocab.get(f"<|{token}|>") for token in ("endoftext", "startoftranscript", "notimestamps")}
+    if None in special.values():
+        raise ConfigError(f"{directory}/tokenizer.json lacks Whisper's special tokens ({special}).")
+
+    def layers(part: str) -> int:
+        return len({m.group(1) for n in variables for m in [re.match(rf"{part}/layer_(\d+)/", n)] if m})
+
+    ct2_config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
+    suppress = ct2_config.get("suppress_ids", [])
+    begin_suppress = ct2_config.get("suppress_ids_begin", [vocab.get("Ġ", 220), special["endoftext"]])
+    vocab_size, d_model = variables["decoder/embeddings/weight"].shape
+    config = WhisperConfig(
+        vocab_size=vocab_size,
+        num_mel_bins=variables["encoder/conv1/weight"].shape[1],  # (d_model, mel bins, 3)
+        d_model=d_model,
+        encoder_layers=layers("encoder"),
+        encoder_attention_heads=int(scalars["encoder/num_heads"]),
+        encoder_ffn_dim=variables["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        decoder_layers=layers("decoder"),
+        decoder_attention_heads=int(scalars["decoder/num_heads"]),
+        decoder_ffn_dim=variables["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
+        activation_function=CT2_ACTIVATIONS.get(int(scalars.get("decoder/activation", 3)), "gelu"),
+        pad_token_id=special["endoftext"],
+        bos_token_id=special["endoftext"],
+        eos_token_id=special["endoftext"],
+        decoder_start_token_id=special["startoftranscript"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=begin_suppress,
+    )
+    multilingual = not is_english_only(config)
+    generation = {
+        "decoder_start_token_id": special["startoftranscript"],
+        "bos_token_id": special["endoftext"],
+        "eos_token_id": special["endoftext"],
+        "pad_token_id": special["endoftext"],
+        "max_length": config.max_target_positions,
+        "no_timestamps_token_id": special["notimestamps"],
+        "prev_sot_token_id": vocab.get("<|startofprev|>"),
+        "suppress_tokens": suppress,
+        "begin_suppress_tokens": begin_suppress,
+        "is_multilingual": multilingual,
+        "return_timestamps": False,
+    }
+    if ct2_config.get("alignment_heads"):
+        generation["alignment_heads"] = [list(head) for head in ct2_config["alignment_heads"]]
+    if multilingual:  # an English-only model has no language or task tokens in its prompt
+        generation["lang_to_id"] = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
+        generation["task_to_id"] = {task: vocab[f"<|{task}|>"] for task in ("transcribe", "translate")}
+    generation_config = GenerationConfig(**generation)
+    feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    return config, torch_to_flax(state), tokenizer, feature_extractor, generation_config
+
+
 def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     flat = {}
     for key, value in tree.items():
@@ -1877,10 +2364,20 @@ def check_parameter_tree(params: dict, expected: dict, source: str):
 
 def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights: bool = True) -> Pretrained:
     """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
-    config from a local directory or a hub id."""
+    config from a local directory or a hub id, in transformers' format (safetensors, pytorch_model.bin,
+    flax_model.msgpack) or CTranslate2's (model.bin or model.bin.part1, .part2, ...)."""
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
 
     directory = resolve_checkpoint_dir(name_or_path, cache_dir)
+    if ctranslate2_model_files(directory):  # a faster-whisper model: its config.json is CTranslate2's own
+        config, params, tokenizer, feature_extractor, generation_config = read_ctranslate2(directory)
+        model = build_model(config)
+        check_parameter_tree(
+            params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory)
+        )
+        return Pretrained(
+            config, params if weights else None, tokenizer, feature_extractor, generation_config, str(directory)
+        )
     if not (directory / "config.json").exists():
         raise ConfigError(f"{directory} has no config.json: is {name_or_path!r} a Whisper checkpoint?")
     config = WhisperConfig.from_pretrained(directory)
@@ -1906,21 +2403,22 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
     return Pretrained(config, params, tokenizer, feature_extractor, generation_config, str(directory))
 
 
-def whisper_generation_config(tokenizer, config, language: str, task: str, base=None):
-    """A generation config that transformers' Whisper generate() and pipeline() accept as is."""
+def whisper_generation_config(tokenizer, config, language: str, task: str, base=None, *, english_only=False):
+    """A generation config that transformers' Whisper generate() and pipeline() accept as is. An
+    English-only model's has no language, task, lang_to_id or task_to_id (generate() refuses them)."""
     from transformers import GenerationConfig
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
-    if not getattr(generation_config, "lang_to_id", None):
+    if not getattr(generation_config, "lang_to_id", None) and not english_only:
         generation_config.lang_to_id = {
             f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab
         }
-    if not getattr(generation_config, "task_to_id", None):
+    if not getattr(generation_config, "task_to_id", None) and not english_only:
         generation_config.task_to_id = {t: vocab[f"<|{t}|>"] for t in ("transcribe", "translate")}
     generation_config.no_timestamps_token_id = vocab["<|notimestamps|>"]
-    generation_config.is_multilingual = True
+    generation_config.is_multilingual = not english_only
     generation_config.decoder_start_token_id = config.decoder_start_token_id
     generation_config.eos_token_id = config.eos_token_id
     generation_config.pad_token_id = config.pad_token_id
@@ -1928,8 +2426,8 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     generation_config.max_length = config.max_target_positions
     if getattr(generation_config, "begin_suppress_tokens", None) is None:
         generation_config.begin_suppress_tokens = [vocab.get("Ġ", 220), config.eos_token_id]
-    generation_config.language = language_code(language)
-    generation_config.task = task
+    generation_config.language = None if english_only else language_code(language)
+    generation_config.task = None if english_only else task
     generation_config.forced_decoder_ids = None
     generation_config._from_model_config = False  # otherwise transformers rebuilds it and loses lang_to_id
     return generation_config
@@ -1966,7 +2464,18 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
     return out_dir
 
 
-# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
+def export_ctranslate2(export_dir, quantization: str) -> Path:
+    """EXPORT_DIR/ctranslate2/: the transformers export converted by ctranslate2's own converter, for
+    faster-whisper (tokenizer.json and preprocessor_config.json copied along, which faster-whisper reads)."""
+    from ctranslate2.converters import TransformersConverter
+
+    out_dir = Path(export_dir) / "ctranslate2"
+    converter = TransformersConverter(str(export_dir), copy_files=["tokenizer.json", "preprocessor_config.json"])
+    converter.convert(str(out_dir), quantization=quantization, force=True)
+    return out_dir
+
+
+# Orbax checkpoints in OUTPUT_DIR/checkpoints:# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
 # state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
 
@@ -2014,6 +2523,22 @@ def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_res
         "",
     ]
     lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
+    if (Path(out_dir) / "ctranslate2").is_dir():
+        language = run_args.get("resolved", {}).get("language", "no")
+        lines += [
+            "",
+            "## faster-whisper",
+            "",
+            "`ctranslate2/` holds this model in CTranslate2's format (written by `--export_ctranslate2`):",
+            "",
+            "```python",
+            "from faster_whisper import WhisperModel",
+            "",
+            'model = WhisperModel("ctranslate2", device="cpu", compute_type="default")',
+            f'segments, info = model.transcribe("audio.wav", beam_size=1, language="{language}", without_timestamps=True)',
+            'print(" ".join(segment.text.strip() for segment in segments))',
+            "```",
+        ]
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
 
@@ -2262,24 +2787,24 @@ def setup_run(
     components = resolve_components(model_args, weights=not train_args.dry_run)
     config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     language = language_code(data_args.language)
-    try:
-        tokenizer.set_prefix_tokens(language=language, task=data_args.task, predict_timestamps=False)
-        prompt_ids = tuple(tokenizer.prefix_tokens)
-    except Exception as error:
-        raise ConfigError(
-            f"The tokenizer cannot make the <|{language}|> <|{data_args.task}|> prefix ({error}); "
-            "check --language and --tokenizer_name."
-        ) from None
+    english_only = is_english_only(config, components.generation_config)
+    prompt_ids = decoder_prefix(tokenizer, language, data_args.task, english_only=english_only)
+    # Labels are the tokenizer's prefix + text + <|endoftext|>: the same prefix.
+    tokenizer.language, tokenizer.task = (None, None) if english_only else (language, data_args.task)
+    tokenizer.set_prefix_tokens(predict_timestamps=False)
     generation_config = whisper_generation_config(
-        tokenizer, config, language, data_args.task, components.generation_config
+        tokenizer, config, language, data_args.task, components.generation_config, english_only=english_only
     )
     decoding = DecodingSettings(
-        prompt_ids=prompt_ids,
+        prompt_length=len(prompt_ids),
         max_new_tokens=train_args.generation_max_length or data_args.max_label_length,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
         begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+        num_beams=train_args.generation_num_beams,
+        length_penalty=train_args.generation_length_penalty,
+        early_stopping=generation_config.early_stopping or False,  # None (unset) is False in generate()
     )
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
@@ -2545,6 +3070,8 @@ def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.
         feature_extractor=setup.components.feature_extractor,
         generation_config=setup.generation_config,
     )
+    if setup.train_args.export_ctranslate2:
+        export_ctranslate2(setup.output_dir, setup.train_args.export_ctranslate2)
     write_model_card(
         setup.output_dir,
         base_model=setup.model_args.model_name_or_path or setup.model_args.config_name,

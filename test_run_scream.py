@@ -1412,14 +1412,23 @@ def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float =
     return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
 
 
-def run_and_wait(env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None):
+def run_and_wait(
+    env: dict, flags: list[str], log_dir: Path, name: str, script: str | None = None, timeout: float = RUN_TIMEOUT_S
+):
     """launch + finish: (exit code, stdout, stderr)."""
-    return finish(launch(env, flags, log_dir, name, script), log_dir, name)
+    return finish(launch(env, flags, log_dir, name, script), log_dir, name, timeout)
 
 
-def run_to_end(env: dict, flags: list[str], log_dir: Path, name: str = "run", script: str | None = None) -> str:
+def run_to_end(
+    env: dict,
+    flags: list[str],
+    log_dir: Path,
+    name: str = "run",
+    script: str | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+) -> str:
     """A run that must succeed; its stdout."""
-    returncode, stdout, stderr = run_and_wait(env, flags, log_dir, name, script)
+    returncode, stdout, stderr = run_and_wait(env, flags, log_dir, name, script, timeout)
     assert returncode == 0, f"exit {returncode}; stderr:\n{stderr[-4000:]}"
     return stdout
 
@@ -3448,6 +3457,418 @@ def whisper_base(whisper_base_ct2_dir) -> run_scream.Pretrained:
 @pytest.fixture(scope="session")
 def tiny_en(tiny_en_ct2_dir) -> run_scream.Pretrained:
     return run_scream.load_pretrained(str(tiny_en_ct2_dir))
+
+
+REAL_MAX_NEW_TOKENS = 40  # the clips say 4-8 words; every transcript ends well before this
+REAL_LOSS_RTOL = 1e-4  # from the issue
+# The parity clips: the last four Norwegian sentences and the four English ones.
+REAL_PARITY = slice(4, 12)
+
+
+@pytest.fixture(scope="session")
+def whisper_base_joined_dir(whisper_base_ct2_dir, tmp_path_factory) -> Path:
+    """The same model as one model.bin, for ctranslate2 itself (it opens model.bin only)."""
+    directory = tmp_path_factory.mktemp("whisper_base_joined")
+    with (directory / "model.bin").open("wb") as joined:
+        for part in ("model.bin.part1", "model.bin.part2"):
+            joined.write((whisper_base_ct2_dir / part).read_bytes())
+    for name in ("config.json", "tokenizer.json", "vocabulary.json"):
+        shutil.copy(whisper_base_ct2_dir / name, directory / name)
+    return directory
+
+
+def real_generation_config(pretrained, language: str = "no"):
+    english_only = run_scream.is_english_only(pretrained.config, pretrained.generation_config)
+    return run_scream.whisper_generation_config(
+        pretrained.tokenizer,
+        pretrained.config,
+        language,
+        "transcribe",
+        pretrained.generation_config,
+        english_only=english_only,
+    )
+
+
+def real_export(pretrained, out_dir: Path) -> Path:
+    return run_scream.export_pretrained(
+        pretrained.params,
+        pretrained.config,
+        out_dir,
+        tokenizer=pretrained.tokenizer,
+        feature_extractor=pretrained.feature_extractor,
+        generation_config=real_generation_config(pretrained),
+    )
+
+
+@pytest.fixture(scope="session")
+def whisper_base_export(whisper_base, tmp_path_factory) -> Path:
+    """whisper-base as read from CTranslate2, exported in transformers' format by export_pretrained."""
+    return real_export(whisper_base, tmp_path_factory.mktemp("whisper_base_export"))
+
+
+@pytest.fixture(scope="session")
+def whisper_base_torch(whisper_base_export):
+    return WhisperForConditionalGeneration.from_pretrained(whisper_base_export).eval()
+
+
+def real_features(pretrained, clips) -> np.ndarray:
+    """(B, mel bins, 3000) log-mel from transformers' feature extractor: the same input for every engine."""
+    audio = [clip["audio"] for clip in clips]
+    return pretrained.feature_extractor(audio, sampling_rate=REAL_SAMPLE_RATE, return_tensors="np").input_features
+
+
+def real_prompt(pretrained, language: str) -> tuple[int, ...]:
+    english_only = run_scream.is_english_only(pretrained.config, pretrained.generation_config)
+    return run_scream.decoder_prefix(pretrained.tokenizer, language, "transcribe", english_only=english_only)
+
+
+REAL_GENERATE_CACHE: dict = {}
+
+
+def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]]) -> list[list[int]]:
+    """run_scream.generate's greedy tokens after each row's prompt, up to (not including) <|endoftext|>.
+    Rows are decoded in groups sharing a prompt; the compiled function is kept for the session."""
+    config, generation_config = pretrained.config, pretrained.generation_config
+    out: list[list[int] | None] = [None] * len(prompts)
+    for prompt in dict.fromkeys(prompts):
+        rows = [i for i, p in enumerate(prompts) if p == prompt]
+        settings = run_scream.DecodingSettings(
+            prompt_ids=prompt,
+            max_new_tokens=REAL_MAX_NEW_TOKENS,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            suppress_tokens=tuple(generation_config.suppress_tokens or ()),
+            begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
+        )
+        key = (pretrained.source, settings)
+        if key not in REAL_GENERATE_CACHE:
+            model = run_scream.build_model(config)
+            REAL_GENERATE_CACHE[key] = jax.jit(functools.partial(run_scream.generate, model, settings=settings))
+        generated = np.asarray(REAL_GENERATE_CACHE[key](pretrained.params, features[rows]))[:, len(prompt) :]
+        for row, tokens in zip(rows, generated):
+            tokens = list(map(int, tokens))
+            out[row] = tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens
+    return out
+
+
+def ctranslate2_greedy(
+    model_dir: Path, features: np.ndarray, prompts, compute_type: str = "float32"
+) -> list[list[int]]:
+    """ctranslate2's own greedy decoding (beam 1) with the same prompts; it suppresses as its config.json says."""
+    import ctranslate2
+
+    model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type=compute_type)
+    results = model.generate(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(features)),
+        [list(p) for p in prompts],
+        beam_size=1,
+        max_length=len(prompts[0]) + REAL_MAX_NEW_TOKENS,
+        suppress_blank=True,
+        suppress_tokens=[-1],  # -1: the config's suppress_ids
+    )
+    return [list(result.sequences_ids[0]) for result in results]
+
+
+def transformers_greedy(torch_model, features: np.ndarray, languages, prompts) -> list[list[int]]:
+    """transformers' generate(num_beams=1) per language; the prompt it chose is checked against ours."""
+    out: list = [None] * len(languages)
+    eos = torch_model.generation_config.eos_token_id
+    for language in dict.fromkeys(languages):
+        rows = [i for i, lang in enumerate(languages) if lang == language]
+        kwargs = {} if torch_model.generation_config.is_multilingual is False else {"language": language}
+        with torch.no_grad():
+            sequences = torch_model.generate(
+                torch.from_numpy(features[rows]),
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=REAL_MAX_NEW_TOKENS,
+                return_dict_in_generate=True,
+                **kwargs,
+            ).sequences.numpy()
+        for row, tokens in zip(rows, sequences):
+            prompt = prompts[row]
+            assert tuple(tokens[: len(prompt)]) == prompt, (tokens, prompt)
+            tokens = list(map(int, tokens[len(prompt) :]))
+            out[row] = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    return out
+
+
+def real_labels(pretrained, clips, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """(decoder inputs, labels) as run_scream builds them: prompt + text + <|endoftext|>, shifted; -100 padding."""
+    tokenizer = pretrained.tokenizer
+    sequences = [
+        list(prompt) + tokenizer(clip["text"], add_special_tokens=False).input_ids + [pretrained.config.eos_token_id]
+        for clip, prompt in zip(clips, prompts)
+    ]
+    length = max(map(len, sequences)) - 1
+    inputs = np.full((len(clips), length), pretrained.config.pad_token_id, np.int32)
+    labels = np.full((len(clips), length), -100, np.int32)
+    for row, tokens in enumerate(sequences):
+        inputs[row, : len(tokens) - 1] = tokens[:-1]
+        labels[row, : len(tokens) - 1] = tokens[1:]
+    return inputs, labels
+
+
+def our_loss(pretrained, features, inputs, labels) -> tuple[float, np.ndarray]:
+    """Token-mean eval loss and logits of our model."""
+    model = run_scream.build_model(pretrained.config)
+    logits = jax.jit(model.apply)({"params": pretrained.params}, features, inputs)
+    losses, mask = run_scream.token_losses(logits, labels)
+    return float(losses.sum() / mask.sum()), np.asarray(logits)
+
+
+def torch_loss(torch_model, features, inputs, labels) -> tuple[float, np.ndarray]:
+    with torch.no_grad():
+        logits = torch_model(
+            input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(inputs).long()
+        ).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.from_numpy(labels).long().reshape(-1), ignore_index=-100
+    )
+    return float(loss), logits.numpy()
+
+
+def test_whisper_base_from_ctranslate2_decodes_as_ctranslate2_and_transformers(
+    whisper_base, whisper_base_joined_dir, whisper_base_torch, espeak_clips
+):
+    """Must show 1: whisper-base read from the two wheels' model.bin parts; on 8 espeak clips (4 nb,
+    4 en) our greedy tokens == ctranslate2's on the original model.bin == transformers' on our
+    export, and the eval loss agrees with transformers' to 1e-4 relative."""
+    clips = espeak_clips[REAL_PARITY]
+    assert [c["language"] for c in clips] == ["no"] * 4 + ["en"] * 4
+    languages = [c["language"] for c in clips]
+    prompts = [real_prompt(whisper_base, language) for language in languages]
+    ids = whisper_base.tokenizer.convert_tokens_to_ids
+    assert prompts[0] == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
+    features = real_features(whisper_base, clips)
+
+    ours = our_greedy(whisper_base, features, prompts)
+    theirs_ct2 = ctranslate2_greedy(whisper_base_joined_dir, features, prompts)
+    theirs_hf = transformers_greedy(whisper_base_torch, features, languages, prompts)
+    texts = whisper_base.tokenizer.batch_decode(ours, skip_special_tokens=True)
+    print("\n".join(f"{c['text']} -> {t}" for c, t in zip(clips, texts)))
+    assert ours == theirs_ct2
+    assert ours == theirs_hf
+    assert all(ours) and len({tuple(t) for t in ours}) == len(ours)  # real, different transcripts
+
+    inputs, labels = real_labels(whisper_base, clips, prompts)
+    loss, logits = our_loss(whisper_base, features, inputs, labels)
+    reference_loss, reference_logits = torch_loss(whisper_base_torch, features, inputs, labels)
+    print(f"eval loss: ours {loss:.6f}, transformers {reference_loss:.6f}")
+    assert abs(loss - reference_loss) <= REAL_LOSS_RTOL * reference_loss
+    assert np.abs(logits - reference_logits).max() < 1e-3  # float32 over 6+6 layers of a 74 M model
+
+
+REAL_INT8_MIN_SAME = 6  # of the 8 parity clips: int8 weights may change a word here and there
+# faster-whisper computes its own log-mel and pads it to 30 s with zeros in the log-mel domain, where
+# transformers (and we) pad the waveform with silence: the same model, slightly different inputs, so a
+# word or two can differ on the clips whisper-base hears poorly.
+REAL_FASTER_WHISPER_MIN_SAME = 6
+
+
+def test_export_ctranslate2_float16_float32_int8_transcribe_as_we_do(
+    whisper_base, whisper_base_export, whisper_base_joined_dir, espeak_clips, tmp_path
+):
+    """Must show 4: export_ctranslate2 (ctranslate2's own converter on our transformers export) in
+    float16 rebuilds the original model.bin byte for byte; ctranslate2 decodes the float16 and float32
+    exports with our greedy tokens, faster-whisper transcribes the float16 export with our text,
+    and int8 gives the same text on most clips."""
+    import faster_whisper
+
+    clips = espeak_clips[REAL_PARITY]
+    prompts = [real_prompt(whisper_base, c["language"]) for c in clips]
+    features = real_features(whisper_base, clips)
+    ours = our_greedy(whisper_base, features, prompts)
+    our_texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(ours, skip_special_tokens=True)]
+    exports = {}
+    for quantization in ("float16", "float32", "int8"):
+        written = run_scream.export_ctranslate2(whisper_base_export, quantization)
+        assert written == whisper_base_export / "ctranslate2"
+        exports[quantization] = written.rename(tmp_path / quantization)
+    assert (exports["float16"] / "model.bin").read_bytes() == (whisper_base_joined_dir / "model.bin").read_bytes()
+    for quantization in ("float16", "float32"):
+        assert ctranslate2_greedy(exports[quantization], features, prompts) == ours, quantization
+
+    model = faster_whisper.WhisperModel(str(exports["float16"]), device="cpu", compute_type="float32")
+    faster_texts = []
+    for clip in clips:
+        segments, _ = model.transcribe(
+            clip["audio"],
+            language=clip["language"],
+            beam_size=1,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            compression_ratio_threshold=None,
+            log_prob_threshold=None,
+            no_speech_threshold=None,
+        )
+        faster_texts.append(" ".join(s.text.strip() for s in segments))
+    same = sum(a == b for a, b in zip(faster_texts, our_texts))
+    print(f"faster-whisper: same text on {same} of {len(clips)} clips")
+    assert same >= REAL_FASTER_WHISPER_MIN_SAME, list(zip(our_texts, faster_texts))
+
+    int8 = ctranslate2_greedy(exports["int8"], features, prompts, compute_type="int8")
+    int8_texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(int8, skip_special_tokens=True)]
+    same = sum(a == b for a, b in zip(int8_texts, our_texts))
+    print(f"int8: same text on {same} of {len(clips)} clips")
+    assert same >= REAL_INT8_MIN_SAME, list(zip(our_texts, int8_texts))
+
+
+def test_export_ctranslate2_flag_is_checked_at_start_up(monkeypatch, capsys, tmp_path):
+    """A wrong quantization, or ctranslate2 missing, is one paragraph and exit 2 before anything loads."""
+    flags = ["--config_name", str(tmp_path / "unread"), "--do_train", "--output_dir", str(tmp_path / "out")]
+    assert run_scream.main(flags + ["--export_ctranslate2", "int4"]) == 2
+    assert_config_error(2, capsys.readouterr().err, "--export_ctranslate2 'int4'", "int8_float16", "float16")
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
+    assert run_scream.main(flags + ["--export_ctranslate2", "int8"]) == 2
+    assert_config_error(2, capsys.readouterr().err, "--export_ctranslate2 needs ctranslate2", "pip install")
+
+
+def test_tiny_en_prompt_and_zero_shot_transcripts_match_transformers(tiny_en, espeak_clips, tmp_path):
+    """Must show 3: tiny.en is English-only; its prompt is <|startoftranscript|><|notimestamps|>, and our
+    greedy English transcripts equal transformers' generate on our export (which picks the same prompt)."""
+    assert run_scream.is_english_only(tiny_en.config, tiny_en.generation_config)
+    ids = tiny_en.tokenizer.convert_tokens_to_ids
+    prompt = real_prompt(tiny_en, "en")
+    assert prompt == tuple(ids(["<|startoftranscript|>", "<|notimestamps|>"])) == (50257, 50362)
+    export = real_export(tiny_en, tmp_path / "tiny_en")
+    saved = json.loads((export / "generation_config.json").read_text())
+    assert saved["is_multilingual"] is False and "lang_to_id" not in saved and saved.get("language") is None
+    torch_model = WhisperForConditionalGeneration.from_pretrained(export).eval()
+    clips = [c for c in espeak_clips if c["language"] == "en"]
+    features = real_features(tiny_en, clips)
+    ours = our_greedy(tiny_en, features, [prompt] * len(clips))
+    assert ours == transformers_greedy(torch_model, features, ["en"] * len(clips), [prompt] * len(clips))
+    print(tiny_en.tokenizer.batch_decode(ours, skip_special_tokens=True))
+    assert all(ours) and len({tuple(t) for t in ours}) == len(ours)
+
+
+def test_english_only_model_with_another_language_is_exit_2(tiny_en_ct2_dir, capsys, tmp_path):
+    flags = ["--model_name_or_path", str(tiny_en_ct2_dir), "--do_eval", "--eval_batch_size", "8"]
+    assert run_scream.main(flags + ["--language", "no", "--output_dir", str(tmp_path / "out")]) == 2
+    assert_config_error(2, capsys.readouterr().err, "--language 'no'", str(tiny_en_ct2_dir), "English-only")
+
+
+def test_decoder_prefix_rule(tmp_path):
+    """The rule as a pure function: multilingual prompts carry language and task, English-only ones neither."""
+    tokenizer = make_demo_dataset.write_tokenizer(tmp_path / "tokenizer")
+    ids = tokenizer.convert_tokens_to_ids
+    assert run_scream.decoder_prefix(tokenizer, "no", "translate", english_only=False) == tuple(
+        ids(["<|startoftranscript|>", "<|no|>", "<|translate|>", "<|notimestamps|>"])
+    )
+    assert run_scream.decoder_prefix(tokenizer, "en", "transcribe", english_only=True) == tuple(
+        ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    )
+    with pytest.raises(run_scream.ConfigError, match="--task 'translate'"):
+        run_scream.decoder_prefix(tokenizer, "en", "translate", english_only=True)
+
+
+REAL_RUN_TIMEOUT_S = 900  # a hang guard for a whisper-base subprocess on two busy cores
+
+
+@pytest.fixture(scope="session")
+def real_env(train_env) -> dict:
+    """run_scream.py subprocesses on one CPU device, so that a batch of 1-2 real 30 s windows is allowed."""
+    return dict(train_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
+
+
+def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str, steps: int, batch: int):
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data_dir),
+        "--language",
+        language,
+        "--output_dir",
+        str(output_dir),
+        "--do_train",
+        "--do_eval",
+        "--predict_with_generate",
+        "--train_batch_size",
+        str(batch),
+        "--eval_batch_size",
+        "2",
+        "--num_train_steps",
+        str(steps),
+        "--learning_rate",
+        "3e-5",
+        "--lr_scheduler_type",
+        "constant",
+        "--max_label_length",
+        "32",
+        "--generation_max_length",
+        "24",
+        "--shuffle_buffer_size",
+        "0",
+        "--preprocessing_num_workers",
+        "1",
+        "--scan_layers",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+    ]
+
+
+def test_whisper_base_fine_tunes_on_norwegian_and_exports(
+    whisper_base_ct2_dir, whisper_base, espeak_clips, real_env, tmp_path
+):
+    """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base straight from the
+    CTranslate2 parts on 6 synthesized Norwegian clips; the eval loss on 2 other clips falls below the
+    base model's; the export reloads in transformers with our logits (1e-4); OUTPUT_DIR/ctranslate2
+    (float32) decodes the eval clips as our eval did, and the model card says how to run it."""
+    norwegian = [c for c in espeak_clips if c["language"] == "no"]
+    train, validation = norwegian[:6], norwegian[6:]
+    data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})
+    out = tmp_path / "run"
+    flags = [*real_flags(whisper_base_ct2_dir, data, out, "no", 4, 2), "--export_ctranslate2", "float32"]
+    run_to_end(real_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
+
+    prompts = [real_prompt(whisper_base, "no")] * len(validation)
+    inputs, labels = real_labels(whisper_base, validation, prompts)
+    features = real_features(whisper_base, validation)
+    base_loss, _ = our_loss(whisper_base, features, inputs, labels)
+    evals = [line for line in metrics_lines(out) if "eval/loss" in line]
+    print(f"eval loss: base {base_loss:.4f}, after 4 steps {evals[-1]['eval/loss']:.4f}")
+    assert evals[-1]["eval/loss"] < 0.9 * base_loss
+
+    tuned = run_scream.load_pretrained(str(out))
+    torch_model = WhisperForConditionalGeneration.from_pretrained(out).eval()
+    ours = our_loss(tuned, features, inputs, labels)[1]
+    theirs = torch_loss(torch_model, features, inputs, labels)[1]
+    assert np.abs(ours - theirs).max() <= LOGITS_TOLERANCE * max(1.0, np.abs(theirs).max())
+
+    predictions = [json.loads(line) for line in (out / "predictions" / "step_4.jsonl").read_text().splitlines()]
+    assert sorted(p["reference"] for p in predictions) == sorted(c["text"] for c in validation)
+    by_text = {p["reference"]: p["prediction"] for p in predictions}
+    decoded = ctranslate2_greedy(out / "ctranslate2", features, prompts)
+    texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(decoded, skip_special_tokens=True)]
+    assert texts == [by_text[c["text"]] for c in validation]
+    card = (out / "README.md").read_text()
+    assert "from faster_whisper import WhisperModel" in card and 'language="no"' in card
+
+
+def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(
+    tiny_en_ct2_dir, espeak_clips, real_env, tmp_path
+):
+    """Must show 3: a few steps of tiny.en on English clips run, with labels and prompt
+    <|startoftranscript|><|notimestamps|>; the export is English-only for transformers."""
+    english = [c for c in espeak_clips if c["language"] == "en"]
+    data = write_speech_dataset(tmp_path / "data", {"train": english[:2], "validation": english[2:]})
+    out = tmp_path / "run"
+    run_to_end(
+        real_env, real_flags(tiny_en_ct2_dir, data, out, "en", 2, 1), tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S
+    )
+    resolved = json.loads((out / "scream_config.json").read_text())["resolved"]
+    assert resolved["prompt_ids"] == [50257, 50362]
+    lines = metrics_lines(out)
+    assert [line["step"] for line in lines if "train/loss" in line] == [1, 2]
+    evals = [line for line in lines if "eval/loss" in line]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval/loss"]) and "eval/wer" in evals[0]
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["is_multilingual"] is False and saved.get("language") is None
 
 
 # --- beam search on real whisper-base ---

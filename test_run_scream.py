@@ -3398,7 +3398,11 @@ def test_nb_label_layouts_token_for_token(nb_tokenizer, mode, language, task):
     example, reason = prepare(row)
     assert reason is None
     expected, prompt_length = nb_reference(
-        nb_tokenizer, language, task, timestamps=timestamps, previous=NB_PREVIOUS if prompt else None,
+        nb_tokenizer,
+        language,
+        task,
+        timestamps=timestamps,
+        previous=NB_PREVIOUS if prompt else None,
         max_prev_length=max_prev_length,
     )
     assert example["tokens"].tolist() == expected
@@ -3435,12 +3439,121 @@ def test_nb_label_layouts_token_for_token(nb_tokenizer, mode, language, task):
         # After <|lang|> <|task|>, up to <|endoftext|>: timestamp tokens by name, the text between them
         # decoded (transformers 5.23's decode_with_timestamps shifts every time by 2.12 s).
         pieces = itertools.groupby(trained[2:-1], key=lambda i: nb_tokenizer.convert_ids_to_tokens(i).startswith("<|"))
-        assert "".join(
-            "".join(nb_tokenizer.convert_ids_to_tokens(list(ids))) if special else nb_tokenizer.decode(list(ids))
-            for special, ids in pieces
-        ) == NB_TIMESTAMPED
+        assert (
+            "".join(
+                "".join(nb_tokenizer.convert_ids_to_tokens(list(ids))) if special else nb_tokenizer.decode(list(ids))
+                for special, ids in pieces
+            )
+            == NB_TIMESTAMPED
+        )
     # Evaluation decodes each row with its own plain prefix; the padding row with the default.
     assert batch["prompt_ids"].tolist() == [
-        nb_tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]),
+        nb_tokenizer.convert_tokens_to_ids(
+            ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
+        ),
         nb_tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]),
     ]
+
+
+@pytest.mark.parametrize(
+    "columns,reason",
+    [
+        (dict(language="klingon"), "unknown_language"),
+        (dict(language="xx"), "unknown_language"),
+        (dict(task="summarize"), "unknown_task"),
+        (dict(timestamped_text="<|0.00|> Hei.<|1.52|><|1.40|> Takk.<|2.60|>"), "bad_timestamps"),  # decreasing
+        (dict(timestamped_text="<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|3.20|>"), "bad_timestamps"),  # past 3 s audio
+        (dict(timestamped_text="<|0.00|> Hei.<|1.53|><|1.80|> Takk.<|2.60|>"), "bad_timestamps"),  # off the grid
+        (dict(timestamped_text="<|0.00|> Hei.<|1.52|><|1.80|> Takk."), "bad_timestamps"),  # unpaired
+        (dict(timestamped_text="<|0.00|> Hei.<|1.52|> og <|1.80|> Takk.<|2.60|>"), "bad_timestamps"),  # text between
+        (dict(timestamped_text="<|0.00|> Hei.<|1.5|>"), "bad_timestamps"),
+        (dict(timestamped_text="<|0.00|> Hei.<|31.00|>"), "bad_timestamps"),  # past 30 s
+        (dict(language="Norwegian", task="TRANSLATE"), None),
+        (dict(language="", task=None), None),  # no value: the defaults
+        (dict(timestamped_text=""), None),  # no timestamps: the plain text
+    ],
+)
+def test_nb_bad_rows_are_counted_skips(nb_tokenizer, columns, reason):
+    prepare = nb_prepare(nb_tokenizer, timestamp_column="timestamped_text")
+    row = {**nb_row("no", "transcribe"), **columns}
+    example, got = prepare(row)
+    assert got == reason
+    assert set(rs.SKIP_REASONS) == set(rs.SKIP_REASON_FLAGS)
+    if reason is None:
+        names = nb_tokenizer.convert_ids_to_tokens(example["tokens"].tolist())
+        expected_task = "translate" if columns.get("task") == "TRANSLATE" else "transcribe"
+        assert names[:4] == ["<|startoftranscript|>", "<|no|>", f"<|{expected_task}|>", "<|notimestamps|>"]
+
+
+def test_nb_english_only_prefix_and_languages(nb_tokenizer):
+    """decoder_prefix without language and task is an English-only model's; such a model takes
+    English rows and skips the others (it has no token for them)."""
+    sot, nt = nb_tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    assert rs.decoder_prefix(nb_tokenizer, None, None, timestamps=False) == [sot, nt]
+    assert rs.decoder_prefix(nb_tokenizer, None, None, timestamps=True) == [sot]
+    with pytest.raises(rs.ConfigError, match="<\\|xx\\|>"):
+        rs.decoder_prefix(nb_tokenizer, "xx", "transcribe", timestamps=False)
+    prepare = nb_prepare(nb_tokenizer, language=None, task=None)
+    example, reason = prepare(nb_row("en", "transcribe"))
+    assert reason is None and example["tokens"].tolist()[:2] == [sot, nt] and example["language"] == "en"
+    assert prepare(nb_row("nn", "transcribe"))[1] == "unknown_language"
+    assert prepare(nb_row("en", "translate"))[1] == "unknown_task"
+
+
+def test_nb_timestamp_and_prompt_choices_are_seeded_per_example(nb_tokenizer):
+    """--timestamp_probability / --prompt_probability: drawn from (seed, epoch, example id), so the
+    same rows choose the same way when read again (a resume), at about the set rate, anew each epoch."""
+    prepare = nb_prepare(
+        nb_tokenizer,
+        timestamp_column="timestamped_text",
+        timestamp_probability=0.3,
+        prev_column="previous_text",
+        prompt_probability=0.6,
+        max_prev_length=8,
+        seed=5,
+    )
+    rows = [nb_row("no", "transcribe", seconds=3.0, timestamped_text=NB_TIMESTAMPED, previous_text=NB_PREVIOUS)]
+    modes = {}
+    for epoch in (0, 1):
+        for index in range(400):
+            row = {**rows[0], "id": f"row-{index}", rs.EPOCH_FIELD: epoch}
+            example = prepare(row)[0]
+            modes[epoch, index] = (example["timestamps"], example["prompt_length"] > 0)
+    again = [prepare({**rows[0], "id": f"row-{i}", rs.EPOCH_FIELD: 0})[0] for i in range(50)]
+    assert [(e["timestamps"], e["prompt_length"] > 0) for e in again] == [modes[0, i] for i in range(50)]
+    for epoch in (0, 1):
+        timestamps = np.mean([modes[epoch, i][0] for i in range(400)])
+        prompts = np.mean([modes[epoch, i][1] for i in range(400)])
+        assert abs(timestamps - 0.3) < 0.075 and abs(prompts - 0.6) < 0.075, (timestamps, prompts)  # 3 sigma
+    changed = np.mean([modes[0, i] != modes[1, i] for i in range(400)])
+    assert changed > 0.3  # independent draws per epoch: about 1 - (0.3^2 + 0.7^2)(0.6^2 + 0.4^2) = 0.70
+
+
+def test_nb_bpe_dropout_changes_training_labels_at_the_set_rate(nb_tokenizer):
+    """' a' is one merge (Ġ + a), so BPE dropout p leaves it split with probability p exactly.
+    The training stream's labels show that rate; the evaluation stream's, built from the same
+    tokenizer object, never change; both decode to the same text."""
+    dropout = 0.2
+    train_tokenizer = rs.training_tokenizer(nb_tokenizer, dropout)
+    assert nb_tokenizer.backend_tokenizer.model.dropout is None  # the original is untouched
+    words = 600
+    row = {**nb_row("no", "transcribe"), "text": "a" + " a" * (words - 1)}
+    train = nb_prepare(nb_tokenizer, max_label_length=2 * words, label_tokenizer=train_tokenizer)
+    evaluate = nb_prepare(nb_tokenizer, max_label_length=2 * words)
+    plain = evaluate(row)[0]["tokens"].tolist()
+    assert len(plain) == 4 + words + 1  # prefix, one token per word, <|endoftext|>
+    split_rates = []
+    for _ in range(3):
+        tokens = train(row)[0]["tokens"].tolist()
+        assert nb_tokenizer.decode(tokens, skip_special_tokens=True) == row["text"]
+        assert tokens[:4] == plain[:4] and tokens[-1] == plain[-1]  # specials never drop
+        split_rates.append((len(tokens) - len(plain)) / (words - 1))
+        assert evaluate(row)[0]["tokens"].tolist() == plain
+    assert abs(np.mean(split_rates) - dropout) < 0.03, split_rates  # 3 sigma over 3 x 599 merges: 0.028
+    # A real sentence: tokenized differently now and then, never in evaluation.
+    sentence = {**nb_row("no", "transcribe"), "text": "Stortingsrepresentantene diskuterte budsjettforslaget grundig."}
+    reference = evaluate(sentence)[0]["tokens"].tolist()
+    variants = {tuple(train(sentence)[0]["tokens"].tolist()) for _ in range(20)}
+    assert len(variants) > 1 and all(
+        tuple(evaluate(sentence)[0]["tokens"].tolist()) == tuple(reference) for _ in range(5)
+    )

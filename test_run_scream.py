@@ -3557,3 +3557,180 @@ def test_nb_bpe_dropout_changes_training_labels_at_the_set_rate(nb_tokenizer):
     assert len(variants) > 1 and all(
         tuple(evaluate(sentence)[0]["tokens"].tolist()) == tuple(reference) for _ in range(5)
     )
+
+
+NB_MAX_PREV, NB_MAX_LABELS = 8, 40
+
+
+@pytest.fixture(scope="session")
+def nb_model(nb_tokenizer):
+    """A tiny random Whisper over the real 51,865-token vocabulary (1 s windows, 80 mel bins)."""
+    config = WhisperConfig(
+        vocab_size=len(nb_tokenizer),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=50,
+        max_target_positions=NB_MAX_PREV + NB_MAX_LABELS,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50257,
+        decoder_start_token_id=50258,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=1)
+    return config, feature_extractor, np.asarray(feature_extractor.mel_filters, np.float32)
+
+
+def nb_batch(tokenizer, rows, *, prompts=True, batch_size=4):
+    """Training rows of every kind in one fixed-shape batch (probabilities 1: each row's columns decide)."""
+    prepare = nb_prepare(
+        tokenizer,
+        n_samples=NB_SAMPLE_RATE,
+        max_label_length=NB_MAX_LABELS,
+        timestamp_column="timestamped_text",
+        prev_column="previous_text" if prompts else None,
+        max_prev_length=NB_MAX_PREV if prompts else 0,
+    )
+    examples = [prepare(row) for row in rows]
+    assert all(reason is None for _, reason in examples), examples
+    return rs.collate(
+        [e for e, _ in examples],
+        batch_size=batch_size,
+        n_samples=NB_SAMPLE_RATE,
+        max_label_length=NB_MAX_LABELS,
+        pad_token_id=50257,
+        max_prev_length=NB_MAX_PREV if prompts else 0,
+        default_prompt_ids=tuple(rs.decoder_prefix(tokenizer, "no", "transcribe", timestamps=False)),
+    )
+
+
+NB_SHORT_TIMESTAMPED = "<|0.00|> Hei.<|0.40|><|0.50|> Takk.<|0.90|>"
+
+
+def nb_mixed_rows():
+    """Three batches of rows mixing languages, tasks, timestamps and prompts (1 s clips)."""
+    kinds = [
+        ("no", "transcribe", {}),
+        ("nn", "transcribe", dict(timestamped_text=NB_SHORT_TIMESTAMPED)),
+        ("en", "transcribe", dict(previous_text=NB_PREVIOUS)),
+        ("no", "translate", dict(timestamped_text=NB_SHORT_TIMESTAMPED, previous_text="Kort.")),
+    ]
+    rows = [
+        nb_row(language, task, seconds=0.95, seed=i, **columns) for i, (language, task, columns) in enumerate(kinds)
+    ]
+    return [rows, rows[::-1], rows[1:3]]  # the last batch is ragged: two padding rows
+
+
+def nb_state(model, optimizer, param_dtype="float32"):
+    params = rs.cast_params(rs.init_params(model, jax.random.PRNGKey(0)), param_dtype)
+    return rs.TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.PRNGKey(1))
+
+
+def nb_optimizer(mu_dtype="float32"):
+    train_args = rs.TrainingArguments(
+        learning_rate=1e-3,
+        num_train_steps=10,
+        weight_decay=0.01,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        adam_mu_dtype=mu_dtype,
+    )
+    return rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-3, 0, 10, "linear"))
+
+
+def test_nb_mixed_batches_train_in_one_compiled_step(nb_tokenizer, nb_model):
+    """Rows of every language, task and mode, with and without prompts, in batches of one shape:
+    one trace. The prompts add input positions, never label tokens."""
+    config, _, mel_filters = nb_model
+    model, optimizer = rs.build_model(config), nb_optimizer()
+    traces = []
+
+    def counted_step(state, batch):
+        traces.append(1)  # runs only while tracing
+        return rs.train_step(
+            state,
+            batch,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=mel_filters,
+            accumulation_steps=1,
+            label_smoothing=0.0,
+        )
+
+    step = jax.jit(counted_step, donate_argnums=0)
+    state = nb_state(model, optimizer)
+    batches = [nb_batch(nb_tokenizer, rows) for rows in nb_mixed_rows()]
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        without_prompts = nb_batch(nb_tokenizer, [], prompts=False)  # (shape only)
+        assert without_prompts["labels"].shape[1] == NB_MAX_LABELS < batch["labels"].shape[1]
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert int(state.step) == 3 and all(np.isfinite(losses))
+    for rows, batch in zip(nb_mixed_rows(), batches):
+        plain = nb_batch(nb_tokenizer, rows, prompts=False)
+        assert (batch["labels"] != -100).sum() == (plain["labels"] != -100).sum()
+        assert sorted(batch["labels"][batch["labels"] != -100]) == sorted(plain["labels"][plain["labels"] != -100])
+
+
+def nb_three_steps(model, optimizer, batches, mel_filters, param_dtype, state=None):
+    step = jax.jit(
+        functools.partial(
+            rs.train_step,
+            model=model,
+            optimizer=optimizer,
+            mel_filters=mel_filters,
+            accumulation_steps=2,
+            label_smoothing=0.0,
+        ),
+        donate_argnums=0,
+    )
+    state = state if state is not None else nb_state(model, optimizer, param_dtype)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return state, [float(x) for x in losses], losses
+
+
+def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_path):
+    """--param_dtype bfloat16 (--adam_mu_dtype bfloat16): parameters, gradients and both moments
+    are bfloat16 and stay so, the loss is float32 and within 1% of float32 training's after
+    3 steps, and a checkpointed state resumes to exactly the uninterrupted run."""
+    config, _, mel_filters = nb_model
+    model = rs.build_model(config)
+    batches = [nb_batch(nb_tokenizer, rows) for rows in nb_mixed_rows()]
+    _, float32_losses, _ = nb_three_steps(model, nb_optimizer(), batches, mel_filters, "float32")
+    optimizer = nb_optimizer("bfloat16")
+    state, bf16_losses, raw = nb_three_steps(model, optimizer, batches, mel_filters, "bfloat16")
+    assert {x.dtype for x in raw} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    (adam,) = [  # adamw's ScaleByAdamState, wherever optax's chain nests it
+        leaf for leaf in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "nu")) if hasattr(leaf, "nu")
+    ]
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
+    assert float32_losses[0] == pytest.approx(bf16_losses[0], rel=1e-2)
+    assert float32_losses[2] == pytest.approx(bf16_losses[2], rel=1e-2), (float32_losses, bf16_losses)
+    assert bf16_losses[2] < bf16_losses[0]  # it learns
+
+    # Resume: one step, checkpoint, restore into the abstract state run() builds, two more steps.
+    after_one, _, _ = nb_three_steps(model, optimizer, batches[:1], mel_filters, "bfloat16")
+    manager = rs.checkpoint_manager(str(tmp_path), 2)
+    rs.save_checkpoint(manager, 1, after_one, {"step": 1})
+    manager.wait_until_finished()
+    abstract = jax.eval_shape(lambda rng: nb_state(model, optimizer, "bfloat16"), jax.random.PRNGKey(0))
+    restored, meta = rs.restore_checkpoint(rs.checkpoint_manager(str(tmp_path), 2), 1, abstract)
+    assert meta == {"step": 1}
+    resumed, resumed_losses, _ = nb_three_steps(model, optimizer, batches[1:], mel_filters, "bfloat16", restored)
+    assert resumed_losses == bf16_losses[1:]
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(state.params)):
+        assert a.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -3734,3 +3734,59 @@ def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_pat
     assert resumed_losses == bf16_losses[1:]
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(state.params)):
         assert a.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_nb_metrics_by_language():
+    rows = [
+        {"language": "no", "reference": "hei du", "prediction": "hei deg"},  # 1 of 2 words wrong
+        {"language": "no", "reference": "god dag", "prediction": "god dag"},
+        {"language": "nn", "reference": "eg er her", "prediction": "eg er her"},
+    ]
+    metrics = rs.metrics_by_language(rows)
+    assert metrics["no/wer"] == pytest.approx(25.0) and metrics["nn/wer"] == 0.0
+    assert metrics["no/cer"] == pytest.approx(100 * 2 / 13)  # "du" -> "deg": u->e, +g; 13 reference characters
+    assert {k.split("/")[0] for k in metrics} == {"no", "nn"}
+
+
+def test_nb_evaluation_rows_are_plain_and_carry_their_own_prefix(nb_tokenizer):
+    """The evaluation stream's settings drop timestamps and prompts but keep per-row language and
+    task; its batches carry each row's forced prefix as `prompt_ids`, the decoder input's start."""
+    data_args = rs.DataArguments(
+        language_column_name="language",
+        task_column_name="task",
+        timestamp_column_name="timestamped_text",
+        prev_column_name="previous_text",
+        max_prev_length=NB_MAX_PREV,
+        max_label_length=NB_MAX_LABELS,
+    )
+    train = rs.text_settings_of(data_args, train=True, language="no", task="transcribe", seed=0)
+    evaluation = rs.text_settings_of(data_args, train=False, language="no", task="transcribe", seed=0)
+    assert train.decoder_length == NB_MAX_PREV + NB_MAX_LABELS and evaluation.decoder_length == NB_MAX_LABELS
+    assert (evaluation.timestamp_column, evaluation.prev_column) == (None, None)
+    prepare = functools.partial(
+        rs.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=nb_tokenizer,
+        audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, NB_SAMPLE_RATE, 0.0, 1.0),
+        text_settings=evaluation,
+    )
+    rows = [row for batch in nb_mixed_rows()[:1] for row in batch]
+    examples = [prepare(row)[0] for row in rows]
+    default = tuple(rs.decoder_prefix(nb_tokenizer, "no", "transcribe", timestamps=False))
+    batch = rs.collate(
+        examples,
+        batch_size=6,
+        n_samples=NB_SAMPLE_RATE,
+        max_label_length=NB_MAX_LABELS,
+        pad_token_id=50257,
+        default_prompt_ids=default,
+    )
+    assert [e["language"] for e in examples] == ["no", "nn", "en", "no"]
+    assert batch["prompt_ids"].shape == (6, 4)
+    for row, (raw, example) in enumerate(zip(rows, examples)):
+        own = rs.decoder_prefix(nb_tokenizer, raw["language"], raw["task"], timestamps=False)
+        assert batch["prompt_ids"][row].tolist() == own == batch["decoder_input_ids"][row, :4].tolist()
+        assert not example["timestamps"] and example["prompt_length"] == 0 and example["text"] == NB_TEXT
+    assert batch["prompt_ids"][4:].tolist() == [list(default)] * 2

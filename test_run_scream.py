@@ -2055,6 +2055,17 @@ HUB_MODELS = {
         encoder_ffn_dim=5120,
         decoder_ffn_dim=5120,
     ),
+    "openai/whisper-large-v3": dict(
+        d_model=1280,
+        encoder_layers=32,
+        decoder_layers=32,
+        encoder_attention_heads=20,
+        decoder_attention_heads=20,
+        encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120,
+        num_mel_bins=128,
+        vocab_size=51866,
+    ),
 }
 
 
@@ -2115,6 +2126,18 @@ EXPERIMENTS = {
         eval_batch=160,
         hub_model_id="NbAiLab/scream_large_sept_8e6",
     ),
+    # ../shared/EXPERIMENTS.md, "The 2024 release recipe" (per-device batch 8 on a v4-64).
+    "run_nb_large_v3.sh": dict(
+        model="openai/whisper-large-v3",
+        dataset="NbAiLab/ncc_speech_v7",
+        global_batch=256,
+        effective_learning_rate=7e-5,
+        warmup_steps=10000,
+        num_train_steps=200000,
+        eval_steps=5000,
+        eval_batch=256,
+        hub_model_id="NbAiLab/scream_nb_large_v3",
+    ),
 }
 
 
@@ -2143,19 +2166,22 @@ def scripts_hub_cache(tmp_path_factory):
         snapshot.mkdir(parents=True)
         (repo_dir / "refs").mkdir()
         (repo_dir / "refs" / "main").write_text(commit)
-        WhisperConfig(
-            vocab_size=51865,
-            num_mel_bins=80,
-            max_source_positions=1500,
-            max_target_positions=448,
-            pad_token_id=50257,
-            bos_token_id=50257,
-            eos_token_id=50257,
-            decoder_start_token_id=50258,
-            **dims,
-        ).save_pretrained(snapshot)
+        config = WhisperConfig(
+            **{
+                "vocab_size": 51865,
+                "num_mel_bins": 80,
+                "max_source_positions": 1500,
+                "max_target_positions": 448,
+                "pad_token_id": 50257,
+                "bos_token_id": 50257,
+                "eos_token_id": 50257,
+                "decoder_start_token_id": 50258,
+                **dims,
+            }
+        )
+        config.save_pretrained(snapshot)
         tokenizer.save_pretrained(snapshot)
-        WhisperFeatureExtractor(feature_size=80).save_pretrained(snapshot)
+        WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(snapshot)
     return cache
 
 
@@ -3790,3 +3816,80 @@ def test_nb_evaluation_rows_are_plain_and_carry_their_own_prefix(nb_tokenizer):
         assert batch["prompt_ids"][row].tolist() == own == batch["decoder_input_ids"][row, :4].tolist()
         assert not example["timestamps"] and example["prompt_length"] == 0 and example["text"] == NB_TEXT
     assert batch["prompt_ids"][4:].tolist() == [list(default)] * 2
+
+
+def test_nb_demo_dataset_exercises_the_recipe_columns(tmp_path, data_hf_cache):
+    """make_demo_dataset's new columns, read with run_demo.sh's flags: every row is used, in all
+    three languages, some with timestamps and some with prompts, and the timestamps lie on the
+    words' sounds; a misnamed column is an error naming its flag."""
+    tokenizer = make_demo_dataset.write_tokenizer(tmp_path / "tokenizer")
+    make_demo_dataset.write_dataset(tmp_path / "data", 60, 4, 0, 3, 1)
+    demo_flags = (REPO / "run_demo.sh").read_text()
+    for flag in ("--language_column_name language", "--timestamp_column_name timestamped_text"):
+        assert flag in demo_flags
+    data_args = rs.DataArguments(
+        dataset_name=str(tmp_path / "data"),
+        language_column_name="language",
+        timestamp_column_name="timestamped_text",
+        timestamp_probability=0.5,
+        prev_column_name="previous_text",
+        prompt_probability=0.5,
+        max_prev_length=32,
+        max_label_length=48,
+    )
+    source = rs.load_source(
+        data_args, "train", process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None
+    )
+    prepare = functools.partial(
+        rs.prepare_example,
+        audio_column="audio",
+        text_column="text",
+        id_column="id",
+        tokenizer=tokenizer,
+        audio_settings=rs.AudioSettings(16000, 48000, 0.0, 3.0),
+        text_settings=rs.text_settings_of(data_args, train=True, language="no", task="transcribe", seed=0),
+    )
+    rows = list(source)
+    examples = [prepare(row) for row in rows]
+    assert [reason for _, reason in examples] == [None] * 60
+    examples = [e for e, _ in examples]
+    assert {e["language"] for e in examples} == {"no", "nn", "en"}
+    assert 15 < sum(e["timestamps"] for e in examples) < 45 and 10 < sum(e["prompt_length"] > 0 for e in examples) < 45
+    for row in rows[:10]:
+        text, waveform = make_demo_dataset.make_example(0, "train", int(row["id"].split("-")[1]), 3)
+        assert row["text"] == text  # the new columns changed no text (nor sound: same generator)
+        segments = rs.parse_timestamped_text(row["timestamped_text"], len(waveform) / 16000)
+        assert "".join(segment for _, segment, _ in segments).strip() == text
+        loud = np.flatnonzero(np.abs(waveform) > 0.05) / 16000  # the letters' chords, not the noise floor
+        assert segments[0][0] <= loud[0] + 0.02 and segments[-1][2] >= loud[-1] - 0.02
+    import dataclasses
+
+    with pytest.raises(rs.ConfigError, match="--language_column_name 'lang'"):
+        rs.load_source(
+            dataclasses.replace(data_args, language_column_name="lang"),
+            "train",
+            process_index=0,
+            process_count=1,
+            seed=0,
+            shuffle=False,
+            epoch=0,
+            max_samples=None,
+        )
+
+
+def test_nb_large_v3_script_pins_the_release_recipe(scripts_hub_cache):
+    plan = dry_run(REPO / "run_nb_large_v3.sh", scripts_hub_cache)
+    assert (plan["param_dtype"], plan["adam_mu_dtype"], plan["dtype"]) == ("bfloat16", "bfloat16", "bfloat16")
+    assert plan["decoder_length"] == 448 and plan["bpe_dropout"] == 0.2  # 120 prompt + 328 label positions
+    assert plan["remat"] == "full" and plan["scan_layers"] is True
+    script = (REPO / "run_nb_large_v3.sh").read_text()
+    for flag in (
+        "--adam_beta2 0.98",
+        "--adam_epsilon 1e-6",
+        "--weight_decay 0.01",
+        "--activation_dropout 0.1",
+        "--language_column_name language",
+        "--timestamp_column_name timestamped_text",
+        "--prev_column_name previous_text",
+    ):
+        assert flag + " \\\n" in script

@@ -3698,8 +3698,7 @@ def test_nb_mixed_batches_train_in_one_compiled_step(nb_tokenizer, nb_model):
     for batch in batches:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-        without_prompts = nb_batch(nb_tokenizer, [], prompts=False)  # (shape only)
-        assert without_prompts["labels"].shape[1] == NB_MAX_LABELS < batch["labels"].shape[1]
+    assert {batch["labels"].shape for batch in batches} == {(4, NB_MAX_PREV + NB_MAX_LABELS)}
     assert len(traces) == 1 and step._cache_size() == 1
     assert int(state.step) == 3 and all(np.isfinite(losses))
     for rows, batch in zip(nb_mixed_rows(), batches):
@@ -3893,3 +3892,44 @@ def test_nb_large_v3_script_pins_the_release_recipe(scripts_hub_cache):
         "--prev_column_name previous_text",
     ):
         assert flag + " \\\n" in script
+
+
+def test_nb_recipe_run_trains_and_resumes_in_bfloat16(reliability_in_process, tmp_path):
+    """run_scream.main with the recipe's flags on the demo data: a bfloat16 state is saved as
+    bfloat16 and resumed; a prompt too long for the decoder is a ConfigError naming the flags."""
+    import orbax.checkpoint as ocp
+
+    flags = [
+        "--param_dtype",
+        "bfloat16",
+        "--adam_mu_dtype",
+        "bfloat16",
+        "--language_column_name",
+        "language",
+        "--timestamp_column_name",
+        "timestamped_text",
+        "--timestamp_probability",
+        "0.5",
+        "--prev_column_name",
+        "previous_text",
+        "--prompt_probability",
+        "0.5",
+        "--max_prev_length",
+        "32",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
+    assert_config_error(
+        *reliability_in_process(*flags[:-4], "--max_prev_length", "100"), "--max_prev_length 100", "128"
+    )
+    returncode, stderr = reliability_in_process(*flags)
+    assert returncode == 0, stderr[-3000:]
+    returncode, stderr = reliability_in_process(*flags, "--num_train_steps", "3")
+    assert returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3]
+    assert all(math.isfinite(line["train/loss"]) for line in lines if "train/loss" in line)
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "3" / "state")
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(saved["params"])} == {np.dtype(jnp.bfloat16)}

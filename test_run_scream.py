@@ -1915,7 +1915,7 @@ def test_predictions_each_eval_example_once(train_demo, train_straight):
     rows = [
         json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
     ]
-    assert all(row.keys() == {"id", "reference", "prediction"} for row in rows)
+    assert all(row.keys() == {"id", "language", "reference", "prediction"} and row["language"] == "no" for row in rows)
     references = {f"validation-{i:06d}": demo.make_example(0, "validation", i, CHUNK_S)[0] for i in range(NUM_EVAL)}
     assert {row["id"]: row["reference"] for row in rows} == references
     assert len(rows) == NUM_EVAL  # 12 examples in batches of 8: the padded rows of the last batch are not counted

@@ -630,8 +630,7 @@ def previous_text_prompt(tokenizer, text: str, max_prev_length: int) -> list[int
     the text nearest the segment matters most), with the leading space transformers'
     get_prompt_ids gives it."""
     ids = tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
-    keep = ids[len(ids) - (max_prev_length - 1) :] if len(ids) > max_prev_length - 1 else ids
-    return special_token_ids(tokenizer, ["<|startofprev|>"]) + keep
+    return special_token_ids(tokenizer, ["<|startofprev|>"]) + ids[max(0, len(ids) - (max_prev_length - 1)) :]
 
 
 def decoder_tokens(prefix: list[int], text_ids: list[int], eot_id: int, prompt: list[int] = ()) -> list[int]:
@@ -754,8 +753,7 @@ def prepare_example(
         "decoding_prefix": np.asarray(decoding_prefix, np.int32),
         "id": "" if example_id is None else str(example_id),
         "text": text,
-        "language": language or "en",
-        "task": task or "transcribe",
+        "language": language or "en",  # for the per-language metrics; English-only models: en
         "timestamps": use_timestamps,
     }, None
 

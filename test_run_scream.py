@@ -3733,8 +3733,9 @@ def nb_three_steps(model, optimizer, batches, mel_filters, param_dtype, state=No
 
 def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_path):
     """--param_dtype bfloat16 (--adam_mu_dtype bfloat16): parameters, gradients and both moments
-    are bfloat16 and stay so, the loss is float32 and within 1% of float32 training's after
-    3 steps, and a checkpointed state resumes to exactly the uninterrupted run."""
+    are bfloat16 and stay so, the loss is float32 and within 0.2% of float32 training's after
+    3 steps (measured: 1.2e-4; the 3 steps lower it by 1.5%), and a checkpointed state resumes
+    to exactly the uninterrupted run."""
     config, _, mel_filters = nb_model
     model = rs.build_model(config)
     batches = [nb_batch(nb_tokenizer, rows) for rows in nb_mixed_rows()]
@@ -3747,8 +3748,8 @@ def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_pat
         leaf for leaf in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "nu")) if hasattr(leaf, "nu")
     ]
     assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
-    assert float32_losses[0] == pytest.approx(bf16_losses[0], rel=1e-2)
-    assert float32_losses[2] == pytest.approx(bf16_losses[2], rel=1e-2), (float32_losses, bf16_losses)
+    assert float32_losses[0] == pytest.approx(bf16_losses[0], rel=2e-3)
+    assert float32_losses[2] == pytest.approx(bf16_losses[2], rel=2e-3), (float32_losses, bf16_losses)
     assert bf16_losses[2] < bf16_losses[0]  # it learns
 
     # Resume: one step, checkpoint, restore into the abstract state run() builds, two more steps.

@@ -221,8 +221,9 @@ def _envelope(num_samples, ramp_samples):
     return envelope
 
 
-def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
-    """Render `text` as synthetic speech: a float32 mono waveform in [-1, 1].
+def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0, return_word_spans=False):
+    """Render `text` as synthetic speech: a float32 mono waveform in [-1, 1] (and with
+    `return_word_spans` the (start_s, end_s) of each word's sound, for timestamps).
 
     Letters are two-tone chords (LETTER_TONES) of 50-75 ms with small gaps between them, capitals
     sound like lowercase letters and spaces are silences. The speaker's pitch (+-3%), speaking
@@ -233,10 +234,12 @@ def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
     pitch = rng.uniform(0.97, 1.03)
     rate = rng.uniform(0.9, 1.1)
     letters = []  # (start_s, duration_s, letter)
+    word_starts = [0]  # index into letters of each word's first letter
     t = rng.uniform(*LEAD_S)
     for char in text:
         if char == " ":
             t += rng.uniform(*WORD_GAP_S) * rate
+            word_starts.append(len(letters))
             continue
         if char.lower() not in LETTER_TONES:
             raise ValueError(f"no sound for character {char!r} in {text!r}")
@@ -260,7 +263,14 @@ def synthesize(text, rng, sample_rate=SAMPLE_RATE, max_duration_s=3.0):
     peak = rng.uniform(0.1, 0.8)
     waveform *= peak / np.abs(waveform).max()
     waveform += rng.normal(0.0, peak * rng.uniform(0.003, 0.01), len(waveform))
-    return np.clip(waveform, -1.0, 1.0).astype(np.float32)
+    waveform = np.clip(waveform, -1.0, 1.0).astype(np.float32)
+    if not return_word_spans:
+        return waveform
+    ends = word_starts[1:] + [len(letters)]
+    spans = [
+        (letters[a][0] / speedup, (letters[b - 1][0] + letters[b - 1][1]) / speedup) for a, b in zip(word_starts, ends)
+    ]
+    return waveform, spans
 
 
 # --- dataset ---
@@ -271,9 +281,16 @@ FEATURES = Features(
         "id": Value("string"),
         "audio": Audio(sampling_rate=SAMPLE_RATE),
         "text": Value("string"),
+        "timestamped_text": Value("string"),
+        "previous_text": Value("string"),
+        "language": Value("string"),
         "source": Value("string"),
     }
 )
+# The columns of NbAiLab's ncc_speech_v7 that Scream's 2024-recipe flags read. The language is a
+# label only (the "speech" is the same for all three): it exercises per-row <|lang|> tokens.
+LANGUAGE_SHARES = {"no": 0.8, "nn": 0.1, "en": 0.1}
+PREVIOUS_TEXT_SHARE = 0.7  # the rest start a "recording": no previous text
 # Small row groups, as the hub writes audio datasets, so streaming reads little at a time.
 ROW_GROUP_SIZE = 100
 # The card's metadata has no `configs:` (split to file pattern) entry: with one, datasets keys its
@@ -288,7 +305,9 @@ task_categories:
 # Scream demo data
 
 Synthetic Norwegian "speech" made by make_demo_dataset.py: every letter is a two-tone chord and
-every space a silence. Columns: id, audio (16 kHz mono FLAC), text, source.
+every space a silence. Columns: id, audio (16 kHz mono FLAC), text, timestamped_text (Whisper
+timestamps around the first and the last words), previous_text (the text of the example before),
+language (no, nn or en: a label only) and source.
 """
 
 
@@ -302,6 +321,44 @@ def make_example(seed, split, index, chunk_length_s):
     rng = example_rng(seed, split, index)
     text = make_sentence(rng)
     return text, synthesize(text, rng, max_duration_s=chunk_length_s)
+
+
+def timestamped(text, spans):
+    """Whisper's timestamped format with two segments, the first word and the rest:
+    '<|0.12|> Jeg<|0.40|><|0.52|> har en bil<|1.60|>', times on the 0.02 s grid (starts rounded
+    down, ends up), each segment's text with its leading space. One word: one segment."""
+    words = text.split(" ")
+    cut = 1 if len(words) > 1 else len(words)
+    segments = [(spans[0][0], " ".join(words[:cut]), spans[cut - 1][1])]
+    if cut < len(words):
+        segments.append((spans[cut][0], " ".join(words[cut:]), spans[-1][1]))
+    return "".join(
+        f"<|{np.floor(start / 0.02) * 0.02:.2f}|> {segment}<|{np.ceil(end / 0.02) * 0.02:.2f}|>"
+        for start, segment, end in segments
+    )
+
+
+def make_row(seed, split, index, chunk_length_s):
+    """The dataset row of example `index` of `split` (audio as FLAC bytes). Its text and audio are
+    make_example's; language and previous text come from a generator of their own, so adding
+    these columns changed no example's text or sound."""
+    rng = example_rng(seed, split, index)
+    text = make_sentence(rng)
+    waveform, spans = synthesize(text, rng, max_duration_s=chunk_length_s, return_word_spans=True)
+    labels = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    language = labels.choice(list(LANGUAGE_SHARES), p=list(LANGUAGE_SHARES.values()))
+    has_previous = index > 0 and labels.random() < PREVIOUS_TEXT_SHARE
+    example_id = f"{split}-{index:06d}"
+    return {
+        "id": example_id,
+        "audio": {"bytes": encode_flac(waveform), "path": f"{example_id}.flac"},
+        "text": text,
+        # Timestamps past the audio would be skipped by Scream: the trailing silence keeps them inside.
+        "timestamped_text": timestamped(text, spans),
+        "previous_text": make_sentence(example_rng(seed, split, index - 1)) if has_previous else None,
+        "language": str(language),
+        "source": "demo",
+    }
 
 
 def encode_flac(waveform, sample_rate=SAMPLE_RATE):
@@ -331,12 +388,7 @@ def write_dataset(out_dir, num_train, num_eval, seed, chunk_length_s, num_shards
     paths = []
     for split, num_examples, split_shards in [("train", num_train, num_shards), ("validation", num_eval, 1)]:
         for shard, indices in enumerate(np.array_split(np.arange(num_examples), split_shards)):
-            rows = []
-            for index in indices.tolist():
-                text, waveform = make_example(seed, split, index, chunk_length_s)
-                example_id = f"{split}-{index:06d}"
-                audio = {"bytes": encode_flac(waveform), "path": f"{example_id}.flac"}
-                rows.append({"id": example_id, "audio": audio, "text": text, "source": "demo"})
+            rows = [make_row(seed, split, index, chunk_length_s) for index in indices.tolist()]
             path = data_dir / f"{split}-{shard:05d}-of-{split_shards:05d}.parquet"
             table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
             pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE)

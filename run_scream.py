@@ -73,7 +73,7 @@ class ModelArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory."})
     dtype: str = field(
-        default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights stay float32)."}
+        default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights: --param_dtype)."}
     )
     scan_layers: bool = field(
         default=False, metadata={"help": "nn.scan over layers: much faster compiles for deep models."}
@@ -83,10 +83,22 @@ class ModelArguments:
     )
     dropout: float | None = field(default=None, metadata={"help": "Override the config's dropout."})
     attention_dropout: float | None = field(default=None, metadata={"help": "Override the config's attention_dropout."})
+    activation_dropout: float | None = field(
+        default=None, metadata={"help": "Override the config's activation_dropout (after the feed-forward GELU)."}
+    )
+    param_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the trained parameters (and so of the gradients and Adam's second moment): float32, "
+            "or bfloat16 as the 2024 NB-Whisper release trained large-v3. Losses and logits stay float32; "
+            "the exported model is float32 either way."
+        },
+    )
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"--dtype {self.dtype!r} is not supported: use float32 or bfloat16.")
+        for flag, value in (("--dtype", self.dtype), ("--param_dtype", self.param_dtype)):
+            if value not in ("float32", "bfloat16"):
+                raise ConfigError(f"{flag} {value!r} is not supported: use float32 or bfloat16.")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"--remat {self.remat!r} is not supported: use none, full or dots.")
 
@@ -141,12 +153,71 @@ class DataArguments:
             "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
         },
     )
+    language_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with each row's language (a Whisper code or name, e.g. no, nn, en); "
+            "--language for rows without one. Evaluation decodes each row in its own language."
+        },
+    )
+    task_column_name: str | None = field(
+        default=None, metadata={"help": "Column with each row's task (transcribe or translate); --task otherwise."}
+    )
+    timestamp_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training column with the transcript with Whisper timestamps inline, e.g. "
+            "'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>'; such rows train without <|notimestamps|>."
+        },
+    )
+    timestamp_probability: float = field(
+        default=1.0,
+        metadata={
+            "help": "Chance that a row with timestamps trains in timestamp mode (else on the plain text column); "
+            "drawn from (seed, epoch, example id), so a resumed run makes the same choices."
+        },
+    )
+    prev_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Training column with the previous segment's text, given as a <|startofprev|> prompt."},
+    )
+    prompt_probability: float = field(
+        default=1.0,
+        metadata={
+            "help": "Chance that a row with previous text gets its prompt (seeded like --timestamp_probability)."
+        },
+    )
+    max_prev_length: int = field(
+        default=120,
+        metadata={
+            "help": "Decoder positions for the prompt, <|startofprev|> included: the previous text is cut from the "
+            "left to max_prev_length - 1 tokens. With --prev_column_name every training row is "
+            "max_prev_length + max_label_length positions long."
+        },
+    )
+    bpe_dropout: float = field(
+        default=0.0,
+        metadata={"help": "BPE dropout of the training labels (the release used 0.2); evaluation never has it."},
+    )
 
     def __post_init__(self):
         if self.task not in ("transcribe", "translate"):
             raise ConfigError(f"--task {self.task!r} is not supported: use transcribe or translate.")
         if self.max_label_length < 1:
             raise ConfigError("--max_label_length must be at least 1.")
+        for flag, value in (
+            ("--timestamp_probability", self.timestamp_probability),
+            ("--prompt_probability", self.prompt_probability),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} {value} is not a probability: give a value from 0 to 1.")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ConfigError(f"--bpe_dropout {self.bpe_dropout} must be at least 0 and below 1 (0: off).")
+        if self.prev_column_name and self.max_prev_length < 2:
+            raise ConfigError(
+                f"--max_prev_length {self.max_prev_length} leaves no room for previous text: it counts "
+                "<|startofprev|> too, so give at least 2 (the 2024 release used 120)."
+            )
 
 
 DEFAULT_SAVE_STEPS = 1000  # without an eval cadence: at most this many steps lost to a crash
@@ -187,6 +258,13 @@ class TrainingArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    adam_mu_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of AdamW's first moment (optax's mu_dtype): float32 or bfloat16. optax keeps the "
+            "second moment in the parameters' dtype (--param_dtype)."
+        },
+    )
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW decoupled weight decay (not on biases or LayerNorm)."}
     )
@@ -251,6 +329,8 @@ class TrainingArguments:
     )
 
     def __post_init__(self):
+        if self.adam_mu_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--adam_mu_dtype {self.adam_mu_dtype!r} is not supported: use float32 or bfloat16.")
         if self.lr_scheduler_type not in ("linear", "constant", "constant_with_warmup"):
             raise ConfigError(
                 f"--lr_scheduler_type {self.lr_scheduler_type!r} is not supported: use linear, constant or constant_with_warmup."
@@ -432,6 +512,9 @@ SKIP_REASONS = (
     "too_long",
     "empty_text",
     "too_many_tokens",
+    "unknown_language",
+    "unknown_task",
+    "bad_timestamps",
 )
 # The flag to look at when every example is skipped for a reason.
 SKIP_REASON_FLAGS = {
@@ -442,16 +525,41 @@ SKIP_REASON_FLAGS = {
     "too_long": "--max_duration_in_seconds",
     "empty_text": "--text_column_name",
     "too_many_tokens": "--max_label_length",
+    "unknown_language": "--language_column_name",
+    "unknown_task": "--task_column_name",
+    "bad_timestamps": "--timestamp_column_name",
 }
+# SpeechBatches adds each row's epoch under this key, so that the per-example random choices
+# (timestamp mode, prompt) are drawn from (seed, epoch, example) and replay exactly on resume.
+EPOCH_FIELD = "__scream_epoch__"
+# A Whisper timestamp token as written in a transcript; the value is checked by parse_timestamped_text.
+TIMESTAMP_TOKEN = re.compile(r"<\|([0-9.]+)\|>")
+TIMESTAMP_STEP_S = 0.02  # Whisper's timestamp grid
+MAX_TIMESTAMP_S = 30.0  # the last timestamp token, <|30.00|>
 
 
 @dataclass(frozen=True)
 class TextSettings:
-    """What turns a transcript into label tokens."""
+    """What turns a transcript into decoder tokens (the layout is decoder_tokens')."""
 
     do_lower_case: bool
     do_remove_punctuation: bool
-    max_label_length: int
+    max_label_length: int  # decoder positions from <|startoftranscript|> to the last text token
+    language: str | None = "no"  # a Whisper code; None: an English-only model (no language token)
+    task: str | None = "transcribe"  # None: an English-only model (no task token)
+    language_column: str | None = None
+    task_column: str | None = None
+    timestamp_column: str | None = None
+    timestamp_probability: float = 1.0
+    prev_column: str | None = None
+    prompt_probability: float = 1.0
+    max_prev_length: int = 0  # decoder positions of <|startofprev|> + previous text; 0: no prompts
+    seed: int = 0
+
+    @property
+    def decoder_length(self) -> int:
+        """Decoder positions of every row, prompt or not: fixed, so no batch recompiles a step."""
+        return self.max_prev_length + self.max_label_length
 
 
 @dataclass(frozen=True)
@@ -496,25 +604,175 @@ def is_english_only(config, generation_config=None) -> bool:
     return not multilingual if multilingual is not None else config.vocab_size == ENGLISH_ONLY_VOCAB_SIZE
 
 
-def decoder_prefix(tokenizer, language: str, task: str, *, english_only: bool) -> tuple[int, ...]:
-    """The tokens every transcript starts with: <|startoftranscript|><|lang|><|task|><|notimestamps|>, or
-    <|startoftranscript|><|notimestamps|> for an English-only model, which has no language or task tokens
-    (so any language but English, or translating, is an error there)."""
-    if english_only and (language != "en" or task != "transcribe"):
+def prompt_language_and_task(tokenizer, language: str, task: str, *, english_only: bool):
+    """(language, task) as the decoder prompt holds them: as given for a multilingual model; (None,
+    None) for an English-only one, whose prompt <|startoftranscript|><|notimestamps|> has no language
+    or task token (so any language but English, or translating, is an error there)."""
+    if not english_only:
+        return language, task
+    if language != "en" or task != "transcribe":
         flag = f"--language {language!r}" if language != "en" else f"--task {task!r}"
         raise ConfigError(
             f"{flag} needs a multilingual model, but {tokenizer.name_or_path or 'the model'} is English-only "
             "(a .en Whisper, whose prompt has no language or task token): pass --language en --task transcribe, "
             "or fine-tune a multilingual checkpoint."
         )
-    tokens = ["<|startoftranscript|>"] + ([] if english_only else [f"<|{language}|>", f"<|{task}|>"])
-    vocab = tokenizer.get_vocab()
-    missing = [token for token in tokens + ["<|notimestamps|>"] if token not in vocab]
-    if missing:
+    return None, None
+
+
+def text_settings_of(data_args: DataArguments, *, train: bool, language: str | None, task: str | None, seed: int):
+    """TextSettings of the training or the evaluation stream. Evaluation rows are plain text in
+    their own language and task: no timestamps, no previous-text prompts."""
+    prompts = train and data_args.prev_column_name is not None and data_args.prompt_probability > 0
+    return TextSettings(
+        do_lower_case=data_args.do_lower_case,
+        do_remove_punctuation=data_args.do_remove_punctuation,
+        max_label_length=data_args.max_label_length,
+        language=language,
+        task=task,
+        language_column=data_args.language_column_name,
+        task_column=data_args.task_column_name,
+        timestamp_column=data_args.timestamp_column_name if train else None,
+        timestamp_probability=data_args.timestamp_probability,
+        prev_column=data_args.prev_column_name if prompts else None,
+        prompt_probability=data_args.prompt_probability,
+        max_prev_length=data_args.max_prev_length if prompts else 0,
+        seed=seed,
+    )
+
+
+def training_tokenizer(tokenizer, bpe_dropout: float):
+    """The tokenizer of the training labels: a copy whose BPE model drops each merge with
+    probability `bpe_dropout` (tokenizers' own BPE dropout), so evaluation and decoding, which use
+    `tokenizer` itself, never see it. Special and timestamp tokens are added tokens, never merged,
+    so they are unaffected. The dropout draws from tokenizers' own unseeded generator: a resumed
+    run tokenizes at the same rate, not into the same pieces."""
+    if not bpe_dropout:
+        return tokenizer
+    import copy
+
+    dropped = copy.deepcopy(tokenizer)
+    model = dropped.backend_tokenizer.model
+    if not hasattr(model, "dropout"):
         raise ConfigError(
-            f"The tokenizer has no {', '.join(missing)} token for the decoder prompt; check --language and --tokenizer_name."
+            f"--bpe_dropout needs a BPE tokenizer; this one's model is {type(model).__name__}. Use --bpe_dropout 0."
         )
-    return tuple(vocab[token] for token in tokens + ["<|notimestamps|>"])
+    model.dropout = bpe_dropout
+    return dropped
+
+
+def special_token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """Ids of whole tokens such as <|no|> or <|1.52|>, each one id; a token the tokenizer does not
+    have is a ConfigError (convert_tokens_to_ids alone would quietly return the unknown token)."""
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    for token, token_id in zip(tokens, ids):
+        if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+            raise ConfigError(f"The tokenizer has no {token} token; check --language / --tokenizer_name.")
+    return ids
+
+
+def decoder_prefix(tokenizer, language: str | None, task: str | None, *, timestamps: bool) -> list[int]:
+    """The forced start of every transcript: <|startoftranscript|> <|lang|> <|task|>, then
+    <|notimestamps|> unless the transcript has timestamps. language and task None (English-only
+    models, whose vocabulary has no language tokens): <|startoftranscript|> <|notimestamps|>.
+    The one place for this rule; computed per row, never through the tokenizer's prefix state."""
+    tokens = ["<|startoftranscript|>"]
+    tokens += [f"<|{language}|>"] if language is not None else []
+    tokens += [f"<|{task}|>"] if task is not None else []
+    tokens += [] if timestamps else ["<|notimestamps|>"]
+    return special_token_ids(tokenizer, tokens)
+
+
+def parse_timestamped_text(text: str, duration_s: float) -> list[tuple[float, str, float]] | None:
+    """'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>' -> [(0.0, ' Hei.', 1.52), (1.8, ' Takk.', 2.6)].
+
+    None if malformed: text outside a (start, end) pair, an odd number of timestamps, a value not
+    written with two decimals or off
+    the 0.02 s grid, past MAX_TIMESTAMP_S or past the audio (one grid step of slack for rounding),
+    or a timestamp before the one preceding it."""
+    parts = TIMESTAMP_TOKEN.split(text)  # [outside, t0, inside, t1, outside, t2, inside, t3, outside]
+    between = parts[0::2]
+    if any(not re.fullmatch(r"\d+\.\d\d", v) for v in parts[1::2]):  # Whisper writes <|1.50|>, never <|1.5|>
+        return None
+    values = [float(v) for v in parts[1::2]]
+    if not values or len(values) % 2 or any(s.strip() for s in between[0::2]):
+        return None
+    limit_s = min(MAX_TIMESTAMP_S, duration_s + TIMESTAMP_STEP_S)
+    for value in values:
+        steps = value / TIMESTAMP_STEP_S
+        if abs(steps - round(steps)) > 1e-6 or value > limit_s + 1e-9:
+            return None
+    if any(b < a for a, b in zip(values, values[1:])) or any("<|" in s or "|>" in s for s in between):
+        return None
+    return [(values[i], between[i + 1], values[i + 1]) for i in range(0, len(values), 2)]
+
+
+def normalise_segment(segment: str, settings: TextSettings) -> str:
+    """normalise_transcript for a timestamped segment, keeping its leading space (part of
+    Whisper's segment tokens: ' Hei' is one token, 'Hei' another)."""
+    if not (settings.do_lower_case or settings.do_remove_punctuation):
+        return segment
+    text = normalise_transcript(segment, settings)
+    return " " + text if segment.startswith(" ") and text else text
+
+
+def timestamped_text_ids(tokenizer, segments: list[tuple[float, str, float]], settings: TextSettings) -> list[int]:
+    """<|start|> text <|end|> per segment. Timestamps are encoded as the single ids
+    special_token_ids finds, and the text between them separately, so this does not rely on the
+    tokenizer's handling of timestamp tokens inside text (some tokenizers split <|1.52|> into pieces)."""
+    ids = []
+    for start_s, segment, end_s in segments:
+        start, end = special_token_ids(tokenizer, [f"<|{start_s:.2f}|>", f"<|{end_s:.2f}|>"])
+        ids += [start, *tokenizer(normalise_segment(segment, settings), add_special_tokens=False).input_ids, end]
+    return ids
+
+
+def previous_text_prompt(tokenizer, text: str, max_prev_length: int) -> list[int]:
+    """<|startofprev|> and the previous text's last max_prev_length - 1 tokens (cut from the left:
+    the text nearest the segment matters most), with the leading space transformers'
+    get_prompt_ids gives it."""
+    ids = tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
+    return special_token_ids(tokenizer, ["<|startofprev|>"]) + ids[max(0, len(ids) - (max_prev_length - 1)) :]
+
+
+def decoder_tokens(prefix: list[int], text_ids: list[int], eot_id: int, prompt: list[int] = ()) -> list[int]:
+    """A row's whole token sequence: [prompt] prefix text <|endoftext|>, where prompt is
+    <|startofprev|> + previous text (or nothing) and prefix decoder_prefix's. The model reads all
+    but the last token and predicts all but the first; collate gives the first len(prompt) label
+    positions (those whose input is a prompt token, predicting the prompt's next token or
+    <|startoftranscript|>) no loss, so a row's loss-bearing labels are the same with or without a prompt:
+    <|lang|> <|task|> [<|notimestamps|>] text <|endoftext|>."""
+    return [*prompt, *prefix, *text_ids, eot_id]
+
+
+def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, epoch, example, purpose): per-example random
+    choices that a resumed run, or another host, makes the same way without shared RNG state."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{purpose}\0{example_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | None, str | None, str | None]:
+    """(language, task, skip reason) of a row: its own columns' values, else the defaults."""
+    language, task = settings.language, settings.task
+    value = row.get(settings.language_column) if settings.language_column else None
+    if value is not None and str(value).strip():
+        try:
+            code = language_code(str(value))
+        except ConfigError:
+            return None, None, "unknown_language"
+        if settings.language is None and code != "en":  # an English-only model has no language tokens
+            return None, None, "unknown_language"
+        language = None if settings.language is None else code
+    value = row.get(settings.task_column) if settings.task_column else None
+    if value is not None and str(value).strip():
+        value = str(value).strip().lower().removeprefix("<|").removesuffix("|>")
+        if value not in ("transcribe", "translate") or (settings.task is None and value != "transcribe"):
+            return None, None, "unknown_task"
+        task = None if settings.task is None else value
+    return language, task, None
 
 
 def prepare_example(
@@ -526,8 +784,16 @@ def prepare_example(
     tokenizer,
     audio_settings: AudioSettings,
     text_settings: TextSettings,
+    label_tokenizer=None,
 ):
-    """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data."""
+    """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data.
+
+    `label_tokenizer` (default `tokenizer`) tokenizes the transcript and previous text: the
+    training stream passes training_tokenizer's BPE-dropout copy. The example carries `tokens`
+    (decoder_tokens' layout), `prompt_length` (its leading positions without loss) and
+    `decoding_prefix` (the forced prefix an evaluation decodes this row with: its own language and
+    task, no timestamps)."""
+    settings, label_tokenizer = text_settings, label_tokenizer or tokenizer
     try:
         audio = decode_audio(row[audio_column], audio_settings.sampling_rate)
     except Exception:  # any undecodable file is one counted skip, never a crash
@@ -541,38 +807,94 @@ def prepare_example(
         return None, "too_short"
     if duration_s > audio_settings.max_duration_s:
         return None, "too_long"
-    text = normalise_transcript(row.get(text_column) or "", text_settings)
+    language, task, reason = resolve_language_and_task(row, settings)
+    if reason:
+        return None, reason
+    try:
+        decoding_prefix = decoder_prefix(tokenizer, language, task, timestamps=False)
+    except ConfigError:  # a language this tokenizer has no token for
+        return None, "unknown_language"
+    text = normalise_transcript(row.get(text_column) or "", settings)
+    example_id = row.get(id_column)
+    # Without an id column the transcript stands in for the example in the seeded draws.
+    example_key = str(example_id) if example_id is not None else text
+    epoch = int(row.get(EPOCH_FIELD, 0))
+    timestamped = row.get(settings.timestamp_column) if settings.timestamp_column else None
+    use_timestamps = bool(timestamped) and (
+        example_draw(settings.seed, epoch, example_key, "timestamps") < settings.timestamp_probability
+    )
+    if use_timestamps:
+        segments = parse_timestamped_text(timestamped, duration_s)
+        if segments is None:
+            return None, "bad_timestamps"
+        try:
+            text_ids = timestamped_text_ids(label_tokenizer, segments, settings)
+        except ConfigError:  # a timestamp token this tokenizer lacks
+            return None, "bad_timestamps"
+        text = "".join(segment for _, segment, _ in segments).strip()
+        prefix = decoder_prefix(tokenizer, language, task, timestamps=True)
+    else:
+        text_ids = label_tokenizer(text, add_special_tokens=False).input_ids
+        prefix = decoding_prefix
     if not text:
         return None, "empty_text"
-    # <|startoftranscript|><|lang|><|task|><|notimestamps|> text <|endoftext|>; the model reads all
-    # but the last token and predicts all but the first.
-    tokens = tokenizer(text).input_ids
-    if len(tokens) - 1 > text_settings.max_label_length:
+    previous = row.get(settings.prev_column) if settings.prev_column else None
+    previous = normalise_transcript(previous, settings) if previous else ""
+    prompt = (
+        previous_text_prompt(label_tokenizer, previous, settings.max_prev_length)
+        if previous and example_draw(settings.seed, epoch, example_key, "prompt") < settings.prompt_probability
+        else []
+    )
+    tokens = decoder_tokens(prefix, text_ids, tokenizer.convert_tokens_to_ids("<|endoftext|>"), prompt)
+    if len(tokens) - len(prompt) - 1 > settings.max_label_length:
         return None, "too_many_tokens"
-    example_id = row.get(id_column)
     return {
         "audio": audio[: audio_settings.n_samples],
         "tokens": np.asarray(tokens, np.int32),
+        "prompt_length": len(prompt),
+        "decoding_prefix": np.asarray(decoding_prefix, np.int32),
         "id": "" if example_id is None else str(example_id),
         "text": text,
+        "language": language or "en",  # for the per-language metrics; English-only models: en
+        "timestamps": use_timestamps,
     }, None
 
 
 def collate(
-    examples: list[dict], *, batch_size: int, n_samples: int, max_label_length: int, pad_token_id: int
+    examples: list[dict],
+    *,
+    batch_size: int,
+    n_samples: int,
+    max_label_length: int,
+    pad_token_id: int,
+    max_prev_length: int = 0,
+    default_prompt_ids: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are masked."""
+    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are masked.
+
+    Every row is max_prev_length + max_label_length decoder positions, prompt or not; a row's
+    first prompt_length labels are -100 (see decoder_tokens). With default_prompt_ids, the batch
+    also carries `prompt_ids` (batch, len(default_prompt_ids)): each row's forced decoding prefix
+    (<|startoftranscript|> <|lang|> <|task|> <|notimestamps|>), the default's on padding rows."""
+    length = max_prev_length + max_label_length
     audio = np.zeros((batch_size, n_samples), np.float32)
-    labels = np.full((batch_size, max_label_length), -100, np.int32)
-    decoder_input_ids = np.full((batch_size, max_label_length), pad_token_id, np.int32)
+    labels = np.full((batch_size, length), -100, np.int32)
+    decoder_input_ids = np.full((batch_size, length), pad_token_id, np.int32)
     example_mask = np.zeros((batch_size,), np.int32)
     for row, example in enumerate(examples):
         audio[row, : len(example["audio"])] = example["audio"]
         tokens = example["tokens"]
         labels[row, : len(tokens) - 1] = tokens[1:]
+        labels[row, : example.get("prompt_length", 0)] = -100  # the previous-text prompt carries no loss
         decoder_input_ids[row, : len(tokens) - 1] = tokens[:-1]
         example_mask[row] = 1
-    return {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids, "example_mask": example_mask}
+    batch = {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids, "example_mask": example_mask}
+    if default_prompt_ids is not None:
+        prompt_ids = np.tile(np.asarray(default_prompt_ids, np.int32), (batch_size, 1))
+        for row, example in enumerate(examples):
+            prompt_ids[row] = example["decoding_prefix"]
+        batch["prompt_ids"] = prompt_ids
+    return batch
 
 
 def split_names(spec: str) -> list[str]:
@@ -634,12 +956,19 @@ def load_source(
                 raise ConfigError(
                     f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}."
                 )
+        # Per-row language and task apply to every split; timestamps and prompts to training only.
+        optional = [("--language_column_name", data_args.language_column_name, True)]
+        optional += [("--task_column_name", data_args.task_column_name, True)]
+        optional += [("--timestamp_column_name", data_args.timestamp_column_name, split == data_args.train_split_name)]
+        optional += [("--prev_column_name", data_args.prev_column_name, split == data_args.train_split_name)]
+        for flag, column, needed in optional:
+            if column and needed and column not in columns:
+                raise ConfigError(
+                    f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}."
+                )
         source = source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
-        keep = [
-            c
-            for c in (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name)
-            if c in columns
-        ]
+        wanted = (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name)
+        keep = list(dict.fromkeys(c for c in wanted + tuple(column for _, column, _ in optional) if c in columns))
         sources.append(source.select_columns(keep))
     if len(sources) > 1:
         probabilities = [float(p) for p in split_names(data_args.dataset_probabilities or "")] or None
@@ -779,7 +1108,7 @@ class SpeechBatches:
                         except StopIteration:
                             exhausted = True
                             break
-                        pending.append((pool.submit(self.prepare, row), epoch, state))
+                        pending.append((pool.submit(self.prepare, {**row, EPOCH_FIELD: epoch}), epoch, state))
                     if not pending:
                         break
                     future, epoch, state = pending.popleft()
@@ -1615,12 +1944,20 @@ def make_optimizer(args: TrainingArguments, schedule) -> optax.GradientTransform
         b1=args.adam_beta1,
         b2=args.adam_beta2,
         eps=args.adam_epsilon,
+        mu_dtype=jnp.dtype(args.adam_mu_dtype),
         weight_decay=args.weight_decay,
         mask=weight_decay_mask,
     )
     if args.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw)
     return adamw
+
+
+def cast_params(params, param_dtype: str):
+    """Floating parameters in `param_dtype` (--param_dtype): the train state's parameters, and so
+    its gradients and Adam's second moment, take that dtype."""
+    dtype = jnp.dtype(param_dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def token_losses(logits, labels, label_smoothing: float = 0.0):
@@ -1689,14 +2026,16 @@ def train_step(
                 grads = jax.tree.map(jnp.add, grads, micro_grads)
                 return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            # Summed in float32 even for bfloat16 parameters: micro-batch gradients add up without rounding.
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (grads, loss_sum, num_tokens), _ = jax.lax.scan(
                 accumulate,
                 (zeros, jnp.float32(0), jnp.int32(0)),
                 (jax.tree.map(split, batch), jnp.arange(accumulation_steps)),
             )
         denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
+        # Back to the parameters' dtype, so that the optimizer state keeps its dtypes from step to step.
+        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "num_tokens": num_tokens}
@@ -1721,10 +2060,20 @@ class JittedTrainStep:
 
 
 def jit_train_step(
-    model: Whisper, optimizer, mesh, *, mel_filters, accumulation_steps: int = 1, label_smoothing: float = 0.0
+    model: Whisper,
+    optimizer,
+    mesh,
+    *,
+    mel_filters,
+    accumulation_steps: int = 1,
+    label_smoothing: float = 0.0,
+    param_dtype: str = "float32",
 ) -> JittedTrainStep:
-    """eval_shape the state -> its shardings -> jit(partial(train_step)) with those shardings."""
-    abstract_params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
+    """eval_shape the state -> its shardings -> jit(partial(train_step)) with those shardings.
+    Parameters are held in `param_dtype` (--param_dtype)."""
+    abstract_params = jax.eval_shape(
+        lambda rng: cast_params(init_params(model, rng), param_dtype), jax.random.PRNGKey(0)
+    )
     abstract_state = jax.eval_shape(
         lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
     )
@@ -1751,10 +2100,13 @@ def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, par
     """Step 0, sharded from the start: `params` (pretrained, host arrays) or a random init from
     `seed`, fresh optimizer moments, and the dropout key seed + 1."""
     sharding = step.state_sharding
+    param_dtype = jax.tree.leaves(step.abstract_state.params)[0].dtype  # what jit_train_step was told
     if params is not None:
-        params = jax.device_put(params, sharding.params)
+        params = jax.device_put(cast_params(params, param_dtype), sharding.params)
     else:
-        params = jax.jit(functools.partial(init_params, model), out_shardings=sharding.params)(jax.random.PRNGKey(seed))
+        params = jax.jit(lambda rng: cast_params(init_params(model, rng), param_dtype), out_shardings=sharding.params)(
+            jax.random.PRNGKey(seed)
+        )
     opt_state = jax.jit(step.optimizer.init, out_shardings=sharding.opt_state)(params)
     return TrainState(
         jax.device_put(jnp.int32(0), sharding.step),
@@ -1801,6 +2153,21 @@ def transcription_metrics(references: list[str], predictions: list[str]) -> dict
         metrics[f"wer{suffix}"] = 100.0 * jiwer.wer(list(refs), list(preds))
         metrics[f"cer{suffix}"] = 100.0 * jiwer.cer(list(refs), list(preds))
     return metrics
+
+
+def metrics_by_language(rows: list[dict]) -> dict[str, float]:
+    """transcription_metrics of each language's rows (rows carry reference, prediction and
+    language), keyed '<language>/<metric>', e.g. 'nn/wer'."""
+    groups: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        groups[row["language"]].append(row)
+    return {
+        f"{language}/{name}": value
+        for language, group in sorted(groups.items())
+        for name, value in transcription_metrics(
+            [r["reference"] for r in group], [r["prediction"] for r in group]
+        ).items()
+    }
 
 
 def local_rows(array) -> np.ndarray:
@@ -1870,7 +2237,8 @@ def run_evaluation(
             generated = local_rows(out["generated"])[: len(examples)]
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             rows += [
-                {"id": e["id"], "reference": e["text"], "prediction": text.strip()} for e, text in zip(examples, texts)
+                {"id": e["id"], "language": e["language"], "reference": e["text"], "prediction": text.strip()}
+                for e, text in zip(examples, texts)
             ]
     rows = [row for host_rows in allgather_json(rows) for row in host_rows]
     results = {"eval/loss": loss_sum / max(num_tokens, 1), "eval/num_tokens": num_tokens}
@@ -1880,6 +2248,7 @@ def run_evaluation(
         results.update(
             {f"eval/{name}": value for name, value in transcription_metrics(references, predictions).items()}
         )
+        results.update({f"eval/{name}": value for name, value in metrics_by_language(rows).items()})
     if is_main:
         log.write(step, results)
         if rows:
@@ -2730,7 +3099,11 @@ def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> P
     for what, flag in (("tokenizer", "--tokenizer_name"), ("feature_extractor", "--feature_extractor_name")):
         if getattr(components, what) is None:
             raise ConfigError(f"{components.source} has no {what.replace('_', ' ')}: give {flag}.")
-    for name, value in (("dropout", model_args.dropout), ("attention_dropout", model_args.attention_dropout)):
+    for name, value in (
+        ("dropout", model_args.dropout),
+        ("attention_dropout", model_args.attention_dropout),
+        ("activation_dropout", model_args.activation_dropout),
+    ):
         if value is not None:
             setattr(components.config, name, value)
     return components
@@ -2758,6 +3131,7 @@ class RunSetup:
     schedule: Any  # optax schedule: step -> learning rate
     model: Whisper
     mel_filters: np.ndarray  # (n_freqs, n_mels)
+    text_settings: dict  # {True: the training stream's TextSettings, False: evaluation's}
     train_step: JittedTrainStep
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
     run_config: dict  # the flags and what was resolved from them: printed, saved, and in the model card
@@ -2788,9 +3162,12 @@ def setup_run(
     config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     language = language_code(data_args.language)
     english_only = is_english_only(config, components.generation_config)
-    prompt_ids = decoder_prefix(tokenizer, language, data_args.task, english_only=english_only)
-    # Labels are the tokenizer's prefix + text + <|endoftext|>: the same prefix.
-    tokenizer.language, tokenizer.task = (None, None) if english_only else (language, data_args.task)
+    prompt_language, prompt_task = prompt_language_and_task(
+        tokenizer, language, data_args.task, english_only=english_only
+    )
+    prompt_ids = tuple(decoder_prefix(tokenizer, prompt_language, prompt_task, timestamps=False))
+    # The exported tokenizer's default prefix (what pipeline() users get); our labels never read it.
+    tokenizer.language, tokenizer.task = prompt_language, prompt_task
     tokenizer.set_prefix_tokens(predict_timestamps=False)
     generation_config = whisper_generation_config(
         tokenizer, config, language, data_args.task, components.generation_config, english_only=english_only
@@ -2806,6 +3183,19 @@ def setup_run(
         length_penalty=train_args.generation_length_penalty,
         early_stopping=generation_config.early_stopping or False,  # None (unset) is False in generate()
     )
+
+    text_settings = {
+        train: text_settings_of(
+            data_args, train=train, language=prompt_language, task=prompt_task, seed=train_args.seed
+        )
+        for train in (True, False)
+    }
+    if text_settings[True].decoder_length > config.max_target_positions:
+        raise ConfigError(
+            f"--max_label_length {data_args.max_label_length}"
+            + (f" + --max_prev_length {data_args.max_prev_length}" if text_settings[True].max_prev_length else "")
+            + f" exceeds the model's {config.max_target_positions} decoder positions: lower them."
+        )
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
     num_processes = len({d.process_index for d in devices})
@@ -2831,6 +3221,7 @@ def setup_run(
         mel_filters=mel_filters,
         accumulation_steps=train_args.gradient_accumulation_steps,
         label_smoothing=train_args.label_smoothing_factor,
+        param_dtype=model_args.param_dtype,
     )
     eval_fn = jax.jit(
         functools.partial(
@@ -2857,6 +3248,7 @@ def setup_run(
             "language": language,
             "task": data_args.task,
             "prompt_ids": list(prompt_ids),
+            "decoder_length": text_settings[True].decoder_length,
             "total_train_examples": plan.global_batch_size * train_args.num_train_steps,
             "audio_samples_per_example": n_samples,
             "sampling_rate": feature_extractor.sampling_rate,
@@ -2875,6 +3267,7 @@ def setup_run(
         schedule=schedule,
         model=model,
         mel_filters=mel_filters,
+        text_settings=text_settings,
         train_step=step,
         eval_step=eval_fn,
         run_config=run_config,
@@ -2992,15 +3385,16 @@ def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, s
         data_args.min_duration_in_seconds,
         min(data_args.max_duration_in_seconds, setup.n_samples / setup.sampling_rate),
     )
-    text_settings = TextSettings(data_args.do_lower_case, data_args.do_remove_punctuation, data_args.max_label_length)
+    tokenizer, text_settings = setup.components.tokenizer, setup.text_settings[train]
     prepare = functools.partial(
         prepare_example,
         audio_column=data_args.audio_column_name,
         text_column=data_args.text_column_name,
         id_column=data_args.id_column_name,
-        tokenizer=setup.components.tokenizer,
+        tokenizer=tokenizer,
         audio_settings=audio_settings,
         text_settings=text_settings,
+        label_tokenizer=training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer,
     )
     make_source = functools.partial(
         load_source,
@@ -3018,6 +3412,8 @@ def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, s
         n_samples=setup.n_samples,
         max_label_length=data_args.max_label_length,
         pad_token_id=setup.components.config.pad_token_id,
+        max_prev_length=text_settings.max_prev_length,
+        default_prompt_ids=tuple(setup.run_config["resolved"]["prompt_ids"]),
     )
     return SpeechBatches(
         lambda epoch: make_source(epoch=epoch),
@@ -3217,7 +3613,7 @@ def dry_run(setup: RunSetup) -> int:
     batch = abstract_batch(
         plan.global_batch_size,
         n_samples=setup.n_samples,
-        max_label_length=data_args.max_label_length,
+        max_label_length=resolved["decoder_length"],
         sharding=setup.train_step.data_sharding,
     )
     plan_out = {
@@ -3244,6 +3640,10 @@ def dry_run(setup: RunSetup) -> int:
         "language": resolved["language"],
         "task": data_args.task,
         "dtype": str(model.dtype),
+        "param_dtype": run_config["model"]["param_dtype"],
+        "adam_mu_dtype": train_args.adam_mu_dtype,
+        "decoder_length": resolved["decoder_length"],
+        "bpe_dropout": data_args.bpe_dropout,
         "scan_layers": model.scan_layers,
         "remat": model.remat,
         "parameters": num_params,

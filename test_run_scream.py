@@ -3459,18 +3459,18 @@ def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
         assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)
 
 
-def test_beam_search_eval_run_predicts_what_transformers_generates(train_demo, train_env, train_straight, tmp_path):
-    """--do_eval with --generation_num_beams 3 --generation_length_penalty 0.7 on the exported demo
-    model: each prediction is transformers' generate(num_beams=3, length_penalty=0.7) of that clip,
-    decoded from the same FLAC bytes and log-mel as run_scream computes them."""
-    straight, _ = train_straight
+def test_beam_search_eval_run_predicts_what_transformers_generates(
+    model_generation_dir, train_demo, train_env, tmp_path
+):
+    """--do_eval with --generation_num_beams 3 --generation_length_penalty 0.7 (the random
+    generation model, on the demo's 1 s clips): each prediction is transformers' generate(num_beams=3,
+    length_penalty=0.7) of that clip, from the same FLAC bytes and log-mel as run_scream computes."""
+    directory, torch_model = model_generation_dir
     out = tmp_path / "eval"
-    flags = ["--do_eval", "--predict_with_generate", "--max_label_length", "32", "--report_to", "none"]
-    beams = ["--generation_num_beams", "3", "--generation_length_penalty", "0.7"]
     run_to_end(
         [
             "--model_name_or_path",
-            str(straight),
+            str(directory),
             "--dataset_name",
             str(train_demo / "data"),
             "--output_dir",
@@ -3479,8 +3479,18 @@ def test_beam_search_eval_run_predicts_what_transformers_generates(train_demo, t
             str(GLOBAL_BATCH),
             "--eval_batch_size",
             str(EVAL_BATCH),
-            *flags,
-            *beams,
+            "--do_eval",
+            "--predict_with_generate",
+            "--max_label_length",
+            "32",
+            "--generation_max_length",
+            str(MODEL_MAX_NEW_TOKENS),
+            "--generation_num_beams",
+            "3",
+            "--generation_length_penalty",
+            "0.7",
+            "--report_to",
+            "none",
         ],
         train_env,
         tmp_path / "log.txt",
@@ -3490,7 +3500,7 @@ def test_beam_search_eval_run_predicts_what_transformers_generates(train_demo, t
         for row in map(json.loads, (out / "predictions" / "step_0.jsonl").read_text().splitlines())
     }
     assert len(predictions) == NUM_EVAL
-    pretrained = rs.load_pretrained(str(straight))
+    pretrained = rs.load_pretrained(str(directory))
     extractor = pretrained.feature_extractor
     (validation,) = (train_demo / "data").glob("**/validation-*.parquet")
     table = pq.read_table(validation).to_pylist()
@@ -3500,14 +3510,19 @@ def test_beam_search_eval_run_predicts_what_transformers_generates(train_demo, t
             for clip in (rs.decode_audio(row["audio"], extractor.sampling_rate) for row in table)
         ]
     )
-    features = np.asarray(rs.log_mel(jnp.asarray(audio), np.asarray(extractor.mel_filters, np.float32)))
-    torch_model = WhisperForConditionalGeneration.from_pretrained(str(straight)).eval()
-    with torch.no_grad():
-        theirs = torch_model.generate(
-            torch.from_numpy(np.array(features)), num_beams=3, length_penalty=0.7, do_sample=False, max_new_tokens=32
-        ).numpy()
-    texts = [text.strip() for text in pretrained.tokenizer.batch_decode(theirs, skip_special_tokens=True)]
-    assert {row["id"]: text for row, text in zip(table, texts)} == predictions
+    features = np.array(rs.log_mel(jnp.asarray(audio), np.asarray(extractor.mel_filters, np.float32)))
+
+    def transcripts(**kwargs):
+        with torch.no_grad():
+            ids = torch_model.generate(
+                torch.from_numpy(features), do_sample=False, max_new_tokens=MODEL_MAX_NEW_TOKENS, **kwargs
+            ).numpy()
+        texts = pretrained.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return {row["id"]: text.strip() for row, text in zip(table, texts)}
+
+    assert transcripts(num_beams=3, length_penalty=0.7) == predictions
+    greedy = transcripts(num_beams=1)
+    assert sum(greedy[key] != predictions[key] for key in predictions) >= 2  # the flags reached the decoding
 
 
 # --- real weights and speech (CTranslate2 in and out) ---

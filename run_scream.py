@@ -2208,6 +2208,14 @@ def peak_flops_per_device(device_kind: str, compute_dtype: str) -> float | None:
     return None
 
 
+def device_peak_flops(device, compute_dtype: str) -> float | None:
+    """The peak MFU is measured against: the spec sheet's for a TPU or GPU, a measured float32
+    matmul for a CPU (see measured_matmul_flops), None for a device kind we have no figure for."""
+    if device.platform == "cpu":  # fake CPU devices (--xla_force_host_platform_device_count) share the cores
+        return measured_matmul_flops(device=device) / jax.local_device_count()
+    return peak_flops_per_device(device.device_kind, compute_dtype)
+
+
 def throughput_metrics(
     *,
     steps: int,
@@ -3612,7 +3620,23 @@ def train_loop(
     step = int(jax.device_get(state.step))
     bar = tqdm(total=num_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     batch_iterator = iter(train_batches)
-    window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
+    flops_per_example = training_flops_per_example(setup.model.dims, setup.run_config["resolved"]["decoder_length"])
+    peak_flops = device_peak_flops(setup.devices[0], setup.model_args.dtype)
+
+    def new_window(losses=(), grad_norms=()):  # what the next logging line averages over
+        return {
+            "losses": list(losses),
+            "grad_norms": list(grad_norms),
+            "wait_s": 0.0,
+            "audio_s": 0.0,
+            "start": time.perf_counter(),
+            "steps": 0,
+        }
+
+    window = new_window()
+    shown: dict = {}  # the progress bar's throughput figures, from the last logging line
+    # Where the wall time goes, cumulative since this launch: the pod's goodput is train_s / wall.
+    clock = {"start": time.perf_counter(), "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
     in_flight = None  # (step, device metrics) not yet read
     eval_results: dict = {}
     pushes: list[threading.Thread] = []
@@ -3632,14 +3656,15 @@ def train_loop(
             )
         window["losses"].append(loss)
         window["grad_norms"].append(grad_norm)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(done_step - 1)):.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(done_step - 1)):.2e}", **shown)
 
     stopped_early = False
     try:
         while step < num_steps:
             wait_start = time.perf_counter()
-            host_batch, _ = next(batch_iterator)
+            host_batch, examples = next(batch_iterator)
             window["wait_s"] += time.perf_counter() - wait_start
+            window["audio_s"] += sum(len(example["audio"]) for example in examples) / setup.sampling_rate
             state, metrics = step_fn(state, to_global_batch(host_batch, data_sharding))
             step += 1
             settle()
@@ -3656,9 +3681,21 @@ def train_loop(
                 settle()
             if do_log:
                 elapsed = time.perf_counter() - window["start"]
+                clock["train_s"] += elapsed
                 skipped = collections.Counter()
-                for host_skipped in allgather_json(dict(train_batches.skipped)):
-                    skipped.update(host_skipped)
+                hosts = allgather_json({"skipped": dict(train_batches.skipped), "audio_s": window["audio_s"]})
+                for host in hosts:
+                    skipped.update(host["skipped"])
+                throughput = throughput_metrics(
+                    steps=window["steps"],
+                    seconds=elapsed,
+                    global_batch_size=plan.global_batch_size,
+                    audio_seconds=sum(host["audio_s"] for host in hosts),
+                    flops_per_example=flops_per_example,
+                    num_devices=len(setup.devices),
+                    peak_flops=peak_flops,
+                )
+                wall_s = time.perf_counter() - clock["start"]
                 log.write(
                     step,
                     {
@@ -3666,18 +3703,30 @@ def train_loop(
                         "train/loss": float(np.mean(window["losses"])),
                         "train/learning_rate": float(schedule(step - 1)),
                         "train/grad_norm": float(np.mean(window["grad_norms"])),
-                        "train/examples_per_s": window["steps"] * plan.global_batch_size / elapsed,
                         "train/data_wait_fraction": window["wait_s"] / elapsed,
                         "train/epoch": train_batches.epoch,
+                        **throughput,
+                        "time/train_s": clock["train_s"],
+                        "time/eval_s": clock["eval_s"],
+                        "time/checkpoint_s": clock["checkpoint_s"],
+                        "time/goodput": clock["train_s"] / wall_s,
                         **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
                     },
                 )
-                window = {"losses": [], "grad_norms": [], "wait_s": 0.0, "start": time.perf_counter(), "steps": 0}
+                shown["ex/s"] = f"{throughput['throughput/examples_per_s']:.3g}"
+                if "throughput/mfu" in throughput:
+                    shown["mfu"] = f"{throughput['throughput/mfu']:.1%}"
+                window = new_window()
+            elif do_eval or do_save:  # steps since the last logging line count as training time too
+                clock["train_s"] += time.perf_counter() - window["start"]
             if do_eval:
+                eval_start = time.perf_counter()
                 eval_results = evaluate(setup, state.params, step, log)
+                clock["eval_s"] += time.perf_counter() - eval_start
                 if is_main:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})")
             if do_save:
+                save_start = time.perf_counter()
                 meta = {
                     "step": step,
                     "examples_seen": step * plan.global_batch_size,
@@ -3685,13 +3734,14 @@ def train_loop(
                     "data_states": allgather_json(train_batches.state_dict()),
                 }
                 save_checkpoint(manager, step, state, meta)
+                clock["checkpoint_s"] += time.perf_counter() - save_start  # the asynchronous write's blocking part
             if is_last or (do_eval and train_args.push_to_hub):
                 pushes.append(export(setup, state.params, step, eval_results))
             if stopping and not is_last:
                 stopped_early = True
                 break
             if do_eval or do_save:  # time evaluation and saving apart from the steps
-                window["start"], window["wait_s"], window["steps"] = time.perf_counter(), 0.0, 0
+                window = new_window(window["losses"], window["grad_norms"])
     finally:
         manager.wait_until_finished()
         bar.close()

@@ -1775,12 +1775,42 @@ TRAIN_KEYS = {
     "train/loss",
     "train/learning_rate",
     "train/grad_norm",
-    "train/examples_per_s",
     "train/data_wait_fraction",
+    "throughput/examples_per_s",
+    "throughput/audio_hours_per_s",
+    "throughput/tflops_per_device",
+    "throughput/mfu",
+    "time/train_s",
+    "time/eval_s",
+    "time/checkpoint_s",
+    "time/goodput",
 }
 
 
 EVAL_KEYS = {"step", "eval/loss", "eval/wer", "eval/cer", "eval/wer_normalized", "eval/cer_normalized"}
+
+
+def throughput_matches_the_formula(output_dir: Path, train_lines: list[dict]):
+    """The logged throughput against the model-FLOPs formula for this run's dims, batch and
+    decoder length (8 devices, CPU: the peak is a float32 matmul measured at start, per device)."""
+    resolved = json.loads((output_dir / "scream_config.json").read_text())["resolved"]
+    dims = rs.WhisperDims.from_config(WhisperConfig.from_pretrained(output_dir))
+    flops = rs.training_flops_per_example(dims, resolved["decoder_length"])
+    window_s = resolved["audio_samples_per_example"] / resolved["sampling_rate"]
+    # forward + backward = 3 x the forward pass's matmuls
+    assert flops == 3 * sum(rs.forward_flops(dims, resolved["decoder_length"]).values()) > 0
+    for m in train_lines:
+        examples_per_s = m["throughput/examples_per_s"]
+        assert m["throughput/tflops_per_device"] == pytest.approx(examples_per_s * flops / 8 / 1e12, rel=1e-6)
+        assert 0 < m["throughput/mfu"] < 1  # of the measured matmul peak: a wrong FLOP count or peak shows
+        # hours of audio per second / examples per second = the window's mean clip length, unpadded
+        mean_clip_s = m["throughput/audio_hours_per_s"] * 3600 / examples_per_s
+        assert 0.1 <= mean_clip_s < window_s, (mean_clip_s, window_s)
+        assert m["time/train_s"] > 0 and m["time/eval_s"] >= 0 and m["time/checkpoint_s"] >= 0
+        assert 0 < m["time/goodput"] <= 1
+    # train time only grows; by the last line evaluation (none before the end here) or saving took time
+    assert [m["time/train_s"] for m in train_lines] == sorted(m["time/train_s"] for m in train_lines)
+    assert train_lines[-1]["time/checkpoint_s"] > 0
 
 
 def test_metrics_jsonl(train_straight):
@@ -1792,9 +1822,10 @@ def test_metrics_jsonl(train_straight):
     for m in train:
         assert TRAIN_KEYS <= m.keys()
         assert m["examples_seen"] == m["step"] * GLOBAL_BATCH
-        assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 and m["train/examples_per_s"] > 0
+        assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 and m["throughput/examples_per_s"] > 0
         assert 0 <= m["train/data_wait_fraction"] <= 1
     assert train[-1]["train/loss"] < train[0]["train/loss"]
+    throughput_matches_the_formula(straight, train)
     assert EVAL_KEYS <= evals[0].keys()
     assert all(0 <= evals[0][k] for k in EVAL_KEYS - {"step"})
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
@@ -2202,6 +2233,22 @@ def run_bench(capsys, *argv) -> dict:
 
     assert bench_scream.main(list(argv)) == 0
     return bench_tables(capsys.readouterr().out)
+
+
+def test_peak_flops_per_device_by_device_kind():
+    """MFU's denominator: the spec-sheet peak per JAX device, the most specific device kind first."""
+    for kind, dtype, peak in [
+        ("TPU v4", "bfloat16", 275e12),
+        ("TPU v5 lite", "bfloat16", 197e12),  # v5e: not v5p's 459
+        ("TPU v5", "float32", 459e12),  # v5p; TPUs: the bfloat16 peak whatever the dtype
+        ("TPU v6 lite", "bfloat16", 918e12),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H100 80GB HBM3", "float32", 494e12),  # TF32
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ]:
+        assert rs.peak_flops_per_device(kind, dtype) == peak, kind
+    assert rs.peak_flops_per_device("cpu", "float32") is None  # measured instead (device_peak_flops)
 
 
 def test_bench_flops_formula_counts_whisper_tiny_and_large_v2():

@@ -322,8 +322,11 @@ def train_side(args):
         if args.side == "ours"
         else TorchTrainer(config, batch, mel_filters, args.threads)
     )
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     seconds = timed_each(trainer.step, args.steps)
-    result = {"seconds_per_step": seconds, "pid": os.getpid()}
+    # CPU seconds of all this process's threads per wall second: how many cores the side kept busy
+    cores_busy = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    result = {"seconds_per_step": seconds, "cores_busy": cores_busy, "pid": os.getpid()}
     if args.side == "ours":
         result.update(
             compile_s=trainer.compile_s, xla_flops=trainer.xla_flops, matmul_gflops=matmul_gflops(args.matmul_n)
@@ -398,6 +401,7 @@ def bench_train(args):
                     spread(per_run[side]),
                     args.batch_size / seconds,
                     theirs_s / seconds,
+                    median([r["cores_busy"] for r in runs[side]]),
                     formula * args.batch_size / seconds,
                 ]
             )
@@ -417,13 +421,22 @@ def bench_train(args):
         row[-1] = row[-1] / peak
     table(
         "Training step throughput",
-        ["model", "s/step (median)", "s/step (spread)", "examples/s", "vs PyTorch", "fraction of matmul peak"],
+        [
+            "model",
+            "s/step (median)",
+            "s/step (spread)",
+            "examples/s",
+            "vs PyTorch",
+            "cores busy",
+            "fraction of matmul peak",
+        ],
         rows,
         f"Each of {args.rounds} rounds runs each side in its own fresh process (alternating which goes first); "
         f"a run's figure is the median of {args.steps} timed steps after an untimed one; the table gives the median "
         f"and the range over runs. Matmul peak: jnp.dot {args.matmul_n}^3 float32 = {peak / 1e9:.1f} GFLOP/s "
         f"(median, measured in ours' processes). Fraction of peak = training FLOPs/example x examples/s / peak. "
-        f"{load_range()}.",
+        f"Cores busy = the process's CPU seconds (all threads) per wall second over the timed steps, of "
+        f"{usable_cores()}. {load_range()}.",
     )
     table(
         "Training FLOPs per example (GFLOP, forward + backward = 3 x forward)",

@@ -2312,6 +2312,7 @@ def test_bench_train_tiny_runs_each_side_in_its_own_process_and_prints_flops_and
         assert 0 < low <= float(row["s/step (median)"]) <= high  # the median of the runs lies in their range
         # MFU against a matmul peak measured on the same machine: below 1 unless the peak is wrong
         assert 0 < float(row["fraction of matmul peak"]) < 1
+        assert 0 < float(row["cores busy"]) <= bench_scream.usable_cores() + 0.2
     assert float(ours["vs PyTorch"]) == pytest.approx(
         float(theirs["s/step (median)"]) / float(ours["s/step (median)"]), rel=0.02
     )

@@ -3873,3 +3873,40 @@ def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(
     assert len(evals) == 1 and math.isfinite(evals[0]["eval/loss"]) and "eval/wer" in evals[0]
     saved = json.loads((out / "generation_config.json").read_text())
     assert saved["is_multilingual"] is False and saved.get("language") is None
+
+
+def copy_ct2_dir(source: Path, target: Path, model_bin: bytes, cuts: tuple[int, ...] = ()) -> Path:
+    """A CTranslate2 directory with the given model.bin bytes, split at `cuts` into model.bin.part1, ..."""
+    target.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(source / name, target / name)
+    if not cuts:
+        (target / "model.bin").write_bytes(model_bin)
+    for i, (start, end) in enumerate(zip((0, *cuts), (*cuts, len(model_bin)))):
+        if cuts:
+            (target / f"model.bin.part{i + 1}").write_bytes(model_bin[start:end])
+    return target
+
+
+def test_ctranslate2_parts_are_joined_and_bad_files_are_named(tiny_en, tiny_en_ct2_dir, tmp_path):
+    """Parts cut anywhere (inside a name, inside a tensor) read as the whole file; a missing last part,
+    or a variable with no place in Whisper, is a ConfigError naming the file or the variable."""
+    model_bin = (tiny_en_ct2_dir / "model.bin").read_bytes()
+    split = copy_ct2_dir(tiny_en_ct2_dir, tmp_path / "split", model_bin, cuts=(7, 1_000_003, 40_000_001))
+    params = run_scream.load_pretrained(str(split)).params
+    flat, reference = run_scream.flatten_tree(params), run_scream.flatten_tree(tiny_en.params)
+    assert flat.keys() == reference.keys() and all(np.array_equal(flat[k], reference[k]) for k in flat)
+
+    truncated = copy_ct2_dir(tiny_en_ct2_dir, tmp_path / "truncated", model_bin[:40_000_001], cuts=(1_000_003,))
+    with pytest.raises(run_scream.ConfigError, match=r"model.bin.part2 ends in the middle of the model"):
+        run_scream.load_pretrained(str(truncated))
+
+    name = b"encoder/layer_0/ffn/linear_1/bias"
+    assert model_bin.count(name) == 1
+    renamed = copy_ct2_dir(
+        tiny_en_ct2_dir, tmp_path / "renamed", model_bin.replace(name, b"encoder/layer_0/ffn/linear_9/bias")
+    )
+    with pytest.raises(
+        run_scream.ConfigError, match="no place in transformers' Whisper: encoder/layer_0/ffn/linear_9/bias"
+    ):
+        run_scream.load_pretrained(str(renamed))

@@ -3910,3 +3910,18 @@ def test_ctranslate2_parts_are_joined_and_bad_files_are_named(tiny_en, tiny_en_c
         run_scream.ConfigError, match="no place in transformers' Whisper: encoder/layer_0/ffn/linear_9/bias"
     ):
         run_scream.load_pretrained(str(renamed))
+
+
+def test_ctranslate2_model_by_hub_id_from_the_offline_cache(tiny_en, tiny_en_ct2_dir, tmp_path, monkeypatch):
+    """A faster-whisper repository (model.bin, config.json, tokenizer.json) named by hub id loads from the cache."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    model_populate_hub_cache(cache, "scream-test/faster-whisper-tiny.en", tiny_en_ct2_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pretrained = run_scream.load_pretrained("scream-test/faster-whisper-tiny.en", cache_dir=str(cache))
+    assert run_scream.is_english_only(pretrained.config, pretrained.generation_config)
+    flat, reference = run_scream.flatten_tree(pretrained.params), run_scream.flatten_tree(tiny_en.params)
+    assert flat.keys() == reference.keys() and all(np.array_equal(flat[k], reference[k]) for k in flat)

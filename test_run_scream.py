@@ -3921,6 +3921,16 @@ def test_ctranslate2_parts_are_joined_and_bad_files_are_named(tiny_en, tiny_en_c
     ):
         run_scream.load_pretrained(str(renamed))
 
+    # Without tokenizer.json (a vocabulary list has no BPE merges) the ids come from vocabulary.txt and
+    # the tokenizer from --tokenizer_name.
+    (split / "tokenizer.json").unlink()
+    shutil.copy(tiny_en_ct2_dir / "vocabulary.txt", split / "vocabulary.txt")
+    without = run_scream.load_pretrained(str(split))
+    assert without.tokenizer is None and without.config.to_dict() == tiny_en.config.to_dict()
+    assert without.generation_config.to_dict() == tiny_en.generation_config.to_dict()
+    with pytest.raises(run_scream.ConfigError, match="has no tokenizer: give --tokenizer_name"):
+        run_scream.resolve_components(run_scream.ModelArguments(model_name_or_path=str(split)))
+
 
 def test_ctranslate2_model_by_hub_id_from_the_offline_cache(tiny_en, tiny_en_ct2_dir, tmp_path, monkeypatch):
     """A faster-whisper repository (model.bin, config.json, tokenizer.json) named by hub id loads from the cache."""

@@ -1973,8 +1973,10 @@ def read_ctranslate2(directory: Path):
     feature extractor, generation config).
 
     The dimensions come from the weights (mel bins from conv1), the special token ids from the
-    tokenizer, the suppress lists, language ids and alignment heads from config.json; a vocabulary
-    smaller than the multilingual one marks an English-only (.en) model."""
+    tokenizer (or vocabulary.json/.txt; then tokenizer is None), the suppress lists and alignment heads
+    from config.json, the language ids from the vocabulary; the .en vocabulary size marks an
+    English-only model (is_english_only). config.json's lang_ids are not used: converters have written
+    bogus ones for .en models."""
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 

@@ -2699,8 +2699,10 @@ def read_ctranslate2(directory: Path):
     feature extractor, generation config).
 
     The dimensions come from the weights (mel bins from conv1), the special token ids from the
-    tokenizer, the suppress lists, language ids and alignment heads from config.json; a vocabulary
-    smaller than the multilingual one marks an English-only (.en) model."""
+    tokenizer (or vocabulary.json/.txt; then tokenizer is None), the suppress lists and alignment heads
+    from config.json, the language ids from the vocabulary; the .en vocabulary size marks an
+    English-only model (is_english_only). config.json's lang_ids are not used: converters have written
+    bogus ones for .en models."""
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
@@ -2724,16 +2726,21 @@ def read_ctranslate2(directory: Path):
     ]
     if missing:
         raise ConfigError(f"{directory}/model.bin lacks {', '.join(missing)}: not a complete CTranslate2 Whisper.")
-    if not (directory / "tokenizer.json").exists():
+    tokenizer = None  # without tokenizer.json: --tokenizer_name (a vocabulary list has no BPE merges)
+    if (directory / "tokenizer.json").exists():
+        tokenizer = WhisperTokenizer(tokenizer_file=str(directory / "tokenizer.json"), name_or_path=str(directory))
+        vocab = tokenizer.get_vocab()
+    elif (directory / "vocabulary.json").exists():
+        vocab = {token: i for i, token in enumerate(json.loads((directory / "vocabulary.json").read_text()))}
+    elif (directory / "vocabulary.txt").exists():
+        vocab = {token: i for i, token in enumerate((directory / "vocabulary.txt").read_text().split("\n"))}
+    else:
         raise ConfigError(
-            f"{directory} has no tokenizer.json (a vocabulary list alone lacks the BPE merges): copy the "
-            "model's tokenizer.json there, or give --tokenizer_name with a Whisper tokenizer of the same vocabulary."
+            f"{directory} has neither tokenizer.json nor vocabulary.json/.txt: not a CTranslate2 Whisper."
         )
-    tokenizer = WhisperTokenizer(tokenizer_file=str(directory / "tokenizer.json"), name_or_path=str(directory))
-    vocab = tokenizer.get_vocab()
     special = {token: vocab.get(f"<|{token}|>") for token in ("endoftext", "startoftranscript", "notimestamps")}
     if None in special.values():
-        raise ConfigError(f"{directory}/tokenizer.json lacks Whisper's special tokens ({special}).")
+        raise ConfigError(f"{directory}: the vocabulary lacks Whisper's special tokens ({special}).")
 
     def layers(part: str) -> int:
         return len({m.group(1) for n in variables for m in [re.match(rf"{part}/layer_(\d+)/", n)] if m})

@@ -3928,9 +3928,9 @@ REAL_RUN_TIMEOUT_S = 900  # a hang guard for a whisper-base subprocess on two bu
 
 
 @pytest.fixture(scope="session")
-def real_env(train_env) -> dict:
+def real_env(run_env) -> dict:
     """run_scream.py subprocesses on one CPU device, so that a batch of 1-2 real 30 s windows is allowed."""
-    return dict(train_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
+    return dict(run_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
 
 
 def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str, steps: int, batch: int):

@@ -379,7 +379,7 @@ def bench_train(args):
         f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
         f"each side in its own fresh process, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}"
     )
-    rows, flops_rows, matmul = [], [], []
+    rows, flops_rows, matmul, pids = [], [], [], set()
     LOAD_SAMPLES.clear()
     for name in args.models:
         config = whisper_config(name, args.chunk_s)
@@ -389,6 +389,7 @@ def bench_train(args):
                 sample_load()
                 runs[side].append(run_side(args, side, name))
         per_run = {side: [median(r["seconds_per_step"]) for r in runs[side]] for side in SIDES}
+        pids |= {r["pid"] for side in SIDES for r in runs[side]} - {os.getpid()}
         matmul += [r["matmul_gflops"] for r in runs["ours"]]
         formula = training_flops_per_example(config, args.label_length)
         ours_s, theirs_s = median(per_run["ours"]), median(per_run["torch"])
@@ -431,7 +432,8 @@ def bench_train(args):
             "fraction of matmul peak",
         ],
         rows,
-        f"Each of {args.rounds} rounds runs each side in its own fresh process (alternating which goes first); "
+        f"Each of {args.rounds} rounds runs each side in its own fresh process (alternating which goes first; "
+        f"{len(pids)} processes in all, none of them this one); "
         f"a run's figure is the median of {args.steps} timed steps after an untimed one; the table gives the median "
         f"and the range over runs. Matmul peak: jnp.dot {args.matmul_n}^3 float32 = {peak / 1e9:.1f} GFLOP/s "
         f"(median, measured in ours' processes). Fraction of peak = training FLOPs/example x examples/s / peak. "
@@ -454,7 +456,7 @@ def bench_train(args):
 def profile_in_processes(name: str, args):
     """The per-part table: each side's parts timed in its own processes, alternating, medians."""
     timings = {side: [] for side in SIDES}
-    for round_index in range(args.rounds):
+    for round_index in range(args.profile_rounds):
         for side in SIDES if round_index % 2 == 0 else SIDES[::-1]:
             timings[side].append(run_side(args, side, name, parts=True)["parts_ms"])
     config = whisper_config(name, args.chunk_s)
@@ -468,7 +470,7 @@ def profile_in_processes(name: str, args):
         f"Where the time goes: {name} dims, batch {args.batch_size}, forward + backward per part (ms)",
         ["part", "ours (jit)", "PyTorch", "PyTorch / ours"],
         rows,
-        f"Medians over {args.rounds} fresh processes per side (alternating), each part timed {args.steps} times "
+        f"Medians over {args.profile_rounds} fresh processes per side (alternating), each part timed {args.steps} times "
         f"after an untimed call. Layer rows are one layer; the whole model has {config.encoder_layers} + "
         f"{config.decoder_layers}. PyTorch attention: scaled_dot_product_attention.",
     )
@@ -1306,6 +1308,7 @@ def parse_args(argv=None):
         help="time the parts (conv stem, layers, attention, output projection, optimizer)",
     )
     train.add_argument("--profile_models", type=parse_list, default=["tiny"])
+    train.add_argument("--profile_rounds", type=int, default=2, help="fresh processes per side for the part table")
 
     side = commands.add_parser("train-side", help="one side of `train`, in its own process (used by `train`)")
     side.add_argument("--side", choices=SIDES, required=True)
@@ -1386,6 +1389,7 @@ def parse_args(argv=None):
                 steps=1,
                 matmul_n=256,
                 profile_models=["toy"],
+                profile_rounds=1,
             ),
             "input": dict(
                 num_clips=4,

@@ -1633,21 +1633,19 @@ def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
         assert run["losses"][0] == pytest.approx(token_mean, rel=1e-5), name
 
 
-@pytest.fixture(scope="session")
-def train_two_processes(demo_dir, run_env, tmp_path_factory):
-    """The straight run's command on 2 processes x 4 devices, joined through jax.distributed on
-    localhost. Process 1 is a slow host: it dawdles 4 s after joining, so that process 0 reaches
-    the output directory first (which once made process 1 refuse the run as "not empty")."""
-    out = tmp_path_factory.mktemp("train_two_processes") / "out"
+def run_two_processes(run_env: dict, command: list[str], out: Path) -> list[str]:
+    """`command` (train_command's flags) on 2 processes x 4 devices, joined through jax.distributed on
+    localhost; each must succeed. Process 1 is a slow host: it dawdles 4 s after joining, so that
+    process 0 reaches the output directory first (which once made process 1 refuse the run as "not
+    empty"). Returns their stdouts."""
     port = free_port()
     env = with_devices(run_env, 4)
     processes = [
         launch(
             env,
             ["4" if i == 1 else "0"]
-            + train_command(
-                demo_dir,
-                out,
+            + command
+            + [
                 "--coordinator_address",
                 f"127.0.0.1:{port}",
                 "--num_processes",
@@ -1656,7 +1654,7 @@ def train_two_processes(demo_dir, run_env, tmp_path_factory):
                 str(i),
                 "--distributed_timeout_s",
                 "120",
-            ),
+            ],
             out.parent,
             f"process{i}",
             script=SLOW_HOST_SCRIPT,
@@ -1674,7 +1672,14 @@ def train_two_processes(demo_dir, run_env, tmp_path_factory):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return out, logs
+    return logs
+
+
+@pytest.fixture(scope="session")
+def train_two_processes(demo_dir, run_env, tmp_path_factory):
+    """The straight run's command on 2 processes x 4 devices (run_two_processes)."""
+    out = tmp_path_factory.mktemp("train_two_processes") / "out"
+    return out, run_two_processes(run_env, train_command(demo_dir, out), out)
 
 
 def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_two_processes):
@@ -1723,7 +1728,8 @@ def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_tw
     assert eval_two["eval/num_examples"] == eval_one["eval/num_examples"] == NUM_EVAL
     assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
     predictions = [
-        json.loads(line) for line in (out / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (out / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
     ]
     assert sorted(row["id"] for row in predictions) == [f"validation-{i:06d}" for i in range(NUM_EVAL)]
     assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) < PARAM_ATOL
@@ -1834,9 +1840,14 @@ def test_metrics_jsonl(train_straight):
 def test_predictions_each_eval_example_once(demo_dir, train_straight):
     straight, _ = train_straight
     rows = [
-        json.loads(line) for line in (straight / "predictions" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (straight / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
     ]
-    assert all(row.keys() == {"id", "language", "reference", "prediction"} and row["language"] == "no" for row in rows)
+    assert all(
+        row.keys() == {"id", "language", "source", "reference", "prediction"}
+        and (row["language"], row["source"]) == ("no", "demo")
+        for row in rows
+    )
     references = {f"validation-{i:06d}": demo.make_example(0, "validation", i, CHUNK_S)[0] for i in range(NUM_EVAL)}
     assert {row["id"]: row["reference"] for row in rows} == references
     assert len(rows) == NUM_EVAL  # 12 examples in batches of 8: the padded rows of the last batch are not counted
@@ -1934,7 +1945,7 @@ def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_
     (final,), (again,) = eval_lines(straight), eval_lines(out)
     assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     assert again["eval/num_examples"] == NUM_EVAL
-    rows = (out / "predictions" / "step_0.jsonl").read_text().splitlines()
+    rows = (out / "predictions" / "validation" / "step_0.jsonl").read_text().splitlines()
     assert len(rows) == 3
 
 
@@ -3439,7 +3450,7 @@ def test_beam_search_eval_run_predicts_what_transformers_generates(
     )
     predictions = {
         row["id"]: row["prediction"]
-        for row in map(json.loads, (out / "predictions" / "step_0.jsonl").read_text().splitlines())
+        for row in map(json.loads, (out / "predictions" / "validation" / "step_0.jsonl").read_text().splitlines())
     }
     assert len(predictions) == NUM_EVAL
     pretrained = rs.load_pretrained(str(directory))
@@ -3995,7 +4006,9 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     theirs = torch_loss(torch_model, features, inputs, labels)[1]
     assert np.abs(ours - theirs).max() <= LOGITS_TOLERANCE * max(1.0, np.abs(theirs).max())
 
-    predictions = [json.loads(line) for line in (out / "predictions" / "step_4.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in (out / "predictions" / "validation" / "step_4.jsonl").read_text().splitlines()
+    ]
     assert sorted(p["reference"] for p in predictions) == sorted(c["text"] for c in validation)
     by_text = {p["reference"]: p["prediction"] for p in predictions}
     decoded = ctranslate2_greedy(out / "ctranslate2", features, prompts)
@@ -4534,7 +4547,7 @@ def test_nb_metrics_by_language():
         {"language": "no", "reference": "god dag", "prediction": "god dag"},
         {"language": "nn", "reference": "eg er her", "prediction": "eg er her"},
     ]
-    metrics = rs.metrics_by_language(rows)
+    metrics = rs.metrics_by_group(rows, "language")
     assert metrics["no/wer"] == pytest.approx(25.0) and metrics["nn/wer"] == 0.0
     assert metrics["no/cer"] == pytest.approx(100 * 2 / 13)  # "du" -> "deg": u->e, +g; 13 reference characters
     assert {k.split("/")[0] for k in metrics} == {"no", "nn"}
@@ -4700,3 +4713,112 @@ def test_nb_recipe_run_trains_and_resumes_in_bfloat16(reliability_in_process, tm
     assert all(math.isfinite(line["train/loss"]) for line in lines if "train/loss" in line)
     saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "3" / "state")
     assert {np.asarray(x).dtype for x in jax.tree.leaves(saved["params"])} == {np.dtype(jnp.bfloat16)}
+
+
+# --- evaluation sets, test sets and the best model kept ---
+
+
+EVALSETS_SIZES = {"validation": 7, "other": 5, "test": 6}  # odd sizes: the hosts' last batches are ragged
+EVALSETS_SOURCES = ("nrk", "stortinget", "fleurs")
+
+
+@pytest.fixture(scope="session")
+def evalsets_dataset(tmp_path_factory) -> Path:
+    """A dataset of evaluation and test splits only (validation, other, test) in demo_dir's
+    format, every row with a source column (three sources, in turn)."""
+    root = tmp_path_factory.mktemp("evalsets_data")
+    (root / "data").mkdir()
+    for seed, (split, size) in enumerate(EVALSETS_SIZES.items(), start=1):
+        rows = []
+        for i in range(size):
+            row = demo.make_row(seed, "validation", i, CHUNK_S)
+            rows.append({**row, "id": f"{split}-{i:06d}", "source": EVALSETS_SOURCES[i % len(EVALSETS_SOURCES)]})
+        table = pa.Table.from_pylist(rows, schema=demo.FEATURES.arrow_schema)
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def evalsets_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def evalsets_jiwer(rows: list[dict]) -> tuple[float, float]:
+    """WER and CER x100 of rows, straight from jiwer."""
+    import jiwer
+
+    references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
+    return 100 * jiwer.wer(references, predictions), 100 * jiwer.cer(references, predictions)
+
+
+@pytest.fixture(scope="session")
+def evalsets_two_processes(demo_dir, evalsets_dataset, run_env, tmp_path_factory):
+    """Two eval sets and one test set, two processes x 4 devices, evaluated at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("evalsets_two_processes") / "out"
+    command = train_command(
+        demo_dir,
+        out,
+        "--num_train_steps",
+        "2",
+        "--eval_steps",
+        "1",
+        "--eval_split_name",
+        "validation,other",
+        "--eval_dataset_name",
+        str(evalsets_dataset),
+        "--do_predict",
+        "--test_split_name",
+        "test",
+        "--test_dataset_name",
+        str(evalsets_dataset),
+        "--report_to",
+        "none",
+    )
+    return out, run_two_processes(run_env, command, out)
+
+
+def test_evalsets_two_sets_and_a_test_set_on_two_processes(evalsets_two_processes):
+    out, _ = evalsets_two_processes
+    lines = metrics_lines(out)
+    evals = [m for m in lines if "eval/loss" in m]
+    (test,) = [m for m in lines if "test/loss" in m]
+    assert [m["step"] for m in evals] == [1, 2] and test["step"] == 2
+    for kind, sets, line_of in (
+        ("eval", ("validation", "other"), {m["step"]: m for m in evals}),
+        ("test", ("test",), {2: test}),
+    ):
+        for step, line in line_of.items():
+            for metric in ("loss", "wer", "cer", "wer_normalized", "cer_normalized"):
+                per_set = [line[f"{kind}/{name}/{metric}"] for name in sets]
+                assert line[f"{kind}/{metric}"] == pytest.approx(np.mean(per_set))  # the mean over sets
+            assert line[f"{kind}/num_examples"] == sum(EVALSETS_SIZES[name] for name in sets)
+            for name in sets:
+                directory = out / "predictions" / ("test" if kind == "test" else "") / name
+                rows = evalsets_predictions(directory / f"step_{step}.jsonl")
+                # each example of the set once, over both processes
+                assert sorted(r["id"] for r in rows) == [f"{name}-{i:06d}" for i in range(EVALSETS_SIZES[name])]
+                assert line[f"{kind}/{name}/num_examples"] == EVALSETS_SIZES[name]
+                assert (line[f"{kind}/{name}/wer"], line[f"{kind}/{name}/cer"]) == pytest.approx(evalsets_jiwer(rows))
+                assert line[f"{kind}/{name}/no/wer"] == pytest.approx(line[f"{kind}/{name}/wer"])  # one language
+                for source in EVALSETS_SOURCES:
+                    wer, cer = evalsets_jiwer([r for r in rows if r["source"] == source])
+                    assert line[f"{kind}/{name}/source/{source}/wer"] == pytest.approx(wer)
+                    assert line[f"{kind}/{name}/source/{source}/cer"] == pytest.approx(cer)
+                    assert f"{kind}/{name}/source/{source}/wer_normalized" in line
+
+
+def test_evalsets_model_card_model_index_holds_the_test_wers(evalsets_two_processes):
+    from huggingface_hub import ModelCard
+
+    out, _ = evalsets_two_processes
+    (test,) = [m for m in metrics_lines(out) if "test/loss" in m]
+    card = ModelCard.load(out / "README.md")
+    (model_index,) = card.data.to_dict()["model-index"]
+    assert model_index["name"] == out.name
+    results = {(r.dataset_name, r.dataset_split, r.metric_name): r for r in card.data.eval_results}
+    for metric, name in (("wer", "WER"), ("cer", "CER"), ("wer_normalized", "WER (normalized)")):
+        result = results["test", "test", name]
+        assert result.task_type == "automatic-speech-recognition"
+        assert result.metric_type == metric.removesuffix("_normalized")
+        assert result.metric_value == pytest.approx(test[f"test/test/{metric}"], abs=1e-4)
+    assert {r.dataset_name for r in card.data.eval_results} == {"test"}  # the test sets, not the eval sets
+    assert f"- test/test/wer: {test['test/test/wer']:.4g}" in card.text

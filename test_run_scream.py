@@ -4822,3 +4822,74 @@ def test_evalsets_model_card_model_index_holds_the_test_wers(evalsets_two_proces
         assert result.metric_value == pytest.approx(test[f"test/test/{metric}"], abs=1e-4)
     assert {r.dataset_name for r in card.data.eval_results} == {"test"}  # the test sets, not the eval sets
     assert f"- test/test/wer: {test['test/test/wer']:.4g}" in card.text
+
+
+def evalsets_checkpoint(out: Path, step: int) -> tuple[dict[str, np.ndarray], dict]:
+    """A checkpoint's parameters in the exported model's names and layout, and its metadata."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), item_names=("state", "meta"))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored["state"]["params"])
+    return rs.flax_to_torch(rs.unstack_layers(params)), restored["meta"]
+
+
+def evalsets_wait_for_eval(process: subprocess.Popen, out: Path, step: int):
+    """Poll metrics.jsonl until the evaluation of `step` is logged; the run must still be going."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run exited ({process.returncode}) before evaluating step {step}"
+        path = out / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                if json.loads(line)["step"] == step and "eval/loss" in line:
+                    return
+            except (json.JSONDecodeError, KeyError):  # a line being written
+                pass
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no evaluation of step {step} within {RUN_TIMEOUT_S} s")
+
+
+def test_evalsets_best_model_is_exported_and_kept_across_a_resume(demo_dir, one_device_env, tmp_path):
+    # Step 1 has learning rate 0 (the warmup's first step), so its evaluation is the initial model's;
+    # then a learning rate of 1 wrecks the model. --save_total_limit 1 keeps only the latest
+    # checkpoint, beyond the best one.
+    out = tmp_path / "run"
+    flags = train_command(
+        demo_dir,
+        out,
+        *("--num_train_steps", "4", "--eval_steps", "1", "--learning_rate", "1.0", "--warmup_steps", "1"),
+        *("--save_total_limit", "1", "--report_to", "none"),
+    )
+    first = launch(one_device_env, flags, tmp_path, "first")
+    evalsets_wait_for_eval(first, out, 2)
+    first.send_signal(signal.SIGTERM)
+    returncode, stdout, stderr = finish(first, tmp_path, "first")
+    assert returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM after step 3" in stdout, stdout[-2000:]
+    assert not (out / "model.safetensors").exists()
+    assert complete_checkpoints(out) == [1, 3]  # the best (step 1) outlives --save_total_limit 1
+    assert evalsets_checkpoint(out, 3)[1]["best"]["step"] == 1
+
+    stdout = run_to_end(one_device_env, flags, tmp_path, "relaunch")
+    assert resumed_step(stdout) == 3
+    assert "exporting the best evaluation: step 1" in stdout
+    evals = {m["step"]: m for m in eval_lines(out)}
+    assert sorted(evals) == [1, 2, 3, 4]
+    wer = {step: m["eval/wer_normalized"] for step, m in evals.items()}
+    # Measured: 100 at step 1, 111.4 at step 2 (the wrecked model's insertions), 100 at steps 3 and 4.
+    assert wer[2] > wer[1] and min(wer[2], wer[3], wer[4]) >= wer[1], wer
+    assert complete_checkpoints(out) == [1, 4]
+    best_params, _ = evalsets_checkpoint(out, 1)
+    last_params, _ = evalsets_checkpoint(out, 4)
+    exported = exported_arrays(out)
+    assert sorted(exported) == sorted(best_params)
+    assert all(np.array_equal(exported[name], best_params[name]) for name in exported)
+    assert max_abs_diff(exported, last_params) > 1e-2  # not the last step's model
+    card = (out / "README.md").read_text()
+    assert (
+        f"- eval/loss: {evals[1]['eval/loss']:.4g}" in card and f"- eval/loss: {evals[4]['eval/loss']:.4g}" not in card
+    )

@@ -3934,9 +3934,9 @@ REAL_RUN_TIMEOUT_S = 900  # a hang guard for a whisper-base subprocess on two bu
 
 
 @pytest.fixture(scope="session")
-def real_env(train_env) -> dict:
+def real_env(run_env) -> dict:
     """run_scream.py subprocesses on one CPU device, so that a batch of 1-2 real 30 s windows is allowed."""
-    return dict(train_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
+    return dict(run_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
 
 
 def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str, steps: int, batch: int):
@@ -4893,3 +4893,52 @@ def test_evalsets_best_model_is_exported_and_kept_across_a_resume(demo_dir, one_
     assert (
         f"- eval/loss: {evals[1]['eval/loss']:.4g}" in card and f"- eval/loss: {evals[4]['eval/loss']:.4g}" not in card
     )
+
+
+EVALSETS_REAL_CLIPS = (0, 8, 1, 9)  # nb, en, nb, en: each eval batch of 2 holds both languages
+
+
+def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
+    whisper_base_ct2_dir, whisper_base, whisper_base_torch, espeak_clips, real_env, tmp_path
+):
+    """Issue 13's Must show 3: real whisper-base evaluated on a language column decodes each row with
+    its own language token (as transformers' generate(language=...) does, row by row), and logs WER per
+    language within the set."""
+    clips = [espeak_clips[i] for i in EVALSETS_REAL_CLIPS]
+    data = write_speech_dataset(tmp_path / "data", {"validation": clips})
+    out = tmp_path / "run"
+    flags = [
+        *("--model_name_or_path", str(whisper_base_ct2_dir), "--dataset_name", str(data), "--output_dir", str(out)),
+        *("--language", "no", "--language_column_name", "language", "--do_eval", "--predict_with_generate"),
+        *("--eval_batch_size", "2", "--max_label_length", "32", "--generation_max_length", str(REAL_MAX_NEW_TOKENS)),
+        *("--preprocessing_num_workers", "1", "--report_to", "none"),
+    ]
+    run_to_end(real_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
+
+    rows = {r["id"]: r for r in evalsets_predictions(out / "predictions" / "validation" / "step_0.jsonl")}
+    assert [rows[f"validation-{i}"]["language"] for i in range(len(clips))] == [c["language"] for c in clips]
+    languages = [c["language"] for c in clips]
+    # transformers decodes the run's own input: the clips as read back from FLAC (16-bit), padded to
+    # 30 s, through our log-mel; otherwise a near-tie token may flip (it did: "tur" vs "tug").
+    n_samples = whisper_base.feature_extractor.n_samples
+    audio = []
+    for clip in clips:
+        buffer = io.BytesIO()
+        sf.write(buffer, clip["audio"], REAL_SAMPLE_RATE, format="FLAC")
+        decoded = rs.decode_audio({"bytes": buffer.getvalue(), "path": "clip.flac"}, REAL_SAMPLE_RATE)
+        audio.append(np.pad(decoded, (0, n_samples - len(decoded))))
+    mel_filters = np.asarray(whisper_base.feature_extractor.mel_filters, np.float32)
+    theirs = transformers_greedy(
+        whisper_base_torch,
+        np.asarray(rs.log_mel(jnp.asarray(np.stack(audio)), mel_filters)),
+        languages,
+        [real_prompt(whisper_base, language) for language in languages],
+    )
+    texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(theirs, skip_special_tokens=True)]
+    assert [rows[f"validation-{i}"]["prediction"] for i in range(len(clips))] == texts
+    (line,) = eval_lines(out)
+    for language in ("no", "en"):
+        wer, cer = evalsets_jiwer([r for r in rows.values() if r["language"] == language])
+        assert line[f"eval/validation/{language}/wer"] == pytest.approx(wer)
+        assert line[f"eval/validation/{language}/cer"] == pytest.approx(cer)
+    print({k: round(v, 2) for k, v in line.items() if "wer" in k})

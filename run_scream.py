@@ -3898,6 +3898,9 @@ def train_loop(
     in_flight = None  # (step, device metrics) not yet read
     pushes: list[threading.Thread] = []
     metric, greater_is_better = train_args.metric_for_best_model, train_args.greater_is_better
+    if best is not None and best["metric"] != metric:  # resumed under another --metric_for_best_model
+        warn(f"the checkpoint's best evaluation was by {best['metric']}; from now on the best is by {metric}")
+        best = None
 
     def settle():
         nonlocal in_flight

@@ -1913,7 +1913,8 @@ def test_exported_model_loads_in_transformers_with_our_logits(demo_dir, train_st
 
 def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_path):
     """--do_eval alone on the exported model: the final eval of training again, and
-    --log_max_eval_predictions 3 writes 3 rows."""
+    --log_max_eval_predictions 3 writes 3 rows; --do_predict on the same split as a test set gives
+    the same figures under test/."""
     straight, _ = train_straight
     out = tmp_path / "eval"
     run_to_end(
@@ -1939,6 +1940,9 @@ def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_
             "2",
             "--report_to",
             "none",
+            "--do_predict",
+            "--test_split_name",
+            "validation",
         ],
         tmp_path,
     )
@@ -1947,6 +1951,10 @@ def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_
     assert again["eval/num_examples"] == NUM_EVAL
     rows = (out / "predictions" / "validation" / "step_0.jsonl").read_text().splitlines()
     assert len(rows) == 3
+    (test,) = [m for m in metrics_lines(out) if "test/loss" in m]
+    for metric in ("loss", "wer", "cer", "num_examples"):
+        assert test[f"test/validation/{metric}"] == test[f"test/{metric}"] == again[f"eval/validation/{metric}"]
+    assert (out / "predictions" / "test" / "validation" / "step_0.jsonl").read_text().splitlines() == rows
 
 
 # --- scripts ---
@@ -3145,6 +3153,16 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
         (["--wandb_project", "scream"], ["--wandb_project", "--report_to 'none'", "add wandb to --report_to"]),
         (["--wandb_entity", "nb"], ["--wandb_entity", "add wandb to --report_to"]),
         (["--run_description", "a test"], ["--run_description", "add wandb to --report_to"]),
+        (
+            ["--eval_split_name", "validation,other", "--eval_dataset_name", "a,b,c"],
+            ["--eval_dataset_name names 3 datasets for 2 splits in --eval_split_name", "one per split"],
+        ),
+        (["--do_predict"], ["--do_predict needs --test_split_name"]),
+        (
+            ["--metric_for_best_model", "eval/validaton/loss"],
+            ["--metric_for_best_model eval/validaton/loss", "eval/validation/"],
+        ),
+        (["--metric_for_best_model", "eval/wer"], ["--metric_for_best_model eval/wer needs --predict_with_generate"]),
     ],
     ids=[
         "batch_not_divisible",
@@ -3161,6 +3179,10 @@ def assert_config_error(returncode: int, stderr: str, *needles: str):
         "wandb_project_without_wandb",
         "wandb_entity_without_wandb",
         "run_description_without_wandb",
+        "eval_datasets_and_splits_differ_in_number",
+        "do_predict_without_test_split",
+        "unknown_metric_for_best_model",
+        "wer_for_best_model_without_generation",
     ],
 )
 def test_reliability_misconfiguration_is_one_paragraph_and_status_2(reliability_in_process, tmp_path, flags, needles):

@@ -116,7 +116,30 @@ class DataArguments:
         default=None, metadata={"help": "Sampling probabilities when mixing datasets, e.g. 0.7,0.3."}
     )
     train_split_name: str = field(default="train", metadata={"help": "Training split; 'a+b' joins splits."})
-    eval_split_name: str = field(default="validation", metadata={"help": "Evaluation split; 'a+b' joins splits."})
+    eval_split_name: str = field(
+        default="validation",
+        metadata={
+            "help": "Evaluation split(s): 'a+b' joins splits into one set; 'a,b' evaluates several sets, each "
+            "logged as eval/<name>/... (name: the split, or <dataset>/<split> when --eval_dataset_name differs "
+            "per set) and averaged into eval/loss, eval/wer, ..."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset of each evaluation set, comma-separated: one for all of --eval_split_name, or one per "
+            "split (default: --dataset_name)."
+        },
+    )
+    test_split_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Test split(s) for --do_predict, comma-separated like --eval_split_name (logged as test/...)."
+        },
+    )
+    test_dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset of each test set, as --eval_dataset_name (default: --dataset_name)."}
+    )
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it first."})
     audio_column_name: str = field(default="audio", metadata={"help": "Column holding the audio."})
     text_column_name: str = field(default="text", metadata={"help": "Column holding the transcript."})
@@ -162,6 +185,13 @@ class DataArguments:
     )
     task_column_name: str | None = field(
         default=None, metadata={"help": "Column with each row's task (transcribe or translate); --task otherwise."}
+    )
+    source_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation column naming each row's source (e.g. nrk, stortinget): WER per source as "
+            "eval/<set>/source/<source>/wer... (default: a column named 'source', where a set has one)."
+        },
     )
     timestamp_column_name: str | None = field(
         default=None,
@@ -233,6 +263,13 @@ class TrainingArguments:
     )
     do_train: bool = field(default=False, metadata={"help": "Train."})
     do_eval: bool = field(default=False, metadata={"help": "Evaluate every --eval_steps and at the end."})
+    do_predict: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (or alone, on --model_name_or_path), evaluate the kept model on --test_split_name: "
+            "test/... metrics, predictions/test/<set>/, and the model card's model-index."
+        },
+    )
     train_batch_size: int | None = field(default=None, metadata={"help": "Global training batch, over all hosts."})
     per_device_train_batch_size: int | None = field(
         default=None, metadata={"help": "Hugging Face spelling: global batch = this x number of devices."}
@@ -297,6 +334,19 @@ class TrainingArguments:
         default=1.0,
         metadata={"help": "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."},
     )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The logged eval metric that picks the kept model, e.g. eval/wer_normalized (the mean over the "
+            "eval sets; the default with --predict_with_generate, else eval/loss) or eval/<set>/wer. The "
+            "exported model, model card and hub push are of the best evaluation so far; its checkpoint is "
+            "never deleted by --save_total_limit."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Whether a higher --metric_for_best_model is better (default: no for wer, cer and loss)."},
+    )
     log_max_eval_predictions: int | None = field(
         default=None, metadata={"help": "Predictions written per eval (default: all)."}
     )
@@ -357,6 +407,20 @@ class TrainingArguments:
             )
         if self.eval_steps is None:
             self.eval_steps = self.num_train_steps
+        if self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval/wer_normalized" if self.predict_with_generate else "eval/loss"
+        if not self.metric_for_best_model.startswith("eval/"):
+            raise ConfigError(
+                f"--metric_for_best_model {self.metric_for_best_model!r} is not an eval metric: give a name that "
+                "evaluation logs, e.g. eval/wer_normalized, eval/loss or eval/<set>/wer."
+            )
+        if any(word in self.metric_for_best_model for word in ("wer", "cer")) and not self.predict_with_generate:
+            raise ConfigError(
+                f"--metric_for_best_model {self.metric_for_best_model} needs --predict_with_generate (WER and CER "
+                "come from decoding): add it, or pick by eval/loss."
+            )
+        if self.greater_is_better is None:
+            self.greater_is_better = not any(w in self.metric_for_best_model for w in ("wer", "cer", "loss"))
         if not self.dry_run:
             if self.dry_run_topology is not None:
                 raise ConfigError(
@@ -785,6 +849,7 @@ def prepare_example(
     audio_settings: AudioSettings,
     text_settings: TextSettings,
     label_tokenizer=None,
+    source_column: str | None = None,
 ):
     """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data.
 
@@ -856,6 +921,7 @@ def prepare_example(
         "id": "" if example_id is None else str(example_id),
         "text": text,
         "language": language or "en",  # for the per-language metrics; English-only models: en
+        "source": None if row.get(source_column) is None else str(row[source_column]),  # per-source metrics
         "timestamps": use_timestamps,
     }, None
 
@@ -901,6 +967,40 @@ def split_names(spec: str) -> list[str]:
     return [part.strip() for part in spec.split(",") if part.strip()]
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation or test set: the name its metrics and predictions go under, and what it reads."""
+
+    name: str  # the split, or <dataset>/<split> when the sets' datasets differ
+    dataset_name: str  # as --dataset_name takes it (several comma-separated names are mixed)
+    split: str
+
+
+def evaluation_sets(
+    splits_spec: str | None, datasets_spec: str | None, default_dataset: str, kind: str
+) -> list[EvalSet]:
+    """--<kind>_split_name and --<kind>_dataset_name as EvalSets: one dataset serves every split, or one
+    dataset per split; without --<kind>_dataset_name every split is read from --dataset_name."""
+    splits = split_names(splits_spec or "")
+    datasets = split_names(datasets_spec or "") or [default_dataset]
+    if len(datasets) == 1:
+        datasets = datasets * len(splits)
+    elif len(datasets) != len(splits):
+        raise ConfigError(
+            f"--{kind}_dataset_name names {len(datasets)} datasets for {len(splits)} splits in --{kind}_split_name: "
+            "give one dataset for all splits, or one per split."
+        )
+    one_dataset = len(set(datasets)) <= 1
+    sets = [
+        EvalSet(split if one_dataset else f"{Path(dataset.rstrip('/')).name}/{split}", dataset, split)
+        for dataset, split in zip(datasets, splits)
+    ]
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--{kind}_split_name / --{kind}_dataset_name name the same set twice: {', '.join(names)}.")
+    return sets
+
+
 def load_source(
     data_args: DataArguments,
     split: str,
@@ -911,19 +1011,24 @@ def load_source(
     shuffle: bool,
     epoch: int,
     max_samples: int | None,
+    dataset_name: str | None = None,
 ):
-    """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict."""
+    """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict.
+    `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
+    --dataset_name keeps its --dataset_config_name."""
     import datasets
     import datasets.distributed  # not imported by `import datasets`
 
-    names = split_names(data_args.dataset_name)
-    configs = split_names(data_args.dataset_config_name or "") or [None] * len(names)
-    if len(configs) != len(names):
+    train_names = split_names(data_args.dataset_name)
+    configs = split_names(data_args.dataset_config_name or "") or [None] * len(train_names)
+    if len(configs) != len(train_names):
         raise ConfigError(
-            f"--dataset_config_name has {len(configs)} entries for {len(names)} datasets in --dataset_name."
+            f"--dataset_config_name has {len(configs)} entries for {len(train_names)} datasets in --dataset_name."
         )
+    names = split_names(dataset_name or data_args.dataset_name)
+    config_of = dict(zip(train_names, configs))
     sources = []
-    for name, config in zip(names, configs):
+    for name, config in ((name, config_of.get(name)) for name in names):
         try:
             # datasets caches a local directory by its name and README alone, so a regenerated directory
             # (or another one named alike) would load stale rows; resolved files (with mtimes) key it right.
@@ -944,7 +1049,8 @@ def load_source(
         except ValueError as error:
             if "split" in str(error).lower():
                 raise ConfigError(
-                    f"Split {split!r} not in --dataset_name {name!r}: {error}. Set --train_split_name / --eval_split_name."
+                    f"Split {split!r} not in dataset {name!r}: {error}. Set --train_split_name / --eval_split_name "
+                    "/ --test_split_name (or --eval_dataset_name / --test_dataset_name)."
                 ) from None
             raise
         columns = list(source.column_names or [])
@@ -961,6 +1067,9 @@ def load_source(
         optional += [("--task_column_name", data_args.task_column_name, True)]
         optional += [("--timestamp_column_name", data_args.timestamp_column_name, split == data_args.train_split_name)]
         optional += [("--prev_column_name", data_args.prev_column_name, split == data_args.train_split_name)]
+        evaluating = split != data_args.train_split_name or dataset_name is not None
+        source_column = data_args.source_column_name or ("source" if evaluating and "source" in columns else None)
+        optional += [("--source_column_name", source_column, evaluating)]
         for flag, column, needed in optional:
             if column and needed and column not in columns:
                 raise ConfigError(
@@ -2264,16 +2373,18 @@ def transcription_metrics(references: list[str], predictions: list[str]) -> dict
     return metrics
 
 
-def metrics_by_language(rows: list[dict]) -> dict[str, float]:
-    """transcription_metrics of each language's rows (rows carry reference, prediction and
-    language), keyed '<language>/<metric>', e.g. 'nn/wer'."""
+def metrics_by_group(rows: list[dict], key: str) -> dict[str, float]:
+    """transcription_metrics of the rows sharing each value of row[key] (rows carry reference,
+    prediction and key; rows whose value is None are in no group), keyed '<value>/<metric>', e.g.
+    'nn/wer' for key 'language'."""
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for row in rows:
-        groups[row["language"]].append(row)
+        if row.get(key) is not None:
+            groups[row[key]].append(row)
     return {
-        f"{language}/{name}": value
-        for language, group in sorted(groups.items())
-        for name, value in transcription_metrics(
+        f"{value}/{name}": metric
+        for value, group in sorted(groups.items())
+        for name, metric in transcription_metrics(
             [r["reference"] for r in group], [r["prediction"] for r in group]
         ).items()
     }
@@ -2317,20 +2428,10 @@ def sync_hosts(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def run_evaluation(
-    eval_fn,
-    params,
-    eval_batches: SpeechBatches,
-    data_sharding,
-    tokenizer,
-    step: int,
-    train_args: TrainingArguments,
-    log: RunLog,
-    is_main: bool,
-) -> dict:
-    """Loss (and WER/CER with --predict_with_generate) over the whole eval split, each example
-    counted once: hosts read disjoint shares, pad their last batch, and take part in every step
-    until all are done."""
+def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, tokenizer, *, generate: bool):
+    """Loss (and WER/CER when `generate`) over one whole evaluation set, each example counted once:
+    hosts read disjoint shares, pad their last batch, and take part in every step until all are
+    done. Returns (metrics without a prefix, every host's prediction rows) on every host."""
     loss_sum, num_tokens, rows = 0.0, 0, []
     batch_iterator = iter(eval_batches)
     empty_batch = eval_batches.collate_fn([])
@@ -2347,29 +2448,50 @@ def run_evaluation(
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             rows += [
                 {"id": e["id"], "language": e["language"], "reference": e["text"], "prediction": text.strip()}
+                | ({"source": e["source"]} if e.get("source") is not None else {})
                 for e, text in zip(examples, texts)
             ]
     rows = [row for host_rows in allgather_json(rows) for row in host_rows]
-    results = {"eval/loss": loss_sum / max(num_tokens, 1), "eval/num_tokens": num_tokens}
-    if train_args.predict_with_generate:
-        results["eval/num_examples"] = len(rows)
+    results = {"loss": loss_sum / max(num_tokens, 1), "num_tokens": num_tokens}
+    if generate:
+        results["num_examples"] = len(rows)
         references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
-        results.update(
-            {f"eval/{name}": value for name, value in transcription_metrics(references, predictions).items()}
-        )
-        results.update({f"eval/{name}": value for name, value in metrics_by_language(rows).items()})
-    if is_main:
-        log.write(step, results)
-        if rows:
-            limit = len(rows) if train_args.log_max_eval_predictions is None else train_args.log_max_eval_predictions
-            predictions_dir = Path(train_args.output_dir) / "predictions"
-            predictions_dir.mkdir(parents=True, exist_ok=True)
-            with (predictions_dir / f"step_{step}.jsonl").open("w") as f:
-                for row in rows[:limit]:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[: min(limit, 10)])
-            log.text(step, "eval/predictions", "| reference | prediction |\n|---|---|\n" + table)
+        results.update(transcription_metrics(references, predictions))
+        results.update(metrics_by_group(rows, "language"))
+        results.update({f"source/{name}": value for name, value in metrics_by_group(rows, "source").items()})
+    return results, rows
+
+
+AVERAGED_METRICS = ("loss", "wer", "cer", "wer_normalized", "cer_normalized")  # <kind>/<metric>: the mean over sets
+SUMMED_METRICS = ("num_tokens", "num_examples")
+
+
+def combine_set_metrics(kind: str, per_set: dict[str, dict]) -> dict[str, float]:
+    """Each set's metrics under <kind>/<set>/, plus <kind>/<metric>: the mean over the sets of the
+    AVERAGED_METRICS that every set has, the sum of the SUMMED_METRICS."""
+    results = {}
+    for name in AVERAGED_METRICS + SUMMED_METRICS:
+        values = [metrics[name] for metrics in per_set.values() if name in metrics]
+        if values and len(values) == len(per_set):
+            results[f"{kind}/{name}"] = sum(values) if name in SUMMED_METRICS else float(np.mean(values))
+    for set_name, metrics in per_set.items():
+        results.update({f"{kind}/{set_name}/{name}": value for name, value in metrics.items()})
     return results
+
+
+def write_predictions(path: Path, rows: list[dict], limit: int | None):
+    """One JSON line per prediction row (the first `limit`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows[:limit]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def is_better(value: float, best: dict | None, greater_is_better: bool) -> bool:
+    """Whether an evaluation's metric beats the best so far (the earlier evaluation wins a tie)."""
+    if best is None:
+        return True
+    return value > best["value"] if greater_is_better else value < best["value"]
 
 
 def gather_params(params):
@@ -2965,20 +3087,50 @@ def export_ctranslate2(export_dir, quantization: str) -> Path:
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
 
 
-def checkpoint_manager(output_dir: str, save_total_limit: int | None):
+def checkpoint_manager(
+    output_dir: str, save_total_limit: int | None, best_metric: str = "eval/loss", greater_is_better: bool = False
+):
+    """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
+    `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
+    checkpoints saved without an evaluation never count as best)."""
     import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, create=True, enable_async_checkpointing=True)
+    def metric_of(metrics: dict) -> tuple[float, int]:
+        # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
+        # as is_better does. One evaluated under another --metric_for_best_model ranks last.
+        value = metrics.get(best_metric, -math.inf if greater_is_better else math.inf)
+        return (value, -metrics["step"]) if greater_is_better else (value, metrics["step"])
+
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        enable_async_checkpointing=True,
+        best_fn=metric_of,  # makes orbax save and read the metrics (best_step()); retention is the policy's
+        best_mode="max" if greater_is_better else "min",
+        preservation_policy=AnyPreservationPolicy(
+            [
+                LatestN(n=save_total_limit),
+                # BestN sorts ascending and keeps the last n: descending when lower is better.
+                BestN(
+                    get_metric_fn=metric_of, reverse=not greater_is_better, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        ),
+    )
     return ocp.CheckpointManager(
         Path(output_dir).absolute() / "checkpoints", options=options, item_names=("state", "meta")
     )
 
 
-def save_checkpoint(manager, step: int, state: TrainState, meta: dict):
+def save_checkpoint(manager, step: int, state: TrainState, meta: dict, metrics: dict | None = None):
+    """Save asynchronously; `metrics` (an evaluation's results at this step) rank it for keeping."""
     import orbax.checkpoint as ocp
 
     manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
     )
 
 
@@ -2991,15 +3143,45 @@ def restore_checkpoint(manager, step: int, abstract_state):
     return restored["state"], restored["meta"]
 
 
-def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict):
+def model_index_results(eval_results: dict, sets: list[tuple[str, EvalSet]]) -> list:
+    """huggingface_hub EvalResults (the hub's model-index) of each (kind, set) with a WER: task
+    automatic-speech-recognition, the set's dataset and split, metrics wer and cer (raw and normalized)."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="automatic-speech-recognition",
+            task_name="Automatic Speech Recognition",
+            dataset_type=eval_set.dataset_name,
+            dataset_name=eval_set.name,
+            dataset_split=eval_set.split,
+            metric_type=metric.removesuffix("_normalized"),
+            metric_name=metric.upper().replace("_NORMALIZED", " (normalized)"),
+            metric_value=round(eval_results[f"{kind}/{eval_set.name}/{metric}"], 4),
+        )
+        for kind, eval_set in sets
+        for metric in ("wer", "cer", "wer_normalized", "cer_normalized")
+        if f"{kind}/{eval_set.name}/{metric}" in eval_results
+    ]
+
+
+def write_model_card(
+    out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict, sets: list[tuple[str, EvalSet]] = ()
+):
+    """README.md: huggingface_hub ModelCardData metadata (with the model-index of `sets`, so the hub
+    shows WER per set), the results list, a faster-whisper snippet and the run's arguments."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    results = model_index_results(eval_results, list(sets))
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="automatic-speech-recognition",
+        tags=["whisper", "scream"],
+        model_name=Path(out_dir).name,
+        eval_results=results or None,
+    )
     lines = [
-        "---",
-        f"base_model: {base_model}",
-        "library_name: transformers",
-        "pipeline_tag: automatic-speech-recognition",
-        "tags: [whisper, scream]",
-        "---",
-        "",
         f"# {Path(out_dir).name}",
         "",
         f"Whisper fine-tuned with Scream from `{base_model}`.",
@@ -3025,7 +3207,8 @@ def write_model_card(out_dir: Path, *, base_model: str, run_args: dict, eval_res
             "```",
         ]
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
-    (Path(out_dir) / "README.md").write_text("\n".join(lines))
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    card.save(Path(out_dir) / "README.md")
 
 
 def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, message: str) -> threading.Thread:
@@ -3251,6 +3434,8 @@ class RunSetup:
     train_step: JittedTrainStep
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
     run_config: dict  # the flags and what was resolved from them: printed, saved, and in the model card
+    eval_sets: tuple[EvalSet, ...]  # --eval_split_name's sets (evaluated with --do_eval)
+    test_sets: tuple[EvalSet, ...]  # --test_split_name's (with --do_predict)
 
     @property
     def is_main(self) -> bool:
@@ -3267,6 +3452,25 @@ class RunSetup:
     @property
     def sampling_rate(self) -> int:
         return self.components.feature_extractor.sampling_rate
+
+
+def check_best_metric_name(metric: str, eval_sets: list[EvalSet]):
+    """--metric_for_best_model must be eval/<averaged metric> or eval/<set>/<metric>; a per-language or
+    per-source name (eval/<set>/<group>/...) can only be checked at the first evaluation."""
+    set_names = [s.name for s in eval_sets]
+    if metric.removeprefix("eval/") in AVERAGED_METRICS + SUMMED_METRICS:
+        return
+    if any(metric.startswith(f"eval/{name}/") for name in set_names):
+        return
+    raise ConfigError(
+        f"--metric_for_best_model {metric} is not an eval metric: use one of "
+        + ", ".join(f"eval/{m}" for m in AVERAGED_METRICS)
+        + ", or eval/<set>/<metric> for a set of "
+        + ", ".join(set_names)
+        + " (e.g. eval/"
+        + (set_names or ["validation"])[0]
+        + "/wer_normalized)."
+    )
 
 
 def setup_run(
@@ -3300,6 +3504,11 @@ def setup_run(
         early_stopping=generation_config.early_stopping or False,  # None (unset) is False in generate()
     )
 
+    eval_sets = evaluation_sets(data_args.eval_split_name, data_args.eval_dataset_name, data_args.dataset_name, "eval")
+    test_sets = evaluation_sets(data_args.test_split_name, data_args.test_dataset_name, data_args.dataset_name, "test")
+    if train_args.do_predict and not test_sets:
+        raise ConfigError("--do_predict needs --test_split_name: the split(s) to evaluate the kept model on.")
+    check_best_metric_name(train_args.metric_for_best_model, eval_sets)
     text_settings = {
         train: text_settings_of(
             data_args, train=train, language=prompt_language, task=prompt_task, seed=train_args.seed
@@ -3387,6 +3596,8 @@ def setup_run(
         train_step=step,
         eval_step=eval_fn,
         run_config=run_config,
+        eval_sets=tuple(eval_sets),
+        test_sets=tuple(test_sets),
     )
 
 
@@ -3491,9 +3702,18 @@ def init_or_restore(setup: RunSetup, manager) -> tuple[TrainState, dict | None]:
     return state, meta
 
 
-def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, state: dict | None = None):
-    """This host's SpeechBatches of `split`: shuffled and repeated for training, one pass for
-    evaluation; `state` resumes a training stream where a checkpoint left it."""
+def make_batches(
+    setup: RunSetup,
+    split: str,
+    *,
+    train: bool,
+    batch_size: int,
+    state: dict | None = None,
+    dataset_name: str | None = None,
+):
+    """This host's SpeechBatches of `split` (of `dataset_name`, default --dataset_name): shuffled and
+    repeated for training, one pass for evaluation; `state` resumes a training stream where a
+    checkpoint left it."""
     data_args, train_args = setup.data_args, setup.train_args
     audio_settings = AudioSettings(
         setup.sampling_rate,
@@ -3511,6 +3731,7 @@ def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, s
         audio_settings=audio_settings,
         text_settings=text_settings,
         label_tokenizer=training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer,
+        source_column=data_args.source_column_name or "source",
     )
     make_source = functools.partial(
         load_source,
@@ -3521,6 +3742,7 @@ def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, s
         seed=train_args.seed,
         shuffle=train,
         max_samples=data_args.max_train_samples if train else data_args.max_eval_samples,
+        dataset_name=dataset_name,
     )
     collate_fn = functools.partial(
         collate,
@@ -3545,26 +3767,51 @@ def make_batches(setup: RunSetup, split: str, *, train: bool, batch_size: int, s
     )
 
 
-def eval_batches(setup: RunSetup):
-    """The evaluation split, this host's share, one pass."""
+def eval_batches(setup: RunSetup, eval_set: EvalSet):
+    """One evaluation set, this host's share, one pass."""
     return make_batches(
-        setup, setup.data_args.eval_split_name, train=False, batch_size=setup.plan.per_host_eval_batch_size
+        setup,
+        eval_set.split,
+        train=False,
+        batch_size=setup.plan.per_host_eval_batch_size,
+        dataset_name=eval_set.dataset_name,
     )
 
 
-def evaluate(setup: RunSetup, params, step: int, log: RunLog) -> dict:
-    """Evaluate `params` on the whole eval split: metrics logged and returned, predictions written."""
-    return run_evaluation(
-        setup.eval_step,
-        params,
-        eval_batches(setup),
-        setup.train_step.data_sharding,
-        setup.components.tokenizer,
-        step,
-        setup.train_args,
-        log,
-        setup.is_main,
-    )
+def check_eval_sets(setup: RunSetup):
+    """Open every evaluation and test set now: a typo in a split fails at start-up, not after hours of training."""
+    train_args = setup.train_args
+    for eval_set in (setup.eval_sets if train_args.do_eval else ()) + (
+        setup.test_sets if train_args.do_predict else ()
+    ):
+        eval_batches(setup, eval_set).make_source(0)
+
+
+def evaluate(setup: RunSetup, params, step: int, log: RunLog, kind: str = "eval") -> dict:
+    """Evaluate `params` on every set of `kind` (eval: --eval_split_name, test: --test_split_name):
+    metrics logged (combine_set_metrics' names) and returned; each set's predictions written to
+    predictions/<set>/step_N.jsonl (test sets: predictions/test/<set>/step_N.jsonl)."""
+    train_args = setup.train_args
+    per_set, tables = {}, []
+    for eval_set in setup.eval_sets if kind == "eval" else setup.test_sets:
+        per_set[eval_set.name], rows = run_evaluation(
+            setup.eval_step,
+            params,
+            eval_batches(setup, eval_set),
+            setup.train_step.data_sharding,
+            setup.components.tokenizer,
+            generate=train_args.predict_with_generate,
+        )
+        if setup.is_main and rows:
+            directory = setup.output_dir / "predictions" / ("test" if kind == "test" else "") / eval_set.name
+            write_predictions(directory / f"step_{step}.jsonl", rows, train_args.log_max_eval_predictions)
+            table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[:10])
+            tables.append((f"{kind}/{eval_set.name}/predictions", "| reference | prediction |\n|---|---|\n" + table))
+    results = combine_set_metrics(kind, per_set)
+    log.write(step, results)
+    for tag, table in tables:
+        log.text(step, tag, table)
+    return results
 
 
 def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.Thread | None:
@@ -3584,11 +3831,13 @@ def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.
     )
     if setup.train_args.export_ctranslate2:
         export_ctranslate2(setup.output_dir, setup.train_args.export_ctranslate2)
+    tested = any(name.startswith("test/") for name in eval_results)
     write_model_card(
         setup.output_dir,
         base_model=setup.model_args.model_name_or_path or setup.model_args.config_name,
         run_args=setup.run_config,
         eval_results=eval_results,
+        sets=[("test", s) for s in setup.test_sets] if tested else [("eval", s) for s in setup.eval_sets],
     )
     train_args = setup.train_args
     if not train_args.push_to_hub:
@@ -3611,10 +3860,19 @@ def stop_on_sigterm() -> threading.Event:
 
 
 def train_loop(
-    setup: RunSetup, state: TrainState, *, train_batches, manager, log: RunLog, stop_requested: threading.Event
+    setup: RunSetup,
+    state: TrainState,
+    *,
+    train_batches,
+    manager,
+    log: RunLog,
+    stop_requested: threading.Event,
+    best: dict | None = None,
 ):
-    """Steps until --num_train_steps or a stop request; logs, evaluates, checkpoints and exports on
-    cadence. Returns (state, the last eval results, whether it stopped early).
+    """Steps until --num_train_steps or a stop request; logs, evaluates and checkpoints on cadence,
+    and with --push_to_hub exports and pushes each evaluation that is a new best. `best` (from the
+    checkpoint's metadata when resuming) is the best evaluation so far: {step, metric, value,
+    results}. Returns (state, the best evaluation or None, whether it stopped early).
 
     Each step's metrics are read one step later, so the host never stalls the device; a
     non-finite loss still stops the run before the state after it can be checkpointed.
@@ -3645,8 +3903,11 @@ def train_loop(
     # Where the wall time goes, cumulative since this launch: the pod's goodput is train_s / wall.
     clock = {"start": time.perf_counter(), "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
     in_flight = None  # (step, device metrics) not yet read
-    eval_results: dict = {}
     pushes: list[threading.Thread] = []
+    metric, greater_is_better = train_args.metric_for_best_model, train_args.greater_is_better
+    if best is not None and best["metric"] != metric:  # resumed under another --metric_for_best_model
+        warn(f"the checkpoint's best evaluation was by {best['metric']}; from now on the best is by {metric}")
+        best = None
 
     def settle():
         nonlocal in_flight
@@ -3683,7 +3944,8 @@ def train_loop(
             is_last = step == num_steps
             do_log = step % train_args.logging_steps == 0 or is_last
             do_eval = train_args.do_eval and (step % train_args.eval_steps == 0 or is_last)
-            do_save = step % train_args.save_steps == 0 or is_last or stopping
+            # Every evaluation is checkpointed, so that the final export can restore the best one.
+            do_save = step % train_args.save_steps == 0 or is_last or stopping or do_eval
             if do_log or do_eval or do_save:
                 settle()
             if do_log:
@@ -3730,8 +3992,21 @@ def train_loop(
                 eval_start = time.perf_counter()
                 eval_results = evaluate(setup, state.params, step, log)
                 clock["eval_s"] += time.perf_counter() - eval_start
+                if metric not in eval_results:
+                    raise ConfigError(
+                        f"--metric_for_best_model {metric} is not among the logged eval metrics: "
+                        + ", ".join(sorted(eval_results))
+                        + "."
+                    )
+                improved = is_better(eval_results[metric], best, greater_is_better)
+                if improved:
+                    best = {"step": step, "metric": metric, "value": eval_results[metric], "results": eval_results}
                 if is_main:
-                    bar.write(" ".join(f"{k}={v:.4g}" for k, v in eval_results.items()) + f" (step {step})")
+                    averaged = {k: v for k, v in eval_results.items() if k.count("/") == 1}
+                    bar.write(
+                        " ".join(f"{k}={v:.4g}" for k, v in averaged.items())
+                        + f" (step {step}; best {metric}={best['value']:.4g} at step {best['step']})"
+                    )
             if do_save:
                 save_start = time.perf_counter()
                 meta = {
@@ -3739,10 +4014,11 @@ def train_loop(
                     "examples_seen": step * plan.global_batch_size,
                     "num_processes": jax.process_count(),
                     "data_states": allgather_json(train_batches.state_dict()),
+                    "best": best,  # resuming keeps knowing which evaluation to export
                 }
-                save_checkpoint(manager, step, state, meta)
+                save_checkpoint(manager, step, state, meta, metrics={**eval_results, "step": step} if do_eval else None)
                 clock["checkpoint_s"] += time.perf_counter() - save_start  # the asynchronous write's blocking part
-            if is_last or (do_eval and train_args.push_to_hub):
+            if do_eval and improved and train_args.push_to_hub and not is_last:  # run() exports the last
                 pushes.append(export(setup, state.params, step, eval_results))
             if stopping and not is_last:
                 stopped_early = True
@@ -3755,7 +4031,17 @@ def train_loop(
     for thread in pushes:
         if thread is not None:
             thread.join()
-    return state, eval_results, stopped_early
+    return state, best, stopped_early
+
+
+def kept_params(setup: RunSetup, manager, state: TrainState, best: dict | None):
+    """The parameters to export and test: the best evaluation's, restored from its checkpoint when
+    it is not the last step's; the last step's without evaluations."""
+    if best is None or best["step"] == int(jax.device_get(state.step)):
+        return state.params
+    manager.wait_until_finished()
+    say(f"exporting the best evaluation: step {best['step']} ({best['metric']}={best['value']:.4g})")
+    return restore_checkpoint(manager, best["step"], setup.train_step.abstract_state)[0].params
 
 
 class NotCompiled(Exception):
@@ -3841,8 +4127,8 @@ def dry_run(setup: RunSetup) -> int:
 def run(argv: list[str] | None = None) -> int:
     """One run, as its table of contents."""
     model_args, data_args, train_args, dist_args = parse_arguments(argv)
-    if not (train_args.do_train or train_args.do_eval or train_args.dry_run):
-        raise ConfigError("Nothing to do: pass --do_train and/or --do_eval (or --dry_run).")
+    if not (train_args.do_train or train_args.do_eval or train_args.do_predict or train_args.dry_run):
+        raise ConfigError("Nothing to do: pass --do_train, --do_eval and/or --do_predict (or --dry_run).")
     if not train_args.dry_run:
         initialise_distributed(dist_args)
     setup = setup_run(model_args, data_args, train_args, dist_args)
@@ -3850,14 +4136,26 @@ def run(argv: list[str] | None = None) -> int:
         return dry_run(setup)
 
     prepare_output_dir(setup)
-    manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit) if train_args.do_train else None
+    manager = (
+        checkpoint_manager(
+            train_args.output_dir,
+            train_args.save_total_limit,
+            train_args.metric_for_best_model,
+            train_args.greater_is_better,
+        )
+        if train_args.do_train
+        else None
+    )
     state, restored_meta = init_or_restore(setup, manager)
-    if train_args.do_eval:  # a typo in the eval split fails now, not after hours of training
-        eval_batches(setup).make_source(0)
+    check_eval_sets(setup)
     log = RunLog(train_args.output_dir, train_args.report_to, setup.run_config, train_args, enabled=setup.is_main)
 
-    if not train_args.do_train:
-        evaluate(setup, state.params, int(jax.device_get(state.step)), log)
+    if not train_args.do_train:  # evaluate and/or test the given model
+        step = int(jax.device_get(state.step))
+        if train_args.do_eval:
+            evaluate(setup, state.params, step, log)
+        if train_args.do_predict:
+            evaluate(setup, state.params, step, log, kind="test")
         log.close()
         return 0
 
@@ -3868,9 +4166,23 @@ def run(argv: list[str] | None = None) -> int:
         batch_size=setup.plan.per_host_batch_size,
         state=restored_meta["data_states"][jax.process_index()] if restored_meta else None,
     )
-    state, _, stopped_early = train_loop(
-        setup, state, train_batches=train_batches, manager=manager, log=log, stop_requested=stop_on_sigterm()
+    state, best, stopped_early = train_loop(
+        setup,
+        state,
+        train_batches=train_batches,
+        manager=manager,
+        log=log,
+        stop_requested=stop_on_sigterm(),
+        best=restored_meta.get("best") if restored_meta else None,
     )
+    if not stopped_early:  # the final export: the best evaluation's model (the last one without --do_eval)
+        params = kept_params(setup, manager, state, best)
+        results = dict(best["results"]) if best else {}
+        if train_args.do_predict:
+            results.update(evaluate(setup, params, int(jax.device_get(state.step)), log, kind="test"))
+        push = export(setup, params, best["step"] if best else int(jax.device_get(state.step)), results)
+        if push is not None:
+            push.join()
     log.close()
     if stopped_early:
         say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")

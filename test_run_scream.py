@@ -3965,12 +3965,6 @@ def test_decoder_prefix_rule_for_multilingual_and_english_only_models(tmp_path):
 REAL_RUN_TIMEOUT_S = 900  # a hang guard for a whisper-base subprocess on two busy cores
 
 
-@pytest.fixture(scope="session")
-def real_env(run_env) -> dict:
-    """run_scream.py subprocesses on one CPU device, so that a batch of 1-2 real 30 s windows is allowed."""
-    return dict(run_env, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COLLECTIVE_TIMEOUT_FLAG}")
-
-
 def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str, steps: int, batch: int):
     return [
         "--model_name_or_path",
@@ -4011,7 +4005,7 @@ def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str,
 
 
 def test_whisper_base_fine_tunes_on_norwegian_and_exports(
-    whisper_base_ct2_dir, whisper_base, espeak_clips, real_env, tmp_path
+    whisper_base_ct2_dir, whisper_base, espeak_clips, one_device_env, tmp_path
 ):
     """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base straight from the
     CTranslate2 parts on 6 synthesized Norwegian clips; the eval loss on 2 other clips falls below the
@@ -4022,7 +4016,7 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})
     out = tmp_path / "run"
     flags = [*real_flags(whisper_base_ct2_dir, data, out, "no", 4, 2), "--export_ctranslate2", "float32"]
-    run_to_end(real_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
+    run_to_end(one_device_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
     prompts = [real_prompt(whisper_base, "no")] * len(validation)
     inputs, labels = real_labels(whisper_base, validation, prompts)
@@ -4051,7 +4045,7 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
 
 
 def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(
-    tiny_en_ct2_dir, espeak_clips, real_env, tmp_path
+    tiny_en_ct2_dir, espeak_clips, one_device_env, tmp_path
 ):
     """Must show 3: a few steps of tiny.en on English clips run, with labels and prompt
     <|startoftranscript|><|notimestamps|>; the export is English-only for transformers."""
@@ -4059,7 +4053,7 @@ def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(
     data = write_speech_dataset(tmp_path / "data", {"train": english[:2], "validation": english[2:]})
     out = tmp_path / "run"
     flags = [*real_flags(tiny_en_ct2_dir, data, out, "en", 2, 1), "--logging_steps", "1"]
-    run_to_end(real_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
+    run_to_end(one_device_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
     resolved = json.loads((out / "scream_config.json").read_text())["resolved"]
     assert resolved["prompt_ids"] == [50257, 50362]
     lines = metrics_lines(out)
@@ -4998,7 +4992,7 @@ EVALSETS_REAL_CLIPS = (0, 8, 1, 9)  # nb, en, nb, en: each eval batch of 2 holds
 
 
 def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
-    whisper_base_ct2_dir, whisper_base, whisper_base_torch, espeak_clips, real_env, tmp_path
+    whisper_base_ct2_dir, whisper_base, whisper_base_torch, espeak_clips, one_device_env, tmp_path
 ):
     """Issue 13's Must show 3: real whisper-base evaluated on a language column decodes each row with
     its own language token (as transformers' generate(language=...) does, row by row), and logs WER per
@@ -5012,7 +5006,7 @@ def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
         *("--eval_batch_size", "2", "--max_label_length", "32", "--generation_max_length", str(REAL_MAX_NEW_TOKENS)),
         *("--preprocessing_num_workers", "1", "--report_to", "none"),
     ]
-    run_to_end(real_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
+    run_to_end(one_device_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
     rows = {r["id"]: r for r in evalsets_predictions(out / "predictions" / "validation" / "step_0.jsonl")}
     assert [rows[f"validation-{i}"]["language"] for i in range(len(clips))] == [c["language"] for c in clips]

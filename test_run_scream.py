@@ -1913,8 +1913,7 @@ def test_exported_model_loads_in_transformers_with_our_logits(demo_dir, train_st
 
 def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_path):
     """--do_eval alone on the exported model: the final eval of training again, and
-    --log_max_eval_predictions 3 writes 3 rows; --do_predict on the same split as a test set gives
-    the same figures under test/."""
+    --log_max_eval_predictions 3 writes 3 rows."""
     straight, _ = train_straight
     out = tmp_path / "eval"
     run_to_end(
@@ -1940,9 +1939,6 @@ def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_
             "2",
             "--report_to",
             "none",
-            "--do_predict",
-            "--test_split_name",
-            "validation",
         ],
         tmp_path,
     )
@@ -1951,10 +1947,6 @@ def test_eval_only_of_the_exported_model(demo_dir, run_env, train_straight, tmp_
     assert again["eval/num_examples"] == NUM_EVAL
     rows = (out / "predictions" / "validation" / "step_0.jsonl").read_text().splitlines()
     assert len(rows) == 3
-    (test,) = [m for m in metrics_lines(out) if "test/loss" in m]
-    for metric in ("loss", "wer", "cer", "num_examples"):
-        assert test[f"test/validation/{metric}"] == test[f"test/{metric}"] == again[f"eval/validation/{metric}"]
-    assert (out / "predictions" / "test" / "validation" / "step_0.jsonl").read_text().splitlines() == rows
 
 
 # --- scripts ---
@@ -5035,3 +5027,25 @@ def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
         assert line[f"eval/validation/{language}/wer"] == pytest.approx(wer)
         assert line[f"eval/validation/{language}/cer"] == pytest.approx(cer)
     print({k: round(v, 2) for k, v in line.items() if "wer" in k})
+
+
+def test_evalsets_predict_alone_on_the_exported_model(demo_dir, one_device_env, train_straight, tmp_path):
+    """--do_predict alone on an exported model: the training run's final evaluation again, under test/."""
+    straight, _ = train_straight
+    out = tmp_path / "predict"
+    flags = [
+        *("--model_name_or_path", str(straight), "--dataset_name", str(demo_dir / "data"), "--output_dir", str(out)),
+        *("--do_predict", "--test_split_name", "validation", "--predict_with_generate"),
+        *("--eval_batch_size", str(EVAL_BATCH), "--max_label_length", "32", "--preprocessing_num_workers", "2"),
+        *("--report_to", "none"),
+    ]
+    run_to_end(one_device_env, flags, tmp_path)
+    (final,) = eval_lines(straight)
+    (test,) = metrics_lines(out)
+    assert not any(name.startswith("eval/") for name in test)
+    assert test["test/validation/loss"] == test["test/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+    assert test["test/validation/num_examples"] == NUM_EVAL
+    rows = evalsets_predictions(out / "predictions" / "test" / "validation" / "step_0.jsonl")
+    trained = evalsets_predictions(straight / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl")
+    assert {r["id"]: r["prediction"] for r in rows} == {r["id"]: r["prediction"] for r in trained}
+    assert test["test/wer"] == pytest.approx(final["eval/wer"])

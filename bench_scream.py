@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import os
 import statistics
@@ -43,6 +44,7 @@ MODEL_DIMS = {
     "small": dict(d_model=768, layers=12, heads=12, ffn=3072),
     "medium": dict(d_model=1024, layers=24, heads=16, ffn=4096),
     "large-v2": dict(d_model=1280, layers=32, heads=20, ffn=5120),
+    "large-v3": dict(d_model=1280, layers=32, heads=20, ffn=5120, mel_bins=128, vocab=51866),
 }
 WHISPER_VOCAB = 51865
 TOY_VOCAB = 512
@@ -57,11 +59,11 @@ def whisper_config(name: str, chunk_s: float = 30.0):
     from transformers import WhisperConfig
 
     dims = MODEL_DIMS[name]
-    vocab = TOY_VOCAB if name == "toy" else WHISPER_VOCAB
+    vocab = TOY_VOCAB if name == "toy" else dims.get("vocab", WHISPER_VOCAB)
     eot = vocab - 2 if name == "toy" else 50257
     return WhisperConfig(
         vocab_size=vocab,
-        num_mel_bins=80,
+        num_mel_bins=dims.get("mel_bins", 80),
         d_model=dims["d_model"],
         encoder_layers=dims["layers"],
         decoder_layers=dims["layers"],
@@ -179,19 +181,33 @@ def make_train_batch(config, batch_size: int, label_length: int, chunk_s: float,
     }
 
 
-def build_our_step(config, mel_filters, *, dtype="float32", scan_layers=False, remat="none", devices=None, fsdp_size=1):
+def build_our_step(
+    config,
+    mel_filters,
+    *,
+    dtype="float32",
+    scan_layers=False,
+    remat="none",
+    devices=None,
+    fsdp_size=1,
+    param_dtype="float32",
+    adam_mu_dtype="float32",
+):
     """run_scream's train step, jitted by run_scream.jit_train_step as run() jits it (shardings over
     a mesh, state donated). Returns (run_scream.JittedTrainStep, model).
-    AdamW without clipping or weight decay, as the experiment scripts pin it."""
+    AdamW without clipping or weight decay, as the experiment scripts pin it; parameters (so
+    gradients and second moments) in `param_dtype`, the first moment in `adam_mu_dtype`."""
     import jax
 
     import run_scream as rs
 
     model = rs.build_model(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
-    train_args = rs.TrainingArguments(learning_rate=1e-5, max_grad_norm=0.0, weight_decay=0.0, num_train_steps=1000)
+    train_args = rs.TrainingArguments(
+        learning_rate=1e-5, max_grad_norm=0.0, weight_decay=0.0, num_train_steps=1000, adam_mu_dtype=adam_mu_dtype
+    )
     optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-5, 0, 1000, "linear"))
     mesh = rs.make_mesh(fsdp_size, devices if devices is not None else jax.devices()[:1])
-    return rs.jit_train_step(model, optimizer, mesh, mel_filters=mel_filters), model
+    return rs.jit_train_step(model, optimizer, mesh, mel_filters=mel_filters, param_dtype=param_dtype), model
 
 
 @contextlib.contextmanager
@@ -1104,12 +1120,22 @@ def tpu_compile(
     dtype: str,
     label_length: int,
     chunk_s: float,
+    param_dtype: str = "float32",
+    adam_mu_dtype: str = "float32",
 ) -> dict:
     """Compile run_scream's train step for the slice; {'bytes', 'fits', 'compile_s'} (bytes None: did not fit)."""
     import run_scream as rs
 
     step, _ = build_our_step(
-        config, mel_filters, dtype=dtype, scan_layers=scan, remat=remat, devices=devices, fsdp_size=fsdp_size
+        config,
+        mel_filters,
+        dtype=dtype,
+        scan_layers=scan,
+        remat=remat,
+        devices=devices,
+        fsdp_size=fsdp_size,
+        param_dtype=param_dtype,
+        adam_mu_dtype=adam_mu_dtype,
     )
     batch = rs.abstract_batch(
         per_chip_batch * len(devices),
@@ -1190,7 +1216,8 @@ def bench_tpu(args):
         scan = name in args.scan_models
         for fsdp in args.fsdp:
             fsdp_size = len(devices) if fsdp == "all" else int(fsdp)
-            for remat in args.remats:
+            for remat, state in itertools.product(args.remats, args.state_dtypes):
+                param_dtype, adam_mu_dtype = state.split("/")
                 known: dict = {}
                 compile_at = functools.partial(
                     tpu_compile,
@@ -1203,6 +1230,8 @@ def bench_tpu(args):
                     dtype=args.dtype,
                     label_length=args.label_length,
                     chunk_s=args.chunk_s,
+                    param_dtype=param_dtype,
+                    adam_mu_dtype=adam_mu_dtype,
                 )
                 start = time.perf_counter()
                 best = largest_fitting_batch(lambda b: compile_at(per_chip_batch=b), seed_batch, args.max_batch, known)
@@ -1216,6 +1245,7 @@ def bench_tpu(args):
                         "data parallel" if fsdp_size == 1 else f"FSDP {fsdp_size}",
                         remat,
                         "on" if scan else "off",
+                        state,
                         seed_batch,
                         "does not fit" if at_seed["bytes"] is None else at_seed["bytes"] / 2**30,
                         "yes" if at_seed["fits"] else "no",
@@ -1255,6 +1285,7 @@ def bench_tpu(args):
             "sharding",
             "remat",
             "scan",
+            "state dtype (params/mu)",
             "seed batch/chip",
             "GiB/chip at seed batch",
             "fits",
@@ -1347,7 +1378,7 @@ def parse_args(argv=None):
     tpu.add_argument("--plans", type=parse_list, default=["large-v2@v4-64", "tiny@v4-32"], help="model@slice, ...")
     tpu.add_argument("--fsdp", type=parse_list, default=["1", "all"], help="fsdp sizes; 'all' = every chip")
     tpu.add_argument("--remats", type=parse_list, default=["none", "dots", "full"])
-    tpu.add_argument("--scan_models", type=parse_list, default=["large-v2"])
+    tpu.add_argument("--scan_models", type=parse_list, default=["large-v2", "large-v3"])
     tpu.add_argument(
         "--seed_batch",
         type=lambda s: {k: int(v) for k, v in (x.split("=") for x in parse_list(s))},
@@ -1362,6 +1393,13 @@ def parse_args(argv=None):
         help="models also compiled with attention unblocked (FSDP over all chips, seed batch)",
     )
     tpu.add_argument("--unblocked_remats", type=parse_list, default=["none", "dots"])
+    tpu.add_argument(
+        "--state_dtypes",
+        type=parse_list,
+        default=["float32/float32"],
+        help="train-state dtypes as params/mu (run_scream's --param_dtype/--adam_mu_dtype; the second moment "
+        "follows the params), e.g. float32/float32,float32/bfloat16,bfloat16/bfloat16",
+    )
     tpu.add_argument("--dtype", default="bfloat16")
     tpu.add_argument("--chunk_s", type=float, default=30.0)
     tpu.add_argument("--label_length", type=int, default=128)
@@ -1410,8 +1448,9 @@ def parse_args(argv=None):
                 chunk_s=3.0,
                 label_length=16,
                 remats=["dots"],
+                state_dtypes=["float32/float32", "bfloat16/bfloat16"],
                 compare_unblocked=[],
-            ),  # one compile per sharding
+            ),  # one compile per sharding and state dtype
             "generate": dict(
                 models=["toy"], num_beams=[1, 2, 3], batch_size=2, max_new_tokens=6, chunk_s=3.0, rounds=1
             ),

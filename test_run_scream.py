@@ -2417,11 +2417,14 @@ def test_bench_tpu_tiny_compiles_for_a_v4_8():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = bench_table(bench_tables(result.stdout), "Per-chip memory of the real train step")
-    memory = {r["sharding"]: float(r["GiB/chip at seed batch"]) for r in rows}
-    assert sorted(memory) == ["FSDP 4", "data parallel"]
+    memory = {(r["sharding"], r["state dtype (params/mu)"]): float(r["GiB/chip at seed batch"]) for r in rows}
+    states = ["bfloat16/bfloat16", "float32/float32"]
+    assert sorted(memory) == [(sharding, state) for sharding in ["FSDP 4", "data parallel"] for state in states]
     assert all(0 < gib < 1 for gib in memory.values())
-    # Sharding parameters and optimizer state over the 4 chips holds less of them per chip.
-    assert memory["FSDP 4"] < memory["data parallel"]
+    for state in states:  # sharding parameters and optimizer state over the 4 chips holds less of them per chip
+        assert memory["FSDP 4", state] < memory["data parallel", state]
+    for sharding in ["FSDP 4", "data parallel"]:  # a bfloat16 state (params, grads, both moments) is smaller
+        assert memory[sharding, "bfloat16/bfloat16"] < memory[sharding, "float32/float32"]
     for row in rows:
         assert row["slice"] == "v4-8 (4 chips)" and row["remat"] == "dots" and row["scan"] == "on"
         assert row["fits"] == "yes" and row["largest batch/chip"] == ">= 2 (search cap)"

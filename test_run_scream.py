@@ -4948,7 +4948,7 @@ def test_bench_train_tiny_runs_each_side_in_its_own_process_and_prints_flops_and
         float(r["PyTorch"]) > 0 for r in profile if "ours only" not in r["part"] and "unblocked" not in r["part"]
     )
     # Each run of each side was a fresh process of its own (one framework's threads cannot slow the other).
-    assert "(alternating which goes first; 4 processes in all, none of them this one)" in out
+    assert "(alternating which goes first; 2 processes in all, none of them this one)" in out
 
 
 def test_bench_input_tiny_compares_pipelines_and_workers(capsys):

@@ -305,19 +305,6 @@ def timed_each(fn, steps: int) -> list[float]:
     return seconds
 
 
-def timed(fn, steps: int) -> float:
-    """Seconds per call over `steps` calls, after one untimed call.
-
-    The untimed call matters when two frameworks alternate in one process: the first call after
-    the other side ran finds its buffers returned to the OS and faults gigabytes of memory back
-    in (seconds of system time), which a training loop running step after step never does."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
-
-
 SIDES = ("ours", "torch")
 
 

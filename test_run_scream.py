@@ -3,7 +3,7 @@
 Where the README's promises are tested (sections in run_scream.py's order; test name prefixes):
   on-device log-mel = WhisperFeatureExtractor                       test_log_mel_*   (--- data ---)
   each example once per epoch on any number of hosts, exact resume  test_two_hosts_*, test_resume_*
-  bad rows skipped and counted, never a crash                       test_bad_examples_*, test_reliability_bad_input_*
+  bad rows skipped and counted, never a crash                       test_bad_examples_*
   the 2024 recipe: per-row language/task, timestamps, prompts,
   BPE dropout, bfloat16 state                                       test_nb_*   (--- NB-Whisper 2024 recipe ---)
   Whisper port = transformers' logits, loads every format, exports   test_model_*   (--- model ---)
@@ -15,7 +15,7 @@ Where the README's promises are tested (sections in run_scream.py's order; test 
   real whisper-base / tiny.en: CTranslate2 in and out, English-only test_whisper_base_*, test_tiny_en_*,
                                                                     test_export_ctranslate2_*   (--- real weights ---)
   "What survives what" (kill -9, SIGTERM, flaky network, dead peer,
-  NaN loss, misconfigurations: one paragraph, exit 2)               test_reliability_*   (--- reliability ---)
+  NaN loss, misconfigurations: one paragraph, exit 2)               test_reliability_*   (--- reliability: four ---)
   the experiment scripts pin the 2023 and 2024 settings, dry runs   (--- scripts ---)
   the benchmark tables                                              test_bench_*   (--- bench ---)
 
@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import soxr
 import torch
 import transformers.models.whisper.feature_extraction_whisper as feature_extraction_whisper
 from datasets import Audio, Features, Value
@@ -580,7 +581,7 @@ def data_bad_dataset(data_env):
             if i < len(table):
                 rows.append({"id": table[i][0], "audio": table[i][1], "text": table[i][2], "source": kind})
     path = data_write_parquet(root / "dataset", rows, 2)
-    return {"path": path, "good": {g[0]: g[2] for g in good}, "num_rows": len(rows)}
+    return {"path": path, "rows": rows, "good": {g[0]: g[2] for g in good}, "num_rows": len(rows), "flac": flac}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -623,10 +624,45 @@ def test_bad_examples_are_counted_and_good_ones_all_arrive(data_env, data_bad_da
         # any character round-trips (byte-level tokens)
         assert tokenizer.decode(example["tokens"], skip_special_tokens=True) == text.strip()
         assert np.isfinite(batch_audio).all()
+    # 8 kHz stereo becomes 16 kHz mono: the mean of the channels, resampled by soxr.
     stereo = arrived["good-8k-stereo"][0]["audio"]
+    assert stereo.ndim == 1 and stereo.dtype == np.float32
+    mean_8k = (data_tone(600, 1.25, 8000, 0.5) + data_tone(600, 1.25, 8000, 0.3)) / 2
+    np.testing.assert_allclose(stereo, soxr.resample(mean_8k, 8000, DATA_SAMPLE_RATE), atol=1e-4)  # 16-bit WAV
     assert len(stereo) == int(1.25 * DATA_SAMPLE_RATE) and abs(data_peak_hz(stereo) - 600) < 3
     assert abs(np.abs(stereo[5000:15000]).max() - 0.4) < 0.01  # (0.5 + 0.3) / 2
     assert len(arrived["good-29s"][0]["audio"]) == 29 * DATA_SAMPLE_RATE
+
+
+def test_bad_examples_in_a_whole_run_are_counted_in_its_metrics(
+    data_env, data_bad_dataset, reliability_in_process, tmp_path
+):
+    """The trainer over the same rows (Whisper's 30 s window, the downloaded Arrow path; the test
+    above reads them streaming too), with 7 more good rows so that two steps of 8 take exactly the
+    16 good ones: it trains, logs each bad row as one count of its reason in metrics.jsonl
+    (data/skipped_<reason>), and exports its model."""
+    model_dir = tmp_path / "model_30s"
+    make_demo_dataset.write_model_dir(model_dir, data_env["tokenizer"], 30, 80)
+    extra = [
+        {"id": f"good-extra-{i}", "audio": {"bytes": data_bad_dataset["flac"][i % 4], "path": None}, "text": "Hei du"}
+        for i in range(7)
+    ]
+    dataset = data_write_parquet(tmp_path / "bad_data", [*data_bad_dataset["rows"], *extra], 2)
+    out = tmp_path / "run"
+    returncode, stderr = reliability_in_process(
+        *("--config_name", str(model_dir), "--dataset_name", dataset, "--language", "norwegian"),
+        *("--max_label_length", str(DATA_MAX_LABELS_30S), "--min_duration_in_seconds", "0.05"),
+        *("--shuffle_buffer_size", "0", "--logging_steps", "1", "--preprocessing_num_workers", "4"),
+        output_dir=out,
+        streaming=False,
+    )
+    assert returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and last["train/epoch"] == 0 and last["examples_seen"] == 16
+    skipped = {key.removeprefix("data/skipped_"): n for key, n in last.items() if key.startswith("data/skipped_")}
+    assert skipped == DATA_BAD_COUNTS
+    assert (out / "model.safetensors").exists()
 
 
 def test_missing_column_is_a_config_error(data_env):
@@ -3720,7 +3756,7 @@ def test_beam_search_matches_transformers_on_whisper_base(
     assert sum(not np.array_equal(a, b) for a, b in zip(ours, greedy)) >= 2, (ours, greedy)
 
 
-# --- reliability ---
+# --- reliability: kill -9, SIGTERM, resuming exactly ---
 
 RELIABILITY_NUM_TRAIN = NUM_TRAIN  # 5 batches of 8 per epoch: 12 steps cross two epoch boundaries
 
@@ -3958,6 +3994,19 @@ def test_reliability_sigterm_checkpoints_at_the_next_step_and_resumes(
     assert_each_step_logged_once_as_in(out, reliability_reference)
 
 
+def test_checkpoints_have_a_cadence_by_default():
+    """Every --eval_steps with --do_eval; otherwise every DEFAULT_SAVE_STEPS, never only at the end."""
+    args = rs.TrainingArguments(output_dir="x", num_train_steps=50_000)
+    assert args.save_steps == rs.DEFAULT_SAVE_STEPS == 1000
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True).save_steps == 1000
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True, eval_steps=250).save_steps == 250
+    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, eval_steps=250).save_steps == 1000
+    assert rs.TrainingArguments(output_dir="x", eval_steps=250, save_steps=70).save_steps == 70
+
+
+# --- reliability: a flaky or dead network ---
+
+
 class FlakyHub(http.server.ThreadingHTTPServer):
     """Just enough of the Hugging Face Hub's HTTP API to stream one parquet dataset repository,
     served from a local directory. Every `fail_every`-th request is dropped: reset before any
@@ -4117,6 +4166,26 @@ def test_reliability_a_dead_network_gives_up_after_bounded_retries(demo_dir, rel
     assert not complete_checkpoints(tmp_path / "run")
 
 
+# --- reliability: a dead peer, a non-finite loss ---
+
+
+def test_distributed_timeout_bounds_a_tpu_pod_too(monkeypatch):
+    """On a TPU slice jax.distributed.initialize finds the coordinator itself, and still gets
+    --distributed_timeout_s (start-up) and a heartbeat timeout of a tenth of it."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0,t1k-w-1")
+    rs.initialise_distributed(rs.DistributedArguments(distributed_timeout_s=200))
+    rs.initialise_distributed(rs.DistributedArguments(coordinator_address="h:1", num_processes=2, process_id=0))
+    assert calls == [
+        ((), {"initialization_timeout": 200, "heartbeat_timeout_seconds": 20}),
+        (
+            ("h:1",),
+            {"num_processes": 2, "process_id": 0, "initialization_timeout": 300, "heartbeat_timeout_seconds": 30},
+        ),
+    ]
+
+
 def test_reliability_a_dead_peer_process_stops_the_survivor(demo_dir, one_device_env, tmp_path):
     """Two processes (2 CPU devices each) on localhost; process 1 is killed after training
     started. Process 0 must exit with an error (JAX's coordination service notices the missing
@@ -4200,124 +4269,13 @@ def test_reliability_a_non_finite_loss_stops_at_its_step_and_keeps_the_checkpoin
     assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
 
 
-def write_bad_input_dataset(root: Path, demo: Path) -> dict:
-    """A parquet train split of good clips and every kind of bad one; returns the expected skip counts."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import soundfile
-
-    import make_demo_dataset as demo_data
-
-    def wav(samples, rate=16000, subtype="PCM_16"):
-        buffer = io.BytesIO()
-        soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
-        return buffer.getvalue()
-
-    good = [demo_data.make_example(0, "train", i, 1) for i in range(14)]
-    rng = np.random.default_rng(0)
-    with_nan = good[0][1].copy()
-    with_nan[10:20] = np.nan
-    stereo_8k = demo_data.synthesize("hei du", rng, sample_rate=8000, max_duration_s=1.0)
-    bad = [  # (id, audio bytes, text, skip reason or None when it must be used)
-        ("undecodable", b"RIFF\x00\x00 this is not audio", "hei", "undecodable"),
-        ("zero_length", wav(np.zeros(0, np.float32)), "hei", "empty_audio"),
-        ("nan_samples", wav(with_nan, subtype="FLOAT"), "hei", "non_finite_audio"),
-        ("stereo_8khz", wav(np.stack([stereo_8k, 0.5 * stereo_8k], axis=1), rate=8000), "hei du", None),
-        (
-            "clip_45s",
-            demo_data.encode_flac(0.1 * rng.standard_normal(45 * 16000).astype(np.float32)),
-            "hei",
-            "too_long",
-        ),
-        ("empty_text", demo_data.encode_flac(good[1][1]), "", "empty_text"),
-        ("none_text", demo_data.encode_flac(good[2][1]), None, "empty_text"),
-        ("1000_tokens", demo_data.encode_flac(good[3][1]), "hei " * 250, "too_many_tokens"),
-        ("outside_vocab", demo_data.encode_flac(good[4][1]), "Hei ☃ 日本 🙂 done", None),
-    ]
-    rows = []
-    for i, (text, waveform) in enumerate(good):  # a bad row after each good one; the last row is good
-        rows.append(
-            {
-                "id": f"good-{i}",
-                "audio": {"bytes": demo_data.encode_flac(waveform), "path": f"good-{i}.flac"},
-                "text": text,
-                "source": "demo",
-            }
-        )
-        if i < len(bad):
-            name, audio, text, _ = bad[i]
-            rows.append({"id": name, "audio": {"bytes": audio, "path": f"{name}.wav"}, "text": text, "source": "bad"})
-    (root / "data").mkdir(parents=True)
-    pq.write_table(
-        pa.Table.from_pylist(rows, schema=demo_data.FEATURES.arrow_schema),
-        root / "data" / "train-00000-of-00001.parquet",
-    )
-    expected = {}
-    for *_, reason in bad:
-        if reason:
-            expected[reason] = expected.get(reason, 0) + 1
-    assert len(good) + sum(reason is None for *_, reason in bad) == 16  # two full batches, one epoch
-    return expected
-
-
-def test_reliability_bad_input_is_skipped_and_counted_by_reason(demo_dir, one_device_env, tmp_path):
-    expected = write_bad_input_dataset(tmp_path / "bad_data", demo_dir)
-    out = tmp_path / "run"
-    flags = train_flags(demo_dir, out, dataset=str(tmp_path / "bad_data"), steps=2)
-    flags.remove("--streaming")  # the downloaded (Arrow) path, the other way of reading
-    returncode, stdout, stderr = run_and_wait(one_device_env, flags, tmp_path, "run")
-    assert returncode == 0, stderr[-3000:]
-    assert "Traceback" not in stderr
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["step"] == 2 and last["train/epoch"] == 0
-    skipped = {
-        key.removeprefix("data/skipped_"): value for key, value in last.items() if key.startswith("data/skipped_")
-    }
-    assert skipped == expected  # 8 kHz stereo and characters outside the vocabulary are used, not skipped
-    assert (out / "model.safetensors").exists()
-
-
-def test_reliability_resampled_stereo_and_unusual_characters_are_handled(demo_dir):
-    """The two bad-input rows that are used: 8 kHz stereo becomes 16 kHz mono of the same length,
-    and characters outside the byte-level vocabulary's letters round-trip through its bytes."""
-    import io
-
-    import soundfile
-    import soxr
-    from transformers import WhisperTokenizer
-
-    import make_demo_dataset as demo_data
-    import run_scream
-
-    tokenizer = WhisperTokenizer.from_pretrained(demo_dir / "model")
-    tokenizer.set_prefix_tokens(language="no", task="transcribe", predict_timestamps=False)
-    clip = demo_data.synthesize("hei du", np.random.default_rng(0), sample_rate=8000, max_duration_s=1.0)
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.stack([clip, 0.5 * clip], axis=1), 8000, format="WAV", subtype="FLOAT")
-    text = "Hei ☃ 日本 🙂 done"
-    example, reason = run_scream.prepare_example(
-        {"audio": {"bytes": buffer.getvalue()}, "text": text, "id": 7},
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
-        tokenizer=tokenizer,
-        audio_settings=run_scream.AudioSettings(16000, 16000, 0.0, 1.0),
-        text_settings=run_scream.TextSettings(False, False, 60),
-    )
-    assert reason is None
-    assert example["audio"].ndim == 1 and example["audio"].dtype == np.float32
-    np.testing.assert_allclose(example["audio"], soxr.resample(0.75 * clip, 8000, 16000), atol=1e-6)  # mean of channels
-    assert len(example["audio"]) == 2 * len(clip)
-    assert tokenizer.decode(example["tokens"], skip_special_tokens=True) == text
-    assert example["id"] == "7"
+# --- reliability: misconfigurations (one paragraph, exit 2) and the output directory ---
 
 
 @pytest.fixture
 def reliability_in_process(demo_dir, monkeypatch, capfd, tmp_path):
-    """run_scream.main in this process, offline; returns (exit code, stderr). SIGTERM's handler is
-    put back afterwards."""
+    """run_scream.main in this process, offline, streaming unless streaming=False; returns (exit
+    code, stderr). SIGTERM's handler is put back afterwards."""
     import huggingface_hub
 
     import run_scream
@@ -4326,7 +4284,7 @@ def reliability_in_process(demo_dir, monkeypatch, capfd, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     handler = signal.getsignal(signal.SIGTERM)
 
-    def main(*flags: str, output_dir: Path | None = None) -> tuple[int, str]:
+    def main(*flags: str, output_dir: Path | None = None, streaming: bool = True) -> tuple[int, str]:
         capfd.readouterr()
         args = [
             "--config_name",
@@ -4344,7 +4302,7 @@ def reliability_in_process(demo_dir, monkeypatch, capfd, tmp_path):
             "40",
             "--report_to",
             "none",
-            "--streaming",
+            *(["--streaming"] if streaming else []),
             "--cache_dir",
             str(tmp_path / "hub_cache"),
             *flags,
@@ -4457,33 +4415,6 @@ def test_reliability_dataset_and_output_dir_are_required(demo_dir, capfd, tmp_pa
     returncode = run_scream.main(flags + [part for pair in given.items() for part in pair])
     assert_config_error(returncode, capfd.readouterr().err, f"{missing} is required", "run_demo.sh")
     assert not (tmp_path / "run").exists()
-
-
-def test_checkpoints_have_a_cadence_by_default():
-    """Every --eval_steps with --do_eval; otherwise every DEFAULT_SAVE_STEPS, never only at the end."""
-    args = rs.TrainingArguments(output_dir="x", num_train_steps=50_000)
-    assert args.save_steps == rs.DEFAULT_SAVE_STEPS == 1000
-    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True).save_steps == 1000
-    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, do_eval=True, eval_steps=250).save_steps == 250
-    assert rs.TrainingArguments(output_dir="x", num_train_steps=50_000, eval_steps=250).save_steps == 1000
-    assert rs.TrainingArguments(output_dir="x", eval_steps=250, save_steps=70).save_steps == 70
-
-
-def test_distributed_timeout_bounds_a_tpu_pod_too(monkeypatch):
-    """On a TPU slice jax.distributed.initialize finds the coordinator itself, and still gets
-    --distributed_timeout_s (start-up) and a heartbeat timeout of a tenth of it."""
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0,t1k-w-1")
-    rs.initialise_distributed(rs.DistributedArguments(distributed_timeout_s=200))
-    rs.initialise_distributed(rs.DistributedArguments(coordinator_address="h:1", num_processes=2, process_id=0))
-    assert calls == [
-        ((), {"initialization_timeout": 200, "heartbeat_timeout_seconds": 20}),
-        (
-            ("h:1",),
-            {"num_processes": 2, "process_id": 0, "initialization_timeout": 300, "heartbeat_timeout_seconds": 30},
-        ),
-    ]
 
 
 def test_reliability_relaunch_after_a_startup_misconfiguration_is_not_refused(
@@ -4875,36 +4806,38 @@ def test_bench_flops_formula_counts_whisper_tiny_and_large_v2():
 
 
 def test_bench_blocked_attention_matches_dense_attention():
-    """The encoder's blocked attention (both layouts: per example on CPU, whole batch per step
-    elsewhere) gives dot_product_attention's outputs and gradients."""
-    import jax
-    import jax.numpy as jnp
-
-    import run_scream
-
-    assert run_scream.query_block_size(1500) == 125
-    assert run_scream.query_block_size(150) == 75
-    assert run_scream.query_block_size(128) is None and run_scream.query_block_size(131) is None
+    """The encoder's blocked attention (both layouts: per example with flash attention's backward
+    on CPU, whole-batch query blocks elsewhere) gives dot_product_attention's outputs and
+    gradients, in float32 and (within bfloat16's precision) in bfloat16."""
+    assert rs.query_block_size(1500) == 125 and rs.cpu_query_block_size(1500) == 750
+    assert rs.query_block_size(150) == 75 and rs.cpu_query_block_size(150) == 150
+    assert rs.query_block_size(128) is None and rs.query_block_size(131) is None
     rng = np.random.default_rng(0)
     q, k, v, cotangent = (jnp.asarray(rng.normal(size=(2, 300, 3, 16)), jnp.float32) for _ in range(4))
 
-    def loss(attend, q, k, v):
-        return (attend(q, k, v) * cotangent).sum()
+    def value_and_grads(attend, dtype=jnp.float32):
+        loss = lambda q, k, v: (attend(q, k, v).astype(jnp.float32) * cotangent).sum()  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(x.astype(dtype) for x in (q, k, v)))
 
-    def value_and_grads(attend):
-        return jax.jit(jax.value_and_grad(functools.partial(loss, attend), argnums=(0, 1, 2)))(q, k, v)
-
-    ref_value, ref_grads = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=16**-0.5))
-    assert "while" in jax.jit(run_scream.attention).lower(q, k, v).as_text()  # 300 queries: the blocked path
-    variants = [run_scream.attention] + [
-        functools.partial(run_scream.query_block_attention, scale=16**-0.5, block=100, per_example=per_example)
-        for per_example in (True, False)
-    ]
-    for attend in variants:
+    scale = 16**-0.5
+    ref_value, ref_grads = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale))
+    assert "while" in jax.jit(rs.attention).lower(q, k, v).as_text()  # 300 queries: the blocked path
+    flash = lambda q, k, v: jax.lax.map(lambda x: rs.example_flash_attention(*x, scale, 100), (q, k, v))  # noqa: E731
+    variants = {
+        "attention": rs.attention,
+        "flash, 3 blocks of 100": flash,
+        "whole-batch blocks of 100": functools.partial(rs.query_block_attention, scale=scale, block=100),
+    }
+    for name, attend in variants.items():
         value, grads = value_and_grads(attend)
-        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=name)
         for grad, ref in zip(grads, ref_grads):
-            np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5, err_msg=name)
+        value, grads = value_and_grads(attend, jnp.bfloat16)
+        assert all(grad.dtype == jnp.bfloat16 for grad in grads), name
+        assert abs(float(value) - float(ref_value)) < 0.02 * float(jnp.abs(cotangent).sum()) ** 0.5, name
+        for grad, ref in zip(grads, ref_grads):
+            assert float(jnp.abs(grad.astype(jnp.float32) - ref).max()) < 0.05 * float(jnp.abs(ref).max()), name
 
 
 def test_bench_train_tiny_runs_each_side_in_its_own_process_and_prints_flops_and_parts(capsys):

@@ -38,3 +38,15 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item.fixturenames)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_process_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for the tests that run in this process: many build the
+    same step again (a resumed run, float32 then bfloat16 then float32), which then loads instead
+    of compiling (measured: 11% off those tests). Whole-run subprocesses have run_env's cache."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache_in_process")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -3158,6 +3158,14 @@ def checkpoint_manager(
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+    if jax.default_backend() == "cpu":
+        # Replica-parallel saving splits each replicated array across its replicas, which compiles
+        # one slice per array shape (~80, 2-3 s per run for the demo model); CPU devices share one
+        # host's memory and disk, so there is nothing to parallelise. TPU and GPU keep orbax's default.
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
         # as is_better does. One evaluated under another --metric_for_best_model ranks last.

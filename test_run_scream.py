@@ -2389,9 +2389,8 @@ def train_step_runs(demo_dir):
         "one_device": run(rs.make_mesh(1, devices=devices[:1]), 1),
         "data_parallel_8x1": run(rs.make_mesh(1), 1),
         "fsdp_4x2": run(rs.make_mesh(2), 1),
-        # 4 micro-batches of 2 rows inside the step
-        "accumulate_4_on_1_device": run(rs.make_mesh(1, devices=devices[:1]), 4),
-        # ... each micro-batch split over a 1x2 mesh (one row per device), parameters sharded
+        # 4 micro-batches of 2 rows inside the step, each split over a 1x2 mesh (one row per
+        # device), parameters sharded
         "accumulate_4_on_1x2": run(rs.make_mesh(2, devices=devices[:2]), 4),
     }
     return {"runs": runs, "batches": batches, "model": model, "initial": initial, "mel_filters": mel_filters}
@@ -2406,7 +2405,7 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 3e-5
 
 
-@pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1_device", "accumulate_4_on_1x2"])
+@pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1x2"])
 def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
     reference, run = train_step_runs["runs"]["one_device"], train_step_runs["runs"][name]
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=LOSS_RTOL)
@@ -3404,13 +3403,13 @@ REAL_INT8_MAX_CER = 0.25
 # transcripts. Given the clip padded to 30 s, its own log-mel is within 2e-5 of ours: so the test does that.
 
 
-def test_export_ctranslate2_float16_float32_int8_transcribe_as_we_do(
+def test_export_ctranslate2_float16_and_int8_transcribe_as_we_do(
     whisper_base, whisper_base_export, whisper_base_joined_dir, espeak_clips, tmp_path
 ):
     """Must show 4: export_ctranslate2 (ctranslate2's own converter on our transformers export) in
-    float16 rebuilds the original model.bin byte for byte; ctranslate2 decodes the float16 and float32
-    exports with our greedy tokens, faster-whisper (given 30 s windows) transcribes the float16 export
-    with our text on every clip, and int8 stays close."""
+    float16 rebuilds the original model.bin byte for byte; ctranslate2 decodes the float16 export with
+    our greedy tokens, faster-whisper (given 30 s windows) transcribes it with our text on every clip,
+    and int8 stays close. (The float32 export is decoded after a fine-tune: test_whisper_base_fine_tunes_*.)"""
     import faster_whisper
     import jiwer
 
@@ -3420,13 +3419,12 @@ def test_export_ctranslate2_float16_float32_int8_transcribe_as_we_do(
     ours = our_greedy(whisper_base, features, prompts)
     our_texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(ours, skip_special_tokens=True)]
     exports = {}
-    for quantization in ("float16", "float32", "int8"):
+    for quantization in ("float16", "int8"):
         written = run_scream.export_ctranslate2(whisper_base_export, quantization)
         assert written == whisper_base_export / "ctranslate2"
         exports[quantization] = written.rename(tmp_path / quantization)
     assert (exports["float16"] / "model.bin").read_bytes() == (whisper_base_joined_dir / "model.bin").read_bytes()
-    for quantization in ("float16", "float32"):
-        assert ctranslate2_greedy(exports[quantization], features, prompts) == ours, quantization
+    assert ctranslate2_greedy(exports["float16"], features, prompts) == ours
 
     int8 = ctranslate2_greedy(exports["int8"], features, prompts, compute_type="int8")
     int8_texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(int8, skip_special_tokens=True)]
@@ -3553,14 +3551,14 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     whisper_base_ct2_dir, whisper_base, espeak_clips, one_device_env, tmp_path
 ):
     """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base straight from the
-    CTranslate2 parts on 6 synthesized Norwegian clips; the eval loss on 2 other clips falls below the
-    base model's; the export reloads in transformers with our logits (1e-4); OUTPUT_DIR/ctranslate2
+    CTranslate2 parts, 4 steps of one synthesized Norwegian clip each; the eval loss on 2 other clips
+    falls below 0.9x the base model's (measured: 2.24 -> 1.58); the export reloads in transformers with our logits (1e-4); OUTPUT_DIR/ctranslate2
     (float32) decodes the eval clips as our eval did, and the model card says how to run it."""
     norwegian = [c for c in espeak_clips if c["language"] == "no"]
-    train, validation = norwegian[:6], norwegian[6:]
+    train, validation = norwegian[:4], norwegian[6:]
     data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})
     out = tmp_path / "run"
-    flags = [*real_flags(whisper_base_ct2_dir, data, out, "no", 4, 2), "--export_ctranslate2", "float32"]
+    flags = [*real_flags(whisper_base_ct2_dir, data, out, "no", 4, 1), "--export_ctranslate2", "float32"]
     run_to_end(one_device_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
     prompts = [real_prompt(whisper_base, "no")] * len(validation)
@@ -3705,10 +3703,10 @@ def beam_whisper_base_export(whisper_base, tmp_path_factory):
     return WhisperForConditionalGeneration.from_pretrained(out).eval(), generation_config
 
 
-@pytest.mark.parametrize("num_beams", [2, 5])
-def test_beam_search_matches_transformers_on_whisper_base(
-    whisper_base, espeak_clips, beam_whisper_base_export, num_beams
-):
+def test_beam_search_matches_transformers_on_whisper_base(whisper_base, espeak_clips, beam_whisper_base_export):
+    """5 beams (Whisper's and faster-whisper's default) on real weights, where near-tied beams show;
+    the beam counts and length penalties of BEAM_CASES run on random tiny models above."""
+    num_beams = 5
     torch_model, generation_config = beam_whisper_base_export
     tokenizer, config = whisper_base.tokenizer, whisper_base.config
     clips = [espeak_clips[i] for i in BEAM_REAL_CLIPS]
@@ -4630,6 +4628,7 @@ def scripts_hub_cache(tmp_path_factory):
     return cache
 
 
+@functools.cache  # several tests read one script's plan; a dry run is a 5 s process
 def dry_run(script: Path, cache: Path, *extra: str) -> dict:
     env = dict(
         os.environ,

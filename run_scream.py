@@ -818,6 +818,21 @@ def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float
     return int.from_bytes(digest, "little") / 2**64
 
 
+def language_code(language: str) -> str:
+    """'no', 'norwegian' or '<|no|>' -> 'no'; anything else is a clear error."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    key = language.strip().lower().removeprefix("<|").removesuffix("|>")
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise ConfigError(
+        f"--language {language!r} is not a Whisper language; use a code like 'no' or a name like "
+        f"'norwegian' (known codes: {', '.join(sorted(LANGUAGES))})."
+    )
+
+
 def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | None, str | None, str | None]:
     """(language, task, skip reason) of a row: its own columns' values, else the defaults."""
     language, task = settings.language, settings.task
@@ -3102,21 +3117,6 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     return generation_config
 
 
-def language_code(language: str) -> str:
-    """'no', 'norwegian' or '<|no|>' -> 'no'; anything else is a clear error."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    key = language.strip().lower().removeprefix("<|").removesuffix("|>")
-    if key in LANGUAGES:
-        return key
-    if key in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[key]
-    raise ConfigError(
-        f"--language {language!r} is not a Whisper language; use a code like 'no' or a name like "
-        f"'norwegian' (known codes: {', '.join(sorted(LANGUAGES))})."
-    )
-
-
 def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
     """Write a directory that transformers' from_pretrained and pipeline() load unchanged."""
     from safetensors.numpy import save_file
@@ -3149,6 +3149,20 @@ def export_ctranslate2(export_dir, quantization: str) -> Path:
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
 
 
+@functools.cache  # once per process: orbax's handler registry is global
+def save_each_array_whole_on_cpu() -> None:
+    """On CPU, turn off orbax's replica-parallel saving. It splits each replicated array across its
+    replicas, which compiles one slice program per array shape (80 for the demo model, about 1.5 s
+    of CPU per run), and CPU devices share one host's memory and disk, so there is nothing to
+    parallelise. TPU and GPU keep orbax's default."""
+    import orbax.checkpoint as ocp
+
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
+
 def checkpoint_manager(
     output_dir: str, save_total_limit: int | None, best_metric: str = "eval/loss", greater_is_better: bool = False
 ):
@@ -3158,14 +3172,7 @@ def checkpoint_manager(
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-    if jax.default_backend() == "cpu":
-        # Replica-parallel saving splits each replicated array across its replicas, which compiles
-        # one slice per array shape (~80, 2-3 s per run for the demo model); CPU devices share one
-        # host's memory and disk, so there is nothing to parallelise. TPU and GPU keep orbax's default.
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
-
+    save_each_array_whole_on_cpu()
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
         # as is_better does. One evaluated under another --metric_for_best_model ranks last.

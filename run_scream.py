@@ -3173,6 +3173,7 @@ def checkpoint_manager(
     from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
     save_each_array_whole_on_cpu()
+
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
         # as is_better does. One evaluated under another --metric_for_best_model ranks last.

@@ -6,6 +6,8 @@ So every test that uses one of them is put in that fixture's group, and a group 
 worker: each is still built once per suite, while the other worker runs the rest.
 """
 
+import os
+
 import pytest
 
 # fixture -> group; tests sharing a group run on one worker. Fixtures that use another listed
@@ -40,13 +42,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+# Entries at most this large in all: the limit turns on JAX's file lock around every cache read and
+# write, which two processes writing one entry at once (two workers, two hosts of one run) need.
+COMPILATION_CACHE_MAX_BYTES = 8 << 30
+
+
+@pytest.fixture(scope="session")
+def suite_compilation_cache(tmp_path_factory) -> dict:
+    """One persistent compilation cache directory per kind of process for the whole suite, shared
+    by both xdist workers: a program compiled for a test on one worker then loads on the other.
+    Without xdist this session's own temporary directory holds it (never an older session's)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's directory, above popen-gw0 and popen-gw1
+    return {kind: root / f"jax_cache_{kind}" for kind in ("in_process", "subprocess")}
+
+
 @pytest.fixture(scope="session", autouse=True)
-def in_process_compilation_cache(tmp_path_factory):
+def in_process_compilation_cache(suite_compilation_cache):
     """JAX's persistent compilation cache for the tests that run in this process: many build the
     same step again (a resumed run, float32 then bfloat16 then float32), which then loads instead
     of compiling (measured: 11% off those tests). Whole-run subprocesses have run_env's cache."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache_in_process")))
+    jax.config.update("jax_compilation_cache_dir", str(suite_compilation_cache["in_process"]))
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -63,6 +63,7 @@ from datasets import Audio, Features, Value
 from flax.serialization import msgpack_serialize
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+import conftest
 import make_demo_dataset
 import make_demo_dataset as demo
 import run_scream
@@ -2143,7 +2144,7 @@ def with_devices(env: dict, num_devices: int) -> dict:
 
 
 @pytest.fixture(scope="session")
-def run_env(tmp_path_factory):
+def run_env(tmp_path_factory, suite_compilation_cache):
     """Environment of every run_scream.py subprocess: 8 CPU devices, offline, a shared compilation
     cache and its own Hugging Face home.
 
@@ -2154,7 +2155,8 @@ def run_env(tmp_path_factory):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(suite_compilation_cache["subprocess"]),
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(conftest.COMPILATION_CACHE_MAX_BYTES),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
         HF_HOME=str(root / "hf_home"),

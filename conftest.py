@@ -34,12 +34,25 @@ def xdist_group_of(fixturenames) -> str | None:
     return next((SHARED_FIXTURE_GROUPS[name] for name in SHARED_FIXTURE_GROUPS if name in fixturenames), None)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    # Runs before xdist's own hook (trylast), which turns the marks into scheduling groups.
+    # Must run before the xdist worker's own hook, which turns the marks into scheduling groups
+    # (an "@group" suffix on each node id); without tryfirst it runs first and sees no marks.
     for item in items:
         group = xdist_group_of(item.fixturenames)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Grouping fails silently when xdist cannot rename the node ids (pytest 9.2 with xdist 3.8:
+    pytest-dev/pytest-xdist#1386): every group's fixture is then built on both workers. Say so."""
+    if node.config.getoption("dist") == "loadgroup" and not any("@" in nodeid for nodeid in ids):
+        raise pytest.UsageError(
+            "--dist loadgroup received no grouped test ids from the xdist workers, so each shared fixture "
+            "would be built on both; install the pytest and pytest-xdist pinned in requirements-dev.txt"
+        )
 
 
 # Entries at most this large in all: the limit turns on JAX's file lock around every cache read and

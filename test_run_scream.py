@@ -31,6 +31,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import collections
 import functools
+import hashlib
 import http.server
 import io
 import itertools
@@ -3300,7 +3301,12 @@ def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]])
         model = run_scream.build_model(config)
         REAL_GENERATE_CACHE[key] = jax.jit(functools.partial(run_scream.generate, model, settings=settings))
     prompt_ids = np.asarray(prompts, np.int32)
-    generated = np.asarray(REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids))[:, prompt_ids.shape[1] :]
+    # Two tests decode the same parity clips: the second reads the first's tokens (a whisper-base
+    # decode of 8 clips is tens of seconds on two cores).
+    result_key = (key, hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(), prompt_ids.tobytes())
+    if result_key not in REAL_GENERATE_CACHE:
+        REAL_GENERATE_CACHE[result_key] = np.asarray(REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids))
+    generated = REAL_GENERATE_CACHE[result_key][:, prompt_ids.shape[1] :]
     out = []
     for tokens in generated:
         tokens = list(map(int, tokens))
@@ -3417,9 +3423,11 @@ def test_whisper_base_from_ctranslate2_decodes_as_ctranslate2_and_transformers(
 
 
 # int8 weights move the logits enough to flip words where whisper-base is unsure, and on espeak speech
-# it is unsure often: 4 of the 8 parity clips kept the exact text when this was written. The character
-# error rate between the int8 and the float transcripts says how far the rest moved.
-REAL_INT8_MIN_SAME = 4
+# it is unsure often. Which words flip depends on the CPU's int8 kernels: of the 8 parity clips, 4 kept
+# the exact text on an AVX-512 machine and 2 on an AVX2-only AMD EPYC (CER 0.226 there). So the test
+# bounds the character error rate between the int8 and the float transcripts, which both machines meet,
+# and asks only that some clip keeps its exact text (a broken quantisation keeps none).
+REAL_INT8_MIN_SAME = 1
 REAL_INT8_MAX_CER = 0.25
 # faster-whisper pads a short clip's log-mel to 30 s with zeros, where transformers (and we) pad the
 # waveform with silence; on these clips, which whisper-base hears poorly, that alone changed 6 of 8

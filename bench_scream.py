@@ -1076,10 +1076,14 @@ def bench_generate(args):
         greedy = median(times[1]) / args.batch_size
         for beams in beam_counts:
             per_example = median(times[beams]) / args.batch_size
-            cache = rs.empty_cache(
-                model.dims, args.batch_size * beams, len(prefix) + args.max_new_tokens, jnp.dtype(args.dtype)
+            # Beam search repeats the self-attention cache per beam; the cross-attention cache stays one
+            # per row, shared by its beams.
+            row_cache = rs.empty_cache(
+                model.dims, args.batch_size, len(prefix) + args.max_new_tokens, jnp.dtype(args.dtype)
             )
-            cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+            cache_bytes = sum(
+                x.size * x.dtype.itemsize * (beams if name.startswith("self_") else 1) for name, x in row_cache.items()
+            )
             rows.append([name, beams, per_example, per_example / greedy, compile_s[beams], cache_bytes / 2**20])
     table(
         f"Eval decoding on CPU: {args.dtype}, batch {args.batch_size}, {args.max_new_tokens} new tokens, "

@@ -64,14 +64,12 @@ COMPILATION_CACHE_MAX_BYTES = 8 << 30
 def suite_compilation_cache(tmp_path_factory) -> dict:
     """One persistent compilation cache directory per kind of process for the whole suite, shared
     by both xdist workers: a program compiled for a test on one worker then loads on the other.
-    Runs of two joined processes get their own: JAX's cache key leaves out the device count per
-    process, so a one-process program over 8 devices and a two-process one over 4 + 4 can share a
-    key, and a two-process run once hung (420 s, both processes waiting) with the caches shared.
+    (Runs of two joined processes use none: test_run_scream.joined_process_env says why.)
     Without xdist this session's own temporary directory holds it (never an older session's)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # this session's directory, above popen-gw0 and popen-gw1
-    return {kind: root / f"jax_cache_{kind}" for kind in ("in_process", "subprocess", "two_processes")}
+    return {kind: root / f"jax_cache_{kind}" for kind in ("in_process", "subprocess")}
 
 
 @pytest.fixture(scope="session", autouse=True)

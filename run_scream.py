@@ -1799,7 +1799,7 @@ class Decoder(nn.Module):
             # A decoding step: the cross-attention keys and values are the prompt step's. Passing the
             # input's own arrays on (not the layers' restacked copies) lets XLA keep them in place
             # through generate's while loop; restacked, they were copied at every step (measured on
-            # whisper-base, 3 rows: 78 ms of a 30 s clip's decoding step was that copy).
+            # whisper-base, 3 rows of 30 s: a decoding step took 78 ms with that copy, 41 ms without).
             new_cache = {**new_cache, "cross_k": cache["cross_k"], "cross_v": cache["cross_v"]}
         x = layer_norm("layer_norm", self.dtype)(x)
         logits = keep_batch_sharded(embed_tokens.attend(x))  # tied output projection

@@ -2256,17 +2256,30 @@ def launch(env: dict, flags: list[str], log_dir: Path, name: str, script: str | 
     log_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "run_scream.py")]
     with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
+        # PYTHONFAULTHANDLER: a hung run, sent SIGABRT by stop_hung, writes every thread's stack to stderr.
+        env = env | {"PYTHONFAULTHANDLER": "1"}
         return subprocess.Popen(command + flags, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
 
 
+def stop_hung(process: subprocess.Popen):
+    """Stop a run that is still going: SIGABRT first, so that its stderr shows where it waited."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGABRT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def finish(process: subprocess.Popen, log_dir: Path, name: str, timeout: float = RUN_TIMEOUT_S):
-    """Wait (bounded: a hung run fails the test) and return (exit code, stdout, stderr)."""
+    """Wait (bounded: a hung run fails the test, with its threads' stacks) and return (exit code,
+    stdout, stderr)."""
     try:
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"{name} did not finish within {timeout} s:\n{(log_dir / f'{name}.err').read_text()[-3000:]}")
+        stop_hung(process)
+        pytest.fail(f"{name} did not finish within {timeout} s:\n{(log_dir / f'{name}.err').read_text()[-6000:]}")
     return returncode, (log_dir / f"{name}.out").read_text(), (log_dir / f"{name}.err").read_text()
 
 
@@ -2489,22 +2502,26 @@ def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
         assert run["losses"][0] == pytest.approx(token_mean, rel=1e-5), name
 
 
-@pytest.fixture(scope="session")
-def two_process_env(run_env, suite_compilation_cache) -> dict:
-    """run_env for one of two joined processes: 4 devices each and the two-process compilation cache
-    (conftest.suite_compilation_cache says why it is not the one-process runs' cache)."""
-    return {**with_devices(run_env, 4), "JAX_COMPILATION_CACHE_DIR": str(suite_compilation_cache["two_processes"])}
+def joined_process_env(env: dict, num_devices: int) -> dict:
+    """`env` for one of two processes joined through jax.distributed: `num_devices` each, and no
+    persistent compilation cache. With the suite's caches shared across workers, the two-process
+    evaluation run hung in 2 of 3 full runs (the 420 s timeout, both processes alive and waiting). JAX writes the cache from
+    process 0 only, so one process can run a program loaded from the cache while its peer runs one
+    it just compiled; which program hung was not pinned down, so joined runs compile their own."""
+    env = {key: value for key, value in with_devices(env, num_devices).items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    return env | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
-def run_two_processes(two_process_env: dict, command: list[str], out: Path) -> list[str]:
+def run_two_processes(run_env: dict, command: list[str], out: Path) -> list[str]:
     """`command` (train_command's flags) on 2 processes x 4 devices, joined through jax.distributed on
     localhost; each must succeed. Process 1 is a slow host: it dawdles 4 s after joining, so that
     process 0 reaches the output directory first (which once made process 1 refuse the run as "not
     empty"). Returns their stdouts."""
     port = free_port()
+    env = joined_process_env(run_env, 4)
     processes = [
         launch(
-            two_process_env,
+            env,
             ["4" if i == 1 else "0"]
             + command
             + [
@@ -2529,19 +2546,22 @@ def run_two_processes(two_process_env: dict, command: list[str], out: Path) -> l
             returncode, stdout, stderr = finish(process, out.parent, f"process{i}")
             assert returncode == 0, f"process {i}: exit {returncode}; stderr:\n{stderr[-4000:]}"
             logs.append(stdout)
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    except BaseException:
+        for process in processes:
+            stop_hung(process)
+        peers = "\n".join(
+            f"process{i} stderr:\n{(out.parent / f'process{i}.err').read_text()[-6000:]}" for i in range(2)
+        )
+        print(peers, file=sys.stderr)  # pytest shows it with the failure
+        raise
     return logs
 
 
 @pytest.fixture(scope="session")
-def train_two_processes(demo_dir, two_process_env, tmp_path_factory):
+def train_two_processes(demo_dir, run_env, tmp_path_factory):
     """The straight run's command on 2 processes x 4 devices (run_two_processes)."""
     out = tmp_path_factory.mktemp("train_two_processes") / "out"
-    return out, run_two_processes(two_process_env, train_command(demo_dir, out), out)
+    return out, run_two_processes(run_env, train_command(demo_dir, out), out)
 
 
 def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_two_processes):
@@ -2868,7 +2888,7 @@ def evalsets_jiwer(rows: list[dict]) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="session")
-def evalsets_two_processes(demo_dir, evalsets_dataset, two_process_env, tmp_path_factory):
+def evalsets_two_processes(demo_dir, evalsets_dataset, run_env, tmp_path_factory):
     """Two eval sets and one test set, two processes x 4 devices, evaluated at steps 1 and 2."""
     out = tmp_path_factory.mktemp("evalsets_two_processes") / "out"
     command = train_command(
@@ -2890,7 +2910,7 @@ def evalsets_two_processes(demo_dir, evalsets_dataset, two_process_env, tmp_path
         "--report_to",
         "none",
     )
-    return out, run_two_processes(two_process_env, command, out)
+    return out, run_two_processes(run_env, command, out)
 
 
 def test_evalsets_two_sets_and_a_test_set_on_two_processes(evalsets_two_processes):
@@ -4232,7 +4252,7 @@ def test_reliability_a_dead_peer_process_stops_the_survivor(demo_dir, one_device
     started. Process 0 must exit with an error (JAX's coordination service notices the missing
     heartbeats) instead of waiting forever in the next collective."""
     port = free_port()
-    env = with_devices(one_device_env, 2)
+    env = joined_process_env(one_device_env, 2)
     out = tmp_path / "run"
     processes = [
         launch(

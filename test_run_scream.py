@@ -20,8 +20,8 @@ Where the README's promises are tested (sections in run_scream.py's order; test 
   the benchmark tables                                              test_bench_*   (--- bench ---)
 
 Whole runs are subprocesses started by one harness (launch / finish / run_and_wait / run_to_end)
-on one demo (demo_dir) with one environment (run_env: 8 CPU devices; one_device_env: 1; both compile
-with TOY_COMPILE_FLAG; real_weights_env: 1 device, XLA's default optimisation, for real weights).
+on one demo (demo_dir) with one of three environments: run_env (8 CPU devices) and one_device_env
+(1), both compiling with TOY_COMPILE_FLAG, and real_weights_env (1, XLA's default) for real weights.
 """
 
 import os
@@ -2146,11 +2146,10 @@ def demo_dir(tmp_path_factory):
 # A toy-sized run spends more of its time in XLA:CPU's compiler than running what it compiled;
 # LLVM at -O0 compiles the same HLO faster (measured alone, a whole 6-step demo run with eval and
 # export: 28.8 s -> 23.2 s, medians of 3 alternating; its losses equal to 6 digits, its eval loss to
-# 1e-7). Every toy run_scream.py subprocess of the suite compiles so, so runs compared with each
-# other match. Runs of real weights keep XLA's default: there the compiled code's speed counts (-O0
-# made the whisper-base beam-search test 104 s -> 119 s). The pytest process itself keeps the
-# default: with -O0 there too (real-weight jits set back to level 3) one full suite took 23:15
-# against 17:38, on a machine then slower by its own measure, so the gain is unproven and left out.
+# 1e-7). Every toy run_scream.py subprocess compiles so, so runs compared with each other match.
+# Real weights keep XLA's default, where the compiled code's speed counts (-O0 made the whisper-base
+# beam-search test 104 s -> 119 s, one run each). The pytest process keeps the default too: -O0
+# there did not make a full suite measurably faster.
 TOY_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 

@@ -2694,6 +2694,17 @@ def torch_to_flax(state_dict: dict[str, np.ndarray]) -> dict:
     return params
 
 
+def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """A nested parameter tree -> {(key, ..., leaf name): array}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            flat.update(flatten_tree(dict(value), prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
 def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
     """Our unstacked parameter tree -> transformers' names and layouts (inverse of torch_to_flax)."""
     state = {}
@@ -3010,16 +3021,6 @@ def read_ctranslate2(directory: Path):
     generation_config = GenerationConfig(**generation)
     feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     return config, torch_to_flax(state), tokenizer, feature_extractor, generation_config
-
-
-def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) or hasattr(value, "items"):
-            flat.update(flatten_tree(dict(value), prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
 
 
 def stack_layers(params: dict, dims: WhisperDims) -> dict:

@@ -46,6 +46,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -2153,10 +2154,41 @@ def demo_dir(tmp_path_factory):
 TOY_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
+# Toy runs start as a TPU host that installed requirements.txt does: torch, a test-only dependency
+# here, is hidden from them, so transformers and datasets do not import it (measured: 3 s of the 7 s
+# import of a run). Real-weight runs keep it: --export_ctranslate2's converter reads the export with it.
+RUNTIME_ONLY_SITECUSTOMIZE = """import importlib.machinery
+import sys
+
+
+class PathFinderWithoutTorch(importlib.machinery.PathFinder):
+    # As if torch were not installed: importlib.util.find_spec("torch") is None, `import torch` fails.
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path = [PathFinderWithoutTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+
+
+@functools.cache  # one directory per test process
+def runtime_only_pythonpath() -> str:
+    """PYTHONPATH of a process that sees the runtime only: a sitecustomize.py hiding torch, then the repository."""
+    site = Path(tempfile.mkdtemp(prefix="scream_runtime_only_"))
+    (site / "sitecustomize.py").write_text(RUNTIME_ONLY_SITECUSTOMIZE)
+    return f"{site}{os.pathsep}{REPO}"
+
+
 def with_devices(env: dict, num_devices: int, real_weights: bool = False) -> dict:
-    """`env` for a process with `num_devices` fake CPU devices (toy runs: with TOY_COMPILE_FLAG)."""
+    """`env` for a process with `num_devices` fake CPU devices (toy runs: with TOY_COMPILE_FLAG and
+    without torch)."""
     flags = f"--xla_force_host_platform_device_count={num_devices} {COLLECTIVE_TIMEOUT_FLAG}"
-    return {**env, "XLA_FLAGS": flags if real_weights else f"{flags} {TOY_COMPILE_FLAG}"}
+    if real_weights:
+        return {**env, "XLA_FLAGS": flags, "PYTHONPATH": str(REPO)}
+    return {**env, "XLA_FLAGS": f"{flags} {TOY_COMPILE_FLAG}", "PYTHONPATH": runtime_only_pythonpath()}
 
 
 @pytest.fixture(scope="session")
@@ -2181,7 +2213,6 @@ def run_env(tmp_path_factory, suite_compilation_cache):
         HF_HUB_DISABLE_TELEMETRY="1",
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(REPO),
     )
     env.pop("HF_ENDPOINT", None)
     return with_devices(env, 8)
@@ -4543,7 +4574,13 @@ def test_reliability_output_dir_with_another_runs_checkpoints_is_refused(
 
 
 def test_reliability_experiment_script_with_a_typo_in_a_flag(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"))
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        HF_HUB_OFFLINE="1",
+        SCREAM_OUTPUT_ROOT=str(tmp_path / "runs"),
+        PYTHONPATH=runtime_only_pythonpath(),
+    )
     result = subprocess.run(
         ["bash", str(REPO / "run_tiny_all.sh"), "--dry_run", "--learning_rat", "1e-4"],
         env=env,
@@ -4718,6 +4755,7 @@ def dry_run(script: Path, cache: Path, *extra: str) -> dict:
         HF_HUB_CACHE=str(cache),
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
+        PYTHONPATH=runtime_only_pythonpath(),
     )
     result = subprocess.run(
         ["bash", str(script), *extra, "--dry_run", "--no_dry_run_compile"],
@@ -4818,7 +4856,12 @@ sys.path.insert(0, str(REPO))
 # Compile-only TPU work: libtpu must neither look for a TPU nor ask a metadata server, nor wait for
 # another process's libtpu lockfile (a parallel test process may hold it).
 BENCH_TPU_ENV = dict(
-    os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", HF_HUB_OFFLINE="1"
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TPU_SKIP_MDS_QUERY="1",
+    ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    HF_HUB_OFFLINE="1",
+    PYTHONPATH=runtime_only_pythonpath(),
 )
 
 

@@ -1888,6 +1888,13 @@ def generate(model: Whisper, params, input_features, prompt_ids, settings: Decod
     Returns (B, P + max_new_tokens) ids: the prompt, the generated tokens (of the best hypothesis)
     up to and including <|endoftext|>, then pad. Stops early once every row has ended.
     """
+    encoder_hidden = model.apply({"params": params}, input_features, method=Whisper.encode)
+    return generate_from_encoded(model, params, encoder_hidden, prompt_ids, settings)
+
+
+def generate_from_encoded(model: Whisper, params, encoder_hidden, prompt_ids, settings: DecodingSettings):
+    """generate() after the encoder: from its output (B, frames, d_model), so that one encoder pass
+    serves several decodings (greedy and beam search of the same audio, as the tests compare them)."""
     batch_size, prompt_length = prompt_ids.shape
     if settings.num_beams < 1:
         raise ValueError(f"settings.num_beams is {settings.num_beams}: 1 (greedy) or more")
@@ -1903,8 +1910,7 @@ def generate(model: Whisper, params, input_features, prompt_ids, settings: Decod
         )
     variables = {"params": params}
     prompt_ids = prompt_ids.astype(jnp.int32)
-    # The encoder and the prompt run once per row; beam search repeats their outputs per beam.
-    encoder_hidden = model.apply(variables, input_features, method=Whisper.encode)
+    # The prompt runs once per row (beam search then repeats its self-attention cache per beam).
     cache = empty_cache(model.dims, batch_size, total_length, model.dtype)
     logits, cache = model.apply(variables, prompt_ids, encoder_hidden, cache, 0, method=Whisper.decode)
     search = greedy_search if settings.num_beams == 1 else beam_search

@@ -3365,9 +3365,11 @@ def real_prompt(pretrained, language: str) -> tuple[int, ...]:
 REAL_GENERATE_CACHE: dict = {}
 
 
-def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]]) -> list[list[int]]:
+def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]], inputs=None, labels=None):
     """run_scream.generate's greedy tokens after each row's own prompt, up to (not including)
-    <|endoftext|>. All rows in one call (a (B, P) prompt per row); compiled once per model."""
+    <|endoftext|>. All rows in one call (a (B, P) prompt per row); compiled once per model.
+    With decoder `inputs` and `labels`, also (tokens, (token-mean loss, logits)) of our forward pass
+    on them, in the same jit, where XLA computes the encoder once for both."""
     config, generation_config = pretrained.config, pretrained.generation_config
     settings = run_scream.DecodingSettings(
         prompt_length=len(prompts[0]),
@@ -3377,22 +3379,34 @@ def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]])
         suppress_tokens=tuple(generation_config.suppress_tokens or ()),
         begin_suppress_tokens=tuple(generation_config.begin_suppress_tokens or ()),
     )
-    key = (pretrained.source, settings)
+    with_loss = inputs is not None
+    key = (pretrained.source, settings, with_loss)
     if key not in REAL_GENERATE_CACHE:
         model = run_scream.build_model(config)
-        REAL_GENERATE_CACHE[key] = jax.jit(functools.partial(run_scream.generate, model, settings=settings))
+
+        def decode(params, features, prompt_ids, inputs=None):
+            generated = run_scream.generate(model, params, features, prompt_ids, settings=settings)
+            return (generated, model.apply({"params": params}, features, inputs)) if with_loss else generated
+
+        REAL_GENERATE_CACHE[key] = jax.jit(decode)
     prompt_ids = np.asarray(prompts, np.int32)
     # Two tests decode the same parity clips: the second reads the first's tokens (a whisper-base
     # decode of 8 clips is tens of seconds on two cores).
-    result_key = (key, hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest(), prompt_ids.tobytes())
-    if result_key not in REAL_GENERATE_CACHE:
+    result_key = (pretrained.source, settings, hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest())
+    result_key += (prompt_ids.tobytes(),)
+    loss_and_logits = None
+    if with_loss:
+        generated, logits = REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids, inputs)
+        REAL_GENERATE_CACHE[result_key] = np.asarray(generated)
+        losses, mask = run_scream.token_losses(logits, labels)
+        loss_and_logits = (float(losses.sum() / mask.sum()), np.asarray(logits))
+    elif result_key not in REAL_GENERATE_CACHE:
         REAL_GENERATE_CACHE[result_key] = np.asarray(REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids))
-    generated = REAL_GENERATE_CACHE[result_key][:, prompt_ids.shape[1] :]
     out = []
-    for tokens in generated:
+    for tokens in REAL_GENERATE_CACHE[result_key][:, prompt_ids.shape[1] :]:
         tokens = list(map(int, tokens))
         out.append(tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens)
-    return out
+    return (out, loss_and_logits) if with_loss else out
 
 
 def ctranslate2_greedy(
@@ -3413,16 +3427,27 @@ def ctranslate2_greedy(
     return [list(result.sequences_ids[0]) for result in results]
 
 
-def transformers_greedy(torch_model, features: np.ndarray, languages, prompts) -> list[list[int]]:
-    """transformers' generate(num_beams=1) per language; the prompt it chose is checked against ours."""
+def torch_encoded(torch_model, features: np.ndarray):
+    """transformers' encoder output for `features`, to give several of the calls below (each would
+    run the encoder again)."""
+    with torch.no_grad():
+        return torch_model.get_encoder()(torch.from_numpy(features)).last_hidden_state
+
+
+def transformers_greedy(torch_model, features: np.ndarray, languages, prompts, encoded=None) -> list[list[int]]:
+    """transformers' generate(num_beams=1) per language; the prompt it chose is checked against ours.
+    With `encoded` (torch_encoded of the features), generate starts from it."""
     out: list = [None] * len(languages)
     eos = torch_model.generation_config.eos_token_id
     for language in dict.fromkeys(languages):
         rows = [i for i, lang in enumerate(languages) if lang == language]
         kwargs = {} if torch_model.generation_config.is_multilingual is False else {"language": language}
+        if encoded is None:
+            kwargs["input_features"] = torch.from_numpy(features[rows])
+        else:  # a fresh output object: generate() expands it in place
+            kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoded[rows])
         with torch.no_grad():
             sequences = torch_model.generate(
-                torch.from_numpy(features[rows]),
                 num_beams=1,
                 do_sample=False,
                 max_new_tokens=REAL_MAX_NEW_TOKENS,
@@ -3461,11 +3486,10 @@ def our_loss(pretrained, features, inputs, labels) -> tuple[float, np.ndarray]:
     return float(losses.sum() / mask.sum()), np.asarray(logits)
 
 
-def torch_loss(torch_model, features, inputs, labels) -> tuple[float, np.ndarray]:
+def torch_loss(torch_model, features, inputs, labels, encoded=None) -> tuple[float, np.ndarray]:
+    given = {"input_features": torch.from_numpy(features)} if encoded is None else {"encoder_outputs": (encoded,)}
     with torch.no_grad():
-        logits = torch_model(
-            input_features=torch.from_numpy(features), decoder_input_ids=torch.from_numpy(inputs).long()
-        ).logits
+        logits = torch_model(**given, decoder_input_ids=torch.from_numpy(inputs).long()).logits
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), torch.from_numpy(labels).long().reshape(-1), ignore_index=-100
     )
@@ -3486,18 +3510,18 @@ def test_whisper_base_from_ctranslate2_decodes_as_ctranslate2_and_transformers(
     assert prompts[0] == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
     features = real_features(whisper_base, clips)
 
-    ours = our_greedy(whisper_base, features, prompts)
+    inputs, labels = real_labels(whisper_base, clips, prompts)
+    ours, (loss, logits) = our_greedy(whisper_base, features, prompts, inputs, labels)
     theirs_ct2 = ctranslate2_greedy(whisper_base_joined_dir, features, prompts)
-    theirs_hf = transformers_greedy(whisper_base_torch, features, languages, prompts)
+    encoded = torch_encoded(whisper_base_torch, features)  # the encoder once, for generate and the loss
+    theirs_hf = transformers_greedy(whisper_base_torch, features, languages, prompts, encoded)
     texts = whisper_base.tokenizer.batch_decode(ours, skip_special_tokens=True)
     print("\n".join(f"{c['text']} -> {t}" for c, t in zip(clips, texts)))
     assert ours == theirs_ct2
     assert ours == theirs_hf
     assert all(ours) and len({tuple(t) for t in ours}) == len(ours)  # real, different transcripts
 
-    inputs, labels = real_labels(whisper_base, clips, prompts)
-    loss, logits = our_loss(whisper_base, features, inputs, labels)
-    reference_loss, reference_logits = torch_loss(whisper_base_torch, features, inputs, labels)
+    reference_loss, reference_logits = torch_loss(whisper_base_torch, features, inputs, labels, encoded)
     print(f"eval loss: ours {loss:.6f}, transformers {reference_loss:.6f}")
     assert abs(loss - reference_loss) <= REAL_LOSS_RTOL * reference_loss
     assert np.abs(logits - reference_logits).max() < 1e-3  # float32 over 6+6 layers of a 74 M model
@@ -3847,11 +3871,7 @@ def test_beam_search_matches_transformers_on_whisper_base(whisper_base, espeak_c
     batches = [slice(i, i + BEAM_REAL_BATCH) for i in range(0, len(clips), BEAM_REAL_BATCH)]
     encode = jax.jit(lambda params, features: model.apply({"params": params}, features, method=rs.Whisper.encode))
     encoded = [encode(whisper_base.params, features[rows]) for rows in batches]
-    with torch.no_grad():
-        their_encoded = [
-            torch_model.get_encoder()(torch.from_numpy(features[row : row + 1])).last_hidden_state
-            for row in range(len(clips))
-        ]
+    their_encoded = [torch_encoded(torch_model, features[row : row + 1]) for row in range(len(clips))]
 
     def decode(settings):
         return np.concatenate(

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.machinery
 import io
 import itertools
 import json
@@ -308,12 +309,31 @@ def timed_each(fn, steps: int) -> list[float]:
 SIDES = ("ours", "torch")
 
 
+class PathFinderWithoutTorch(importlib.machinery.PathFinder):
+    """sys.meta_path's finder of installed packages, blind to torch: importlib.util.find_spec("torch")
+    is None and `import torch` fails, as on a machine without it."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            return None
+        return super().find_spec(name, path, target)
+
+
+def hide_torch():
+    """From now on this process sees no torch. Our side's process calls it first: transformers
+    imports torch when it finds it (3 s), which loads torch's OpenMP and MKL runtimes next to XLA's."""
+    sys.meta_path[:] = [PathFinderWithoutTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+
+
 def train_side(args):
     """One side of the train comparison, alone in this process (`bench_scream.py train-side`).
 
     Builds that side's trainer, runs one untimed step, times `--steps` steps one by one, and for
     ours also the matmul peak and XLA's FLOP count; with --parts, times the model part by part
     instead. Prints one JSON line for the parent (`bench_train`)."""
+    if args.side == "ours":
+        hide_torch()
     config = whisper_config(args.model, args.chunk_s)
     mel_filters = mel_filters_for(config, args.chunk_s)
     if args.parts:

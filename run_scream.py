@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import struct, traverse_util
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -2700,21 +2700,10 @@ def torch_to_flax(state_dict: dict[str, np.ndarray]) -> dict:
     return params
 
 
-def flatten_tree(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    """A nested parameter tree -> {(key, ..., leaf name): array}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) or hasattr(value, "items"):
-            flat.update(flatten_tree(dict(value), prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
 def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
     """Our unstacked parameter tree -> transformers' names and layouts (inverse of torch_to_flax)."""
     state = {}
-    for path, weight in flatten_tree(params).items():
+    for path, weight in traverse_util.flatten_dict(params).items():
         *modules, leaf = path
         weight = np.asarray(weight, np.float32)
         if leaf == "kernel":
@@ -3057,8 +3046,8 @@ def unstack_layers(params: dict) -> dict:
 
 def check_parameter_tree(params: dict, expected: dict, source: str):
     """Same names and shapes as the model's, or an error that lists the differences."""
-    got = {"/".join(k): np.shape(v) for k, v in flatten_tree(params).items()}
-    want = {"/".join(k): tuple(v.shape) for k, v in flatten_tree(expected).items()}
+    got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected).items()}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     mismatched = sorted(f"{k}: {got[k]} vs expected {want[k]}" for k in set(got) & set(want) if got[k] != want[k])

@@ -65,6 +65,7 @@ import soxr
 import torch
 import transformers.models.whisper.feature_extraction_whisper as feature_extraction_whisper
 from datasets import Audio, Features, Value
+from flax import traverse_util
 from flax.serialization import msgpack_serialize
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
@@ -1748,7 +1749,7 @@ def test_model_scan_and_remat_give_the_same_logits_and_gradients(model_generatio
         step = jax.jit(jax.grad(functools.partial(model_loss_and_logits, model), has_aux=True))
         grads, logits = step(params, features, ids)
         grads = run_scream.unstack_layers(grads) if scan else grads
-        return np.asarray(logits), {k: np.asarray(v) for k, v in run_scream.flatten_tree(grads).items()}
+        return np.asarray(logits), {k: np.asarray(v) for k, v in traverse_util.flatten_dict(grads).items()}
 
     reference, reference_grads = logits_and_grads(False, "none")
     assert max(np.abs(g).max() for g in reference_grads.values()) > 0.1  # gradients of a real size
@@ -1891,10 +1892,10 @@ def test_model_init_params_follow_transformers_init():
     assert not embedding[config.pad_token_id].any()
     assert not torch_model.model.decoder.embed_tokens.weight[config.pad_token_id].any()
 
-    flat = run_scream.flatten_tree(params)
+    flat = traverse_util.flatten_dict(params)
     assert (
         flat.keys()
-        == run_scream.flatten_tree(
+        == traverse_util.flatten_dict(
             run_scream.torch_to_flax({k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
         ).keys()
     )
@@ -2474,9 +2475,14 @@ PARAM_ATOL = 3e-5
 def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
     reference, run = train_step_runs["runs"]["one_device"], train_step_runs["runs"][name]
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=LOSS_RTOL)
-    assert max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(reference["params"])) < PARAM_ATOL
+    assert (
+        max_abs_diff(traverse_util.flatten_dict(run["params"]), traverse_util.flatten_dict(reference["params"]))
+        < PARAM_ATOL
+    )
     # The steps really moved the parameters (far more than the tolerance).
-    moved = max_abs_diff(rs.flatten_tree(run["params"]), rs.flatten_tree(train_step_runs["initial"].params))
+    moved = max_abs_diff(
+        traverse_util.flatten_dict(run["params"]), traverse_util.flatten_dict(train_step_runs["initial"].params)
+    )
     assert moved > 20 * PARAM_ATOL
 
 
@@ -3362,11 +3368,11 @@ def real_prompt(pretrained, language: str) -> tuple[int, ...]:
 REAL_GENERATE_CACHE: dict = {}
 
 
-def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]], inputs=None, labels=None):
+def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]], inputs=None):
     """run_scream.generate's greedy tokens after each row's own prompt, up to (not including)
     <|endoftext|>. All rows in one call (a (B, P) prompt per row); compiled once per model.
-    With decoder `inputs` and `labels`, also (tokens, (token-mean loss, logits)) of our forward pass
-    on them, in the same jit, where XLA computes the encoder once for both."""
+    With decoder `inputs`, (tokens, our logits for them) from the same jit, where XLA computes the
+    encoder once for both."""
     config, generation_config = pretrained.config, pretrained.generation_config
     settings = run_scream.DecodingSettings(
         prompt_length=len(prompts[0]),
@@ -3391,19 +3397,17 @@ def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]],
     # decode of 8 clips is tens of seconds on two cores).
     result_key = (pretrained.source, settings, hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest())
     result_key += (prompt_ids.tobytes(),)
-    loss_and_logits = None
+    logits = None
     if with_loss:
         generated, logits = REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids, inputs)
         REAL_GENERATE_CACHE[result_key] = np.asarray(generated)
-        losses, mask = run_scream.token_losses(logits, labels)
-        loss_and_logits = (float(losses.sum() / mask.sum()), np.asarray(logits))
     elif result_key not in REAL_GENERATE_CACHE:
         REAL_GENERATE_CACHE[result_key] = np.asarray(REAL_GENERATE_CACHE[key](pretrained.params, features, prompt_ids))
     out = []
     for tokens in REAL_GENERATE_CACHE[result_key][:, prompt_ids.shape[1] :]:
         tokens = list(map(int, tokens))
         out.append(tokens[: tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens)
-    return (out, loss_and_logits) if with_loss else out
+    return (out, np.asarray(logits)) if with_loss else out
 
 
 def ctranslate2_greedy(
@@ -3481,8 +3485,12 @@ def our_loss(pretrained, features, inputs, labels) -> tuple[float, np.ndarray]:
     logits = jax.jit(model.apply, compiler_options=REAL_WEIGHTS_COMPILE)(
         {"params": pretrained.params}, features, inputs
     )
+    return token_mean_loss(logits, labels), np.asarray(logits)
+
+
+def token_mean_loss(logits, labels) -> float:
     losses, mask = run_scream.token_losses(logits, labels)
-    return float(losses.sum() / mask.sum()), np.asarray(logits)
+    return float(losses.sum() / mask.sum())
 
 
 def torch_loss(torch_model, features, inputs, labels, encoded=None) -> tuple[float, np.ndarray]:
@@ -3510,7 +3518,8 @@ def test_whisper_base_from_ctranslate2_decodes_as_ctranslate2_and_transformers(
     features = real_features(whisper_base, clips)
 
     inputs, labels = real_labels(whisper_base, clips, prompts)
-    ours, (loss, logits) = our_greedy(whisper_base, features, prompts, inputs, labels)
+    ours, logits = our_greedy(whisper_base, features, prompts, inputs)
+    loss = token_mean_loss(logits, labels)
     theirs_ct2 = ctranslate2_greedy(whisper_base_joined_dir, features, prompts)
     encoded = torch_encoded(whisper_base_torch, features)  # the encoder once, for generate and the loss
     theirs_hf = transformers_greedy(whisper_base_torch, features, languages, prompts, encoded)
@@ -3768,7 +3777,7 @@ def test_ctranslate2_parts_are_joined_and_bad_files_are_named(tiny_en, tiny_en_c
     model_bin = (tiny_en_ct2_dir / "model.bin").read_bytes()
     split = copy_ct2_dir(tiny_en_ct2_dir, tmp_path / "split", model_bin, cuts=(7, 1_000_003, 40_000_001))
     params = run_scream.load_pretrained(str(split)).params
-    flat, reference = run_scream.flatten_tree(params), run_scream.flatten_tree(tiny_en.params)
+    flat, reference = traverse_util.flatten_dict(params), traverse_util.flatten_dict(tiny_en.params)
     assert flat.keys() == reference.keys() and all(np.array_equal(flat[k], reference[k]) for k in flat)
 
     truncated = copy_ct2_dir(tiny_en_ct2_dir, tmp_path / "truncated", model_bin[:40_000_001], cuts=(1_000_003,))
@@ -3807,7 +3816,7 @@ def test_ctranslate2_model_by_hub_id_from_the_offline_cache(tiny_en, tiny_en_ct2
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     pretrained = run_scream.load_pretrained("scream-test/faster-whisper-tiny.en", cache_dir=str(cache))
     assert run_scream.is_english_only(pretrained.config, pretrained.generation_config)
-    flat, reference = run_scream.flatten_tree(pretrained.params), run_scream.flatten_tree(tiny_en.params)
+    flat, reference = traverse_util.flatten_dict(pretrained.params), traverse_util.flatten_dict(tiny_en.params)
     assert flat.keys() == reference.keys() and all(np.array_equal(flat[k], reference[k]) for k in flat)
 
 

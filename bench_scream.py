@@ -178,7 +178,6 @@ def make_train_batch(config, batch_size: int, label_length: int, chunk_s: float,
         "audio": audio,
         "decoder_input_ids": tokens[:, :-1],
         "labels": tokens[:, 1:],
-        "example_mask": np.ones((batch_size,), np.int32),
     }
 
 
@@ -295,6 +294,17 @@ def matmul_gflops(n: int, repeats: int = 5) -> float:
     return rs.measured_matmul_flops(n, repeats) / 1e9
 
 
+def torch_matmul_gflops(n: int, repeats: int = 5) -> float:
+    """torch.matmul n^3 float32 with this process's torch threads, GFLOP/s: PyTorch's own peak, so
+    each side's fraction of peak can be read against its own matmul library."""
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    seconds = timed_each(lambda: torch.matmul(a, b), repeats)
+    return 2 * n**3 / median(seconds) / 1e9
+
+
 def timed_each(fn, steps: int) -> list[float]:
     """Seconds of each of `steps` calls, after one untimed call (compilation, first allocations)."""
     fn()
@@ -354,6 +364,8 @@ def train_side(args):
         result.update(
             compile_s=trainer.compile_s, xla_flops=trainer.xla_flops, matmul_gflops=matmul_gflops(args.matmul_n)
         )
+    else:
+        result.update(matmul_gflops=torch_matmul_gflops(args.matmul_n))
     print(json.dumps(result))
 
 
@@ -402,7 +414,7 @@ def bench_train(args):
         f"torch threads {args.threads}, XLA default threads, jax {jax.__version__}, torch {torch.__version__}, "
         f"each side in its own fresh process, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}"
     )
-    rows, flops_rows, matmul, pids = [], [], [], set()
+    rows, flops_rows, matmul, pids = [], [], {side: [] for side in SIDES}, set()
     LOAD_SAMPLES.clear()
     for name in args.models:
         config = whisper_config(name, args.chunk_s)
@@ -413,7 +425,8 @@ def bench_train(args):
                 runs[side].append(run_side(args, side, name))
         per_run = {side: [median(r["seconds_per_step"]) for r in runs[side]] for side in SIDES}
         pids |= {r["pid"] for side in SIDES for r in runs[side]} - {os.getpid()}
-        matmul += [r["matmul_gflops"] for r in runs["ours"]]
+        for side in SIDES:
+            matmul[side] += [r["matmul_gflops"] for r in runs[side]]
         formula = training_flops_per_example(config, args.label_length)
         ours_s, theirs_s = median(per_run["ours"]), median(per_run["torch"])
         for side, label in (("ours", "ours: jit, log-mel in step"), ("torch", "PyTorch eager, features precomputed")):
@@ -427,6 +440,7 @@ def bench_train(args):
                     theirs_s / seconds,
                     median([r["cores_busy"] for r in runs[side]]),
                     formula * args.batch_size / seconds,
+                    side,
                 ]
             )
         xla = median([r["xla_flops"] for r in runs["ours"]]) / args.batch_size
@@ -440,9 +454,10 @@ def bench_train(args):
             ]
         )
         print(f"(ours vs PyTorch at {name} dims: {theirs_s / ours_s:.2f}x)", flush=True)
-    peak = median(matmul) * 1e9
-    for row in rows:
-        row[-1] = row[-1] / peak
+    peak = {side: median(matmul[side]) * 1e9 for side in SIDES}
+    for row in rows:  # model FLOP/s as a fraction of jnp.dot's peak, and of the side's own framework's
+        flops_per_s, side = row[-2], row[-1]
+        row[-2:] = [flops_per_s / peak["ours"], peak[side] / 1e9, flops_per_s / peak[side]]
     table(
         "Training step throughput",
         [
@@ -453,13 +468,17 @@ def bench_train(args):
             "vs PyTorch",
             "cores busy",
             "fraction of matmul peak",
+            "own matmul peak GFLOP/s",
+            "fraction of own peak",
         ],
         rows,
         f"Each of {args.rounds} rounds runs each side in its own fresh process (alternating which goes first; "
         f"{len(pids)} processes in all, none of them this one); "
         f"a run's figure is the median of {args.steps} timed steps after an untimed one; the table gives the median "
-        f"and the range over runs. Matmul peak: jnp.dot {args.matmul_n}^3 float32 = {peak / 1e9:.1f} GFLOP/s "
-        f"(median, measured in ours' processes). Fraction of peak = training FLOPs/example x examples/s / peak. "
+        f"and the range over runs. Matmul peak: jnp.dot {args.matmul_n}^3 float32 = {peak['ours'] / 1e9:.1f} GFLOP/s "
+        f"(median, measured in ours' processes); own peak: the side's own framework's {args.matmul_n}^3 float32 "
+        f"matmul (torch.matmul: {peak['torch'] / 1e9:.1f} GFLOP/s). Fraction of peak = training FLOPs/example x "
+        f"examples/s / peak. "
         f"Cores busy = the process's CPU seconds (all threads) per wall second over the timed steps, of "
         f"{usable_cores()}. {load_range()}.",
     )
@@ -568,6 +587,10 @@ def profile_parts(name: str, args, side: str) -> dict[str, float]:
         f"decoder layer (x{config.decoder_layers})",
     )
     attention_part = "  of which self-attention core (QK^T, softmax, AV)"
+    # The core's matmuls alone, forward, over all positions at once: batched (example, head)
+    # products with a 64-wide inner dimension, where the two frameworks' matmul libraries differ.
+    scores_part = f"    its QK^T matmul alone, forward ({B}x{heads} of {S}x{d // heads} . {d // heads}x{S})"
+    values_part = f"    its PV matmul alone, forward ({B}x{heads} of {S}x{S} . {S}x{d // heads})"
     head_part, update_part = f"output projection ({config.vocab_size}-way) + loss", "AdamW update (all parameters)"
     if ours:
         # log-mel: ours on the device (forward only: no gradient flows into the features).
@@ -590,6 +613,12 @@ def profile_parts(name: str, args, side: str) -> dict[str, float]:
         parts["  the same, unblocked (jax.nn.dot_product_attention)"] = lambda: jax.block_until_ready(
             dense_grad(qj, qj, qj)
         )
+        heads_first = jnp.asarray(q.transpose(0, 2, 1, 3))
+        scores_matmul = jax.jit(lambda a: jnp.einsum("bhqd,bhkd->bhqk", a, a))
+        probs = jnp.asarray(rng.random((B, heads, S, S), np.float32))
+        values_matmul = jax.jit(lambda p_, v_: jnp.einsum("bhqk,bhkd->bhqd", p_, v_))
+        parts[scores_part] = lambda: scores_matmul(heads_first).block_until_ready()
+        parts[values_part] = lambda: values_matmul(probs, heads_first).block_until_ready()
 
         class OurDecoderLayer(rs.nn.Module):  # training signature: no cache
             @rs.nn.compact
@@ -645,6 +674,10 @@ def profile_parts(name: str, args, side: str) -> dict[str, float]:
             tq.grad = None
 
         parts[attention_part] = torch_attention
+        heads_first = torch.tensor(q.transpose(0, 2, 1, 3).copy())
+        probs = torch.tensor(rng.random((B, heads, S, S), np.float32))
+        parts[scores_part] = lambda: torch.matmul(heads_first, heads_first.transpose(-1, -2))
+        parts[values_part] = lambda: torch.matmul(probs, heads_first)
         parts[decoder_part] = torch_grad_fn(
             hf.WhisperDecoderLayer(config, layer_idx=0),
             dec_in,
@@ -808,9 +841,6 @@ def bench_input(args):
     text_settings = rs.TextSettings(False, False, args.label_length)
     prepare = functools.partial(
         rs.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=tokenizer,
         audio_settings=audio_settings,
         text_settings=text_settings,
@@ -939,11 +969,6 @@ def bench_input(args):
             rs.load_source,
             data_args,
             "train",
-            process_index=0,
-            process_count=1,
-            seed=0,
-            shuffle=False,
-            max_samples=None,
         )
         batches = rs.SpeechBatches(
             lambda epoch: make_source(epoch=epoch),

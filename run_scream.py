@@ -857,16 +857,17 @@ def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | 
 def prepare_example(
     row: dict,
     *,
-    audio_column: str,
-    text_column: str,
-    id_column: str,
     tokenizer,
     audio_settings: AudioSettings,
     text_settings: TextSettings,
     label_tokenizer=None,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    id_column: str = "id",
     source_column: str | None = None,
 ):
     """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data.
+    The column names default to those of --audio_column_name, --text_column_name and --id_column_name.
 
     `label_tokenizer` (default `tokenizer`) tokenizes the transcript and previous text: the
     training stream passes training_tokenizer's BPE-dropout copy. The example carries `tokens`
@@ -951,7 +952,8 @@ def collate(
     max_prev_length: int = 0,
     default_prompt_ids: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are masked.
+    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are
+    padding: silence, and labels all -100, so they carry no loss.
 
     Every row is max_prev_length + max_label_length decoder positions, prompt or not; a row's
     first prompt_length labels are -100 (see decoder_tokens). With default_prompt_ids, the batch
@@ -961,15 +963,13 @@ def collate(
     audio = np.zeros((batch_size, n_samples), np.float32)
     labels = np.full((batch_size, length), -100, np.int32)
     decoder_input_ids = np.full((batch_size, length), pad_token_id, np.int32)
-    example_mask = np.zeros((batch_size,), np.int32)
     for row, example in enumerate(examples):
         audio[row, : len(example["audio"])] = example["audio"]
         tokens = example["tokens"]
         labels[row, : len(tokens) - 1] = tokens[1:]
         labels[row, : example.get("prompt_length", 0)] = -100  # the previous-text prompt carries no loss
         decoder_input_ids[row, : len(tokens) - 1] = tokens[:-1]
-        example_mask[row] = 1
-    batch = {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids, "example_mask": example_mask}
+    batch = {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids}
     if default_prompt_ids is not None:
         prompt_ids = np.tile(np.asarray(default_prompt_ids, np.int32), (batch_size, 1))
         for row, example in enumerate(examples):
@@ -1020,15 +1020,16 @@ def load_source(
     data_args: DataArguments,
     split: str,
     *,
-    process_index: int,
-    process_count: int,
-    seed: int,
-    shuffle: bool,
-    epoch: int,
-    max_samples: int | None,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int = 0,
+    shuffle: bool = False,
+    epoch: int = 0,
+    max_samples: int | None = None,
     dataset_name: str | None = None,
 ):
-    """The rows of `split` that this host reads, as a datasets IterableDataset with a state_dict.
+    """The rows of `split` that host `process_index` of `process_count` reads (default: a run on one
+    host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict.
     `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
     --dataset_name keeps its --dataset_config_name."""
     import datasets
@@ -2215,7 +2216,6 @@ def train_step(
             return losses.sum(), mask.sum()
 
         gradient_of = jax.value_and_grad(summed_loss, has_aux=True)
-        batch = {k: v for k, v in batch.items() if k != "example_mask"}
         if accumulation_steps == 1:
             (loss_sum, num_tokens), grads = gradient_of(state.params, batch, step_rng)
         else:
@@ -3464,7 +3464,6 @@ def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sha
         "audio": ((plan_rows, n_samples), jnp.float32),
         "labels": ((plan_rows, max_label_length), jnp.int32),
         "decoder_input_ids": ((plan_rows, max_label_length), jnp.int32),
-        "example_mask": ((plan_rows,), jnp.int32),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 

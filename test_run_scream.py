@@ -32,6 +32,7 @@ import os
 # real-weight tests' programs keep XLA's default, REAL_WEIGHTS_COMPILE). Set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+import atexit
 import collections
 import functools
 import hashlib
@@ -149,9 +150,6 @@ def data_prepare(
 ):
     return functools.partial(
         run_scream.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=tokenizer,
         audio_settings=run_scream.AudioSettings(DATA_SAMPLE_RATE, n_samples, min_duration_s, max_duration_s),
         text_settings=run_scream.TextSettings(False, False, max_label_length),
@@ -178,11 +176,7 @@ def data_batches(
         run_scream.load_source,
         args,
         "train",
-        process_index=0,
-        process_count=1,
-        seed=0,
         shuffle=repeat if shuffle is None else shuffle,
-        max_samples=None,
     )
     collate_fn = functools.partial(
         run_scream.collate,
@@ -307,12 +301,8 @@ def test_streaming_and_non_streaming_give_the_same_rows(data_env, epoch):
         source = run_scream.load_source(
             data_args(data_env["four_shards"], streaming=streaming, shuffle_buffer_size=0),
             "train",
-            process_index=0,
-            process_count=1,
-            seed=0,
             shuffle=True,
             epoch=epoch,
-            max_samples=None,
         )
         rows = list(source)
         ids[streaming] = [row["id"] for row in rows]
@@ -347,12 +337,6 @@ def test_local_dataset_is_not_read_from_a_stale_cache(tmp_path, data_hf_cache):
         source = run_scream.load_source(
             data_args(str(tmp_path / name / "data")),
             "train",
-            process_index=0,
-            process_count=1,
-            seed=0,
-            shuffle=False,
-            epoch=0,
-            max_samples=None,
         )
         return [row["id"] for row in source]
 
@@ -409,10 +393,8 @@ def test_two_hosts_see_every_example_once(data_env, dataset, streaming, shuffle,
             "train",
             process_index=process_index,
             process_count=2,
-            seed=0,
             shuffle=shuffle,
             epoch=1,
-            max_samples=None,
         )
         seen.append([row["id"] for row in source])
     assert set(seen[0]).isdisjoint(seen[1])
@@ -435,9 +417,6 @@ def test_two_hosts_batches_cover_the_split(data_env):
             "validation",
             process_index=process_index,
             process_count=2,
-            seed=0,
-            shuffle=False,
-            max_samples=None,
         )
         batches = run_scream.SpeechBatches(
             lambda epoch: make_source(epoch=epoch),
@@ -616,16 +595,18 @@ def test_bad_examples_are_counted_and_good_ones_all_arrive(data_env, data_bad_da
         max_label_length=DATA_MAX_LABELS_30S,
         streaming=streaming,
     )
-    arrived, masks = {}, []
+    arrived, last_batch = {}, None
     for batch, examples in batches:
-        masks.append(batch["example_mask"].tolist())
+        last_batch = (batch, len(examples))
         for row, example in enumerate(examples):
             assert example["id"] not in arrived
             arrived[example["id"]] = (example, batch["audio"][row])
     assert sorted(arrived) == sorted(data_bad_dataset["good"])
     assert dict(batches.skipped) == DATA_BAD_COUNTS
     assert batches.examples_read == data_bad_dataset["num_rows"]
-    assert masks[-1] == [1] * (len(arrived) % 4) + [0] * (4 - len(arrived) % 4)  # the ragged last batch
+    batch, filled = last_batch  # the ragged last batch: its padding rows are silence and carry no loss
+    assert filled == len(arrived) % 4
+    assert (batch["audio"][filled:] == 0).all() and (batch["labels"][filled:] == -100).all()
     for example_id, text in data_bad_dataset["good"].items():
         example, batch_audio = arrived[example_id]
         assert example["text"] == text.strip()
@@ -683,12 +664,6 @@ def test_missing_column_is_a_config_error(data_env):
         run_scream.load_source(
             data_args(data_env["four_shards"], text_column_name="transcript"),
             "train",
-            process_index=0,
-            process_count=1,
-            seed=0,
-            shuffle=False,
-            epoch=0,
-            max_samples=None,
         )
     message = str(error.value)
     assert "--text_column_name 'transcript'" in message
@@ -747,9 +722,8 @@ def test_collate_pads_a_ragged_last_batch(data_env):
         "audio": ((4, 48000), np.float32),
         "labels": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
         "decoder_input_ids": ((4, DATA_MAX_LABEL_LENGTH), np.int32),
-        "example_mask": ((4,), np.int32),
     }
-    assert batch["example_mask"].tolist() == [1, 1, 1, 0]
+    assert (batch["audio"][3] == 0).all() and (batch["labels"][3] == -100).all()  # the padding row
     prefix = [token_id(t) for t in ("<|no|>", "<|transcribe|>", "<|notimestamps|>")]
     for row, example in enumerate(examples):
         text_ids = tokenizer.encode(example["text"], add_special_tokens=False)
@@ -836,9 +810,6 @@ def nb_prepare(tokenizer, *, n_samples=3 * NB_SAMPLE_RATE, label_tokenizer=None,
     text_settings = rs.TextSettings(False, False, **defaults)
     return functools.partial(
         rs.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, n_samples, 0.0, n_samples / NB_SAMPLE_RATE),
         text_settings=text_settings,
@@ -1252,9 +1223,6 @@ def test_nb_evaluation_rows_are_plain_and_carry_their_own_prefix(nb_tokenizer):
     assert (evaluation.timestamp_column, evaluation.prev_column) == (None, None)
     prepare = functools.partial(
         rs.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=nb_tokenizer,
         audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, NB_SAMPLE_RATE, 0.0, 1.0),
         text_settings=evaluation,
@@ -1298,14 +1266,9 @@ def test_nb_demo_dataset_exercises_the_recipe_columns(tmp_path, data_hf_cache):
         max_prev_length=32,
         max_label_length=48,
     )
-    source = rs.load_source(
-        data_args, "train", process_index=0, process_count=1, seed=0, shuffle=False, epoch=0, max_samples=None
-    )
+    source = rs.load_source(data_args, "train")
     prepare = functools.partial(
         rs.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(16000, 48000, 0.0, 3.0),
         text_settings=rs.text_settings_of(data_args, train=True, language="no", task="transcribe", seed=0),
@@ -1329,12 +1292,6 @@ def test_nb_demo_dataset_exercises_the_recipe_columns(tmp_path, data_hf_cache):
         rs.load_source(
             dataclasses.replace(data_args, language_column_name="lang"),
             "train",
-            process_index=0,
-            process_count=1,
-            seed=0,
-            shuffle=False,
-            epoch=0,
-            max_samples=None,
         )
 
 
@@ -2175,6 +2132,7 @@ RUNTIME_ONLY_SITECUSTOMIZE = "import bench_scream\n\nbench_scream.hide_torch()\n
 def runtime_only_pythonpath() -> str:
     """PYTHONPATH of a process that sees the runtime only: a sitecustomize.py hiding torch, then the repository."""
     site = Path(tempfile.mkdtemp(prefix="scream_runtime_only_"))
+    atexit.register(shutil.rmtree, site, ignore_errors=True)
     (site / "sitecustomize.py").write_text(RUNTIME_ONLY_SITECUSTOMIZE)
     return f"{site}{os.pathsep}{REPO}"
 
@@ -2401,18 +2359,10 @@ def train_step_runs(demo_dir):
     source = rs.load_source(
         rs.DataArguments(dataset_name=str(demo_dir / "data"), shuffle_buffer_size=0),
         "train",
-        process_index=0,
-        process_count=1,
-        seed=0,
-        shuffle=False,
-        epoch=0,
         max_samples=22,
     )
     prepare = functools.partial(
         rs.prepare_example,
-        audio_column="audio",
-        text_column="text",
-        id_column="id",
         tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(16000, feature_extractor.n_samples, 0.0, CHUNK_S),
         text_settings=rs.TextSettings(False, False, 32),
@@ -2564,6 +2514,20 @@ def joined_process_env(env: dict, num_devices: int) -> dict:
     return env | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
+def joined_flags(port: int, process_id: int, timeout_s: int) -> list[str]:
+    """The flags that make a run process `process_id` of 2, joined through a coordinator on localhost."""
+    return [
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(process_id),
+        "--distributed_timeout_s",
+        str(timeout_s),
+    ]
+
+
 def run_two_processes(run_env: dict, command: list[str], out: Path) -> list[str]:
     """`command` (train_command's flags) on 2 processes x 4 devices, joined through jax.distributed on
     localhost; each must succeed. Process 1 is a slow host: it dawdles 4 s after joining, so that
@@ -2574,18 +2538,7 @@ def run_two_processes(run_env: dict, command: list[str], out: Path) -> list[str]
     processes = [
         launch(
             env,
-            ["4" if i == 1 else "0"]
-            + command
-            + [
-                "--coordinator_address",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-                "--distributed_timeout_s",
-                "120",
-            ],
+            ["4" if i == 1 else "0"] + command + joined_flags(port, i, 120),
             out.parent,
             f"process{i}",
             script=SLOW_HOST_SCRIPT,
@@ -2631,10 +2584,7 @@ def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_tw
             "train",
             process_index=process_index,
             process_count=process_count,
-            seed=0,
             shuffle=True,
-            epoch=0,
-            max_samples=None,
         )
         return [row["id"] for row in source]
 
@@ -4043,11 +3993,7 @@ def batch_ids(demo: Path, num_batches: int, state: dict | None = None) -> list[l
         run_scream.load_source,
         data_args,
         "train",
-        process_index=0,
-        process_count=1,
-        seed=0,
         shuffle=True,
-        max_samples=None,
     )
     batches = run_scream.SpeechBatches(
         lambda epoch: make_source(epoch=epoch),
@@ -4356,19 +4302,7 @@ def test_reliability_a_dead_peer_process_stops_the_survivor(demo_dir, one_device
     processes = [
         launch(
             env,
-            train_flags(
-                demo_dir,
-                out,
-                "--coordinator_address",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-                "--distributed_timeout_s",
-                "60",
-                steps=100000,
-            ),
+            train_flags(demo_dir, out, *joined_flags(port, i, 60), steps=100000),
             tmp_path,
             f"process{i}",
         )
@@ -5028,6 +4962,8 @@ def test_bench_train_tiny_runs_each_side_in_its_own_process_and_prints_flops_and
         assert 0 < low <= float(row["s/step (median)"]) <= high  # the median of the runs lies in their range
         # MFU against a matmul peak measured on the same machine: below 1 unless the peak is wrong
         assert 0 < float(row["fraction of matmul peak"]) < 1
+        # ... and against the side's own framework's matmul (torch.matmul for PyTorch), measured in its process
+        assert float(row["own matmul peak GFLOP/s"]) > 0 and 0 < float(row["fraction of own peak"]) < 1
         assert 0 < float(row["cores busy"]) <= bench_scream.usable_cores() + 0.2
     assert float(ours["vs PyTorch"]) == pytest.approx(
         float(theirs["s/step (median)"]) / float(ours["s/step (median)"]), rel=0.02
@@ -5044,6 +4980,8 @@ def test_bench_train_tiny_runs_each_side_in_its_own_process_and_prints_flops_and
         "conv stem",
         "encoder layer",
         "self-attention core",
+        "its QK^T matmul alone",
+        "its PV matmul alone",
         "decoder layer",
         "output projection",
         "AdamW",

@@ -16,8 +16,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
+import difflib
 import functools
+import hashlib
 import io
 import json
 import math
@@ -35,14 +38,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import datasets.distributed  # not imported by `import datasets`
 import flax.linen as nn
+import huggingface_hub
 import jax
 import jax.numpy as jnp
+import jiwer
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import soundfile
+import soxr
 from flax import struct, traverse_util
+from flax.serialization import msgpack_restore
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub (and datasets) use
+from jax.experimental import multihost_utils
+from jax.experimental import topologies as jax_topologies
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+from transformers import GenerationConfig, HfArgumentParser, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+# Optional dependencies stay imported where they are used: torch and ctranslate2 (only for
+# --export_ctranslate2 and pytorch_model.bin checkpoints) and wandb (only with --report_to wandb).
 
 # --- arguments ---
 
@@ -477,13 +503,10 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, Distributed
 
 def parse_arguments(argv: list[str] | None = None):
     """Flags to the four argument groups. Unknown flags are an argparse error (exit status 2)."""
-    from transformers import HfArgumentParser
 
     parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False)  # a typo must not silently match a flag
     *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        import difflib
-
         known = [option for action in parser._actions for option in action.option_strings]
         hints = [
             f"{flag} -> {close[0]}"
@@ -636,8 +659,6 @@ class AudioSettings:
 
 def decode_audio(audio: dict, sampling_rate: int) -> np.ndarray:
     """Bytes or a path (as `Audio(decode=False)` yields them) -> mono float32 at `sampling_rate`."""
-    import soundfile
-    import soxr
 
     source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
     if source is None:
@@ -713,7 +734,6 @@ def training_tokenizer(tokenizer, bpe_dropout: float):
     run tokenizes at the same rate, not into the same pieces."""
     if not bpe_dropout:
         return tokenizer
-    import copy
 
     dropped = copy.deepcopy(tokenizer)
     model = dropped.backend_tokenizer.model
@@ -812,7 +832,6 @@ def decoder_tokens(prefix: list[int], text_ids: list[int], eot_id: int, prompt: 
 def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float:
     """A uniform number in [0, 1) fixed by (seed, epoch, example, purpose): per-example random
     choices that a resumed run, or another host, makes the same way without shared RNG state."""
-    import hashlib
 
     digest = hashlib.blake2b(f"{seed}\0{epoch}\0{purpose}\0{example_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
@@ -820,7 +839,6 @@ def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float
 
 def language_code(language: str) -> str:
     """'no', 'norwegian' or '<|no|>' -> 'no'; anything else is a clear error."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
     key = language.strip().lower().removeprefix("<|").removesuffix("|>")
     if key in LANGUAGES:
@@ -1032,8 +1050,6 @@ def load_source(
     host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict.
     `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
     --dataset_name keeps its --dataset_config_name."""
-    import datasets
-    import datasets.distributed  # not imported by `import datasets`
 
     train_names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(train_names)
@@ -1181,7 +1197,6 @@ class SpeechBatches:
         read, after a doubling wait: nothing is lost or read twice. Only `read_retries` failures
         in a row stop the run.
         """
-        from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub (and datasets) use
 
         epoch, state = self.epoch, self.source_state
         produced = state is not None  # a resumed epoch may have no rows left
@@ -1302,8 +1317,6 @@ def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
     padding and a periodic Hann window, power spectrum, slaney mel filters, log10 clamped at
     1e-10, the last frame dropped, floor at (max - 8) per example, then (x + 4) / 4.
     """
-    import jax
-    import jax.numpy as jnp
 
     padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
     num_frames = 1 + (padded.shape[1] - n_fft) // hop_length
@@ -2457,8 +2470,6 @@ def transcription_metrics(references: list[str], predictions: list[str]) -> dict
 
     Pairs whose reference is empty after normalising are left out of the normalised scores
     (WER is undefined for them)."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
     normalise = BasicTextNormalizer()
     metrics = {}
@@ -2502,7 +2513,6 @@ def allgather_json(value) -> list:
     """Every host's JSON-serialisable value, in process order, on every host."""
     if jax.process_count() == 1:
         return [value]
-    from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
@@ -2515,7 +2525,6 @@ def allgather_json(value) -> list:
 def any_host(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
 
     return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
 
@@ -2523,8 +2532,6 @@ def any_host(flag: bool) -> bool:
 def sync_hosts(name: str):
     """Wait until every host gets here (a no-op on one host)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -2598,7 +2605,6 @@ def gather_params(params):
     """Full parameters on every host, as numpy (a collective when parameters span hosts)."""
     if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
         return jax.device_get(params)
-    from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(params, tiled=True)
 
@@ -2627,7 +2633,6 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
     """A local directory as is; a hub id through huggingface_hub (offline: from the local cache)."""
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
-    import huggingface_hub
 
     patterns = ["*.json", "*.txt", "*.safetensors", "*.msgpack", "*.model"]
     try:
@@ -2651,7 +2656,6 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
 
 def read_torch_state_dict(directory: Path) -> dict[str, np.ndarray]:
     """PyTorch-named float32 numpy arrays from safetensors (single or sharded) or pytorch_model.bin."""
-    from safetensors import safe_open
 
     def read_safetensors(path):
         with safe_open(str(path), framework="flax") as f:  # the flax reader also understands bfloat16
@@ -2715,7 +2719,6 @@ def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
 
 def read_old_flax_checkpoint(path: Path) -> dict:
     """transformers-Flax's flax_model.msgpack (the 2023 Scream checkpoints) -> our unstacked tree."""
-    from flax.serialization import msgpack_restore
 
     tree = msgpack_restore(path.read_bytes())
     tree = tree.get("model", tree)
@@ -2925,8 +2928,6 @@ def read_ctranslate2(directory: Path):
     from config.json, the language ids from the vocabulary; the .en vocabulary size marks an
     English-only model (is_english_only). config.json's lang_ids are not used: converters have written
     bogus ones for .en models."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     spec, variables, aliases = read_ctranslate2_variables(ctranslate2_model_files(directory))
     if spec != "WhisperSpec":
@@ -3063,7 +3064,6 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
     """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
     config from a local directory or a hub id, in transformers' format (safetensors, pytorch_model.bin,
     flax_model.msgpack) or CTranslate2's (model.bin or model.bin.part1, .part2, ...)."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
 
     directory = resolve_checkpoint_dir(name_or_path, cache_dir)
     if ctranslate2_model_files(directory):  # a faster-whisper model: its config.json is CTranslate2's own
@@ -3103,8 +3103,6 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
 def whisper_generation_config(tokenizer, config, language: str, task: str, base=None, *, english_only=False):
     """A generation config that transformers' Whisper generate() and pipeline() accept as is. An
     English-only model's has no language, task, lang_to_id or task_to_id (generate() refuses them)."""
-    from transformers import GenerationConfig
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
@@ -3132,7 +3130,6 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
 
 def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
     """Write a directory that transformers' from_pretrained and pipeline() load unchanged."""
-    from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -3168,7 +3165,6 @@ def save_each_array_whole_on_cpu() -> None:
     replicas, which compiles one slice program per array shape (80 for the demo model, about 1.5 s
     of CPU per run), and CPU devices share one host's memory and disk, so there is nothing to
     parallelise. TPU and GPU keep orbax's default."""
-    import orbax.checkpoint as ocp
 
     if jax.default_backend() == "cpu":
         ocp.type_handlers.register_type_handler(
@@ -3182,8 +3178,6 @@ def checkpoint_manager(
     """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
     `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
     checkpoints saved without an evaluation never count as best)."""
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
     save_each_array_whole_on_cpu()
 
@@ -3215,7 +3209,6 @@ def checkpoint_manager(
 
 def save_checkpoint(manager, step: int, state: TrainState, meta: dict, metrics: dict | None = None):
     """Save asynchronously; `metrics` (an evaluation's results at this step) rank it for keeping."""
-    import orbax.checkpoint as ocp
 
     manager.save(
         step,
@@ -3226,7 +3219,6 @@ def save_checkpoint(manager, step: int, state: TrainState, meta: dict, metrics: 
 
 
 def restore_checkpoint(manager, step: int, abstract_state):
-    import orbax.checkpoint as ocp
 
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
@@ -3237,7 +3229,6 @@ def restore_checkpoint(manager, step: int, abstract_state):
 def model_index_results(eval_results: dict, sets: list[tuple[str, EvalSet]]) -> list:
     """huggingface_hub EvalResults (the hub's model-index) of each (kind, set) with a WER: task
     automatic-speech-recognition, the set's dataset and split, metrics wer and cer (raw and normalized)."""
-    from huggingface_hub import EvalResult
 
     return [
         EvalResult(
@@ -3261,7 +3252,6 @@ def write_model_card(
 ):
     """README.md: huggingface_hub ModelCardData metadata (with the model-index of `sets`, so the hub
     shows WER per set), the results list, a faster-whisper snippet and the run's arguments."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     results = model_index_results(eval_results, list(sets))
     card_data = ModelCardData(
@@ -3307,8 +3297,6 @@ def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, mess
 
     def upload():
         try:
-            import huggingface_hub
-
             api = huggingface_hub.HfApi()
             api.create_repo(repo_id, private=private, exist_ok=True)
             api.upload_folder(
@@ -3353,8 +3341,6 @@ class RunLog:
         if not enabled:
             return
         if "tensorboard" in targets:
-            from tensorboardX import SummaryWriter
-
             self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
         if "wandb" in targets:
             import wandb
@@ -3421,7 +3407,6 @@ def tpu_topology_devices(name: str):
     }
     if name not in topologies:
         raise ConfigError(f"--dry_run_topology {name!r} is unknown; use one of {', '.join(topologies)}.")
-    from jax.experimental import topologies as jax_topologies
 
     try:
         topology = jax_topologies.get_topology_desc(
@@ -3967,7 +3952,6 @@ def train_loop(
     Each step's metrics are read one step later, so the host never stalls the device; a
     non-finite loss still stops the run before the state after it can be checkpointed.
     """
-    from tqdm import tqdm
 
     train_args, plan, schedule, is_main = setup.train_args, setup.plan, setup.schedule, setup.is_main
     step_fn, data_sharding = setup.train_step.fn, setup.train_step.data_sharding

@@ -588,7 +588,8 @@ def profile_parts(name: str, args, side: str) -> dict[str, float]:
     )
     attention_part = "  of which self-attention core (QK^T, softmax, AV)"
     # The core's matmuls alone, forward, over all positions at once: batched (example, head)
-    # products with a 64-wide inner dimension, where the two frameworks' matmul libraries differ.
+    # products with a 64-wide inner dimension. Beside the core's row they tell the matmul
+    # libraries' share of its time from that of fusing (or not) the softmax between them.
     scores_part = f"    its QK^T matmul alone, forward ({B}x{heads} of {S}x{d // heads} . {d // heads}x{S})"
     values_part = f"    its PV matmul alone, forward ({B}x{heads} of {S}x{S} . {S}x{d // heads})"
     head_part, update_part = f"output projection ({config.vocab_size}-way) + loss", "AdamW update (all parameters)"

@@ -503,7 +503,6 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, Distributed
 
 def parse_arguments(argv: list[str] | None = None):
     """Flags to the four argument groups. Unknown flags are an argparse error (exit status 2)."""
-
     parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False)  # a typo must not silently match a flag
     *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
@@ -659,7 +658,6 @@ class AudioSettings:
 
 def decode_audio(audio: dict, sampling_rate: int) -> np.ndarray:
     """Bytes or a path (as `Audio(decode=False)` yields them) -> mono float32 at `sampling_rate`."""
-
     source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio.get("path")
     if source is None:
         raise ValueError("audio has neither bytes nor path")
@@ -832,14 +830,12 @@ def decoder_tokens(prefix: list[int], text_ids: list[int], eot_id: int, prompt: 
 def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float:
     """A uniform number in [0, 1) fixed by (seed, epoch, example, purpose): per-example random
     choices that a resumed run, or another host, makes the same way without shared RNG state."""
-
     digest = hashlib.blake2b(f"{seed}\0{epoch}\0{purpose}\0{example_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
 def language_code(language: str) -> str:
     """'no', 'norwegian' or '<|no|>' -> 'no'; anything else is a clear error."""
-
     key = language.strip().lower().removeprefix("<|").removesuffix("|>")
     if key in LANGUAGES:
         return key
@@ -1050,7 +1046,6 @@ def load_source(
     host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict.
     `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
     --dataset_name keeps its --dataset_config_name."""
-
     train_names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(train_names)
     if len(configs) != len(train_names):
@@ -1197,7 +1192,6 @@ class SpeechBatches:
         read, after a doubling wait: nothing is lost or read twice. Only `read_retries` failures
         in a row stop the run.
         """
-
         epoch, state = self.epoch, self.source_state
         produced = state is not None  # a resumed epoch may have no rows left
         failures = 0
@@ -1317,7 +1311,6 @@ def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
     padding and a periodic Hann window, power spectrum, slaney mel filters, log10 clamped at
     1e-10, the last frame dropped, floor at (max - 8) per example, then (x + 4) / 4.
     """
-
     padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
     num_frames = 1 + (padded.shape[1] - n_fft) // hop_length
     frame_starts = jnp.arange(num_frames)[:, None] * hop_length
@@ -2470,7 +2463,6 @@ def transcription_metrics(references: list[str], predictions: list[str]) -> dict
 
     Pairs whose reference is empty after normalising are left out of the normalised scores
     (WER is undefined for them)."""
-
     normalise = BasicTextNormalizer()
     metrics = {}
     for suffix, transform in (("", lambda s: s), ("_normalized", normalise)):
@@ -2719,7 +2711,6 @@ def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
 
 def read_old_flax_checkpoint(path: Path) -> dict:
     """transformers-Flax's flax_model.msgpack (the 2023 Scream checkpoints) -> our unstacked tree."""
-
     tree = msgpack_restore(path.read_bytes())
     tree = tree.get("model", tree)
 
@@ -2928,7 +2919,6 @@ def read_ctranslate2(directory: Path):
     from config.json, the language ids from the vocabulary; the .en vocabulary size marks an
     English-only model (is_english_only). config.json's lang_ids are not used: converters have written
     bogus ones for .en models."""
-
     spec, variables, aliases = read_ctranslate2_variables(ctranslate2_model_files(directory))
     if spec != "WhisperSpec":
         raise ConfigError(f"{directory} holds a CTranslate2 {spec}, not a Whisper model (WhisperSpec).")
@@ -3064,7 +3054,6 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
     """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
     config from a local directory or a hub id, in transformers' format (safetensors, pytorch_model.bin,
     flax_model.msgpack) or CTranslate2's (model.bin or model.bin.part1, .part2, ...)."""
-
     directory = resolve_checkpoint_dir(name_or_path, cache_dir)
     if ctranslate2_model_files(directory):  # a faster-whisper model: its config.json is CTranslate2's own
         config, params, tokenizer, feature_extractor, generation_config = read_ctranslate2(directory)
@@ -3103,7 +3092,6 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
 def whisper_generation_config(tokenizer, config, language: str, task: str, base=None, *, english_only=False):
     """A generation config that transformers' Whisper generate() and pipeline() accept as is. An
     English-only model's has no language, task, lang_to_id or task_to_id (generate() refuses them)."""
-
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
     if not getattr(generation_config, "lang_to_id", None) and not english_only:
@@ -3130,7 +3118,6 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
 
 def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
     """Write a directory that transformers' from_pretrained and pipeline() load unchanged."""
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
@@ -3165,7 +3152,6 @@ def save_each_array_whole_on_cpu() -> None:
     replicas, which compiles one slice program per array shape (80 for the demo model, about 1.5 s
     of CPU per run), and CPU devices share one host's memory and disk, so there is nothing to
     parallelise. TPU and GPU keep orbax's default."""
-
     if jax.default_backend() == "cpu":
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
@@ -3178,7 +3164,6 @@ def checkpoint_manager(
     """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
     `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
     checkpoints saved without an evaluation never count as best)."""
-
     save_each_array_whole_on_cpu()
 
     def metric_of(metrics: dict) -> tuple[float, int]:
@@ -3209,7 +3194,6 @@ def checkpoint_manager(
 
 def save_checkpoint(manager, step: int, state: TrainState, meta: dict, metrics: dict | None = None):
     """Save asynchronously; `metrics` (an evaluation's results at this step) rank it for keeping."""
-
     manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -3229,7 +3213,6 @@ def restore_checkpoint(manager, step: int, abstract_state):
 def model_index_results(eval_results: dict, sets: list[tuple[str, EvalSet]]) -> list:
     """huggingface_hub EvalResults (the hub's model-index) of each (kind, set) with a WER: task
     automatic-speech-recognition, the set's dataset and split, metrics wer and cer (raw and normalized)."""
-
     return [
         EvalResult(
             task_type="automatic-speech-recognition",
@@ -3252,7 +3235,6 @@ def write_model_card(
 ):
     """README.md: huggingface_hub ModelCardData metadata (with the model-index of `sets`, so the hub
     shows WER per set), the results list, a faster-whisper snippet and the run's arguments."""
-
     results = model_index_results(eval_results, list(sets))
     card_data = ModelCardData(
         base_model=base_model,
@@ -3952,7 +3934,6 @@ def train_loop(
     Each step's metrics are read one step later, so the host never stalls the device; a
     non-finite loss still stops the run before the state after it can be checkpointed.
     """
-
     train_args, plan, schedule, is_main = setup.train_args, setup.plan, setup.schedule, setup.is_main
     step_fn, data_sharding = setup.train_step.fn, setup.train_step.data_sharding
     num_steps = train_args.num_train_steps

@@ -1429,32 +1429,10 @@ def query_block_size(length: int) -> int | None:
     return next((size for size in range(128, 63, -1) if length % size == 0), None)
 
 
-def cpu_query_block_size(length: int) -> int:
-    """Queries per block on CPU: the largest divisor of `length` up to 768 (750 of the encoder's
-    1500 positions). Per example, a (heads, 750, 1500) float32 block of scores is 27 MB, and the
-    fewer, larger blocks keep XLA:CPU's batched matmuls busy: measured fastest of 125-1500."""
-    return next(size for size in range(min(length, 768), 0, -1) if length % size == 0)
-
-
 def blocked_attention(query, key, value, *, scale: float, block: int):
-    """Unmasked attention one block of queries at a time, so the (batch, heads, T, S) scores
-    (4 * batch * heads * 1500^2 bytes per layer) never exist at once, nor are they stored for the
-    backward pass.
-
-    On CPU: one example at a time, with flash attention's backward pass (example_flash_attention,
-    cpu_query_block_size). Elsewhere each step takes a `block` of queries for the whole batch, big
-    matmuls for the MXUs, its scores recomputed in the backward pass (query_block_attention)."""
-    cpu_block = cpu_query_block_size(query.shape[1])
-    return jax.lax.platform_dependent(
-        query,
-        key,
-        value,
-        cpu=lambda q, k, v: jax.lax.map(lambda qkv: example_flash_attention(*qkv, scale, cpu_block), (q, k, v)),
-        default=functools.partial(query_block_attention, scale=scale, block=block),
-    )
-
-
-def query_block_attention(query, key, value, *, scale: float, block: int):
+    """Unmasked attention one block of queries at a time (each block's scores recomputed in the
+    backward pass), so the (batch, heads, T, S) scores (4 * batch * heads * 1500^2 bytes per layer)
+    never exist at once, nor are they stored for the backward pass."""
     batch, length, heads, head_dim = query.shape
     key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, heads, S, head_dim)
 
@@ -1466,66 +1444,6 @@ def query_block_attention(query, key, value, *, scale: float, block: int):
     blocks = query.reshape(batch, length // block, block, heads, head_dim).swapaxes(0, 1)  # (blocks, B, block, ...)
     out = jax.lax.map(jax.checkpoint(attend), blocks)
     return out.swapaxes(0, 1).reshape(query.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def example_flash_attention(query, key, value, scale: float, block: int):
-    """One example's attention, `block` queries at a time: query (T, heads, head_dim), key and
-    value (S, heads, head_dim). The forward pass keeps only the output and each query's
-    log-sum-exp; the backward pass recomputes a block's probabilities from them and takes the
-    gradients of all three inputs in one sweep (FlashAttention's backward), instead of
-    recomputing the forward and differentiating the softmax."""
-    return example_flash_forward(query, key, value, scale, block)[0]
-
-
-def example_flash_forward(query, key, value, scale: float, block: int):
-    key_t, value_t = key.transpose(1, 0, 2), value.transpose(1, 0, 2)  # (heads, S, head_dim)
-
-    def attend(query_block):  # (block, heads, head_dim)
-        scores = jnp.einsum("qhd,hkd->hqk", query_block, key_t, preferred_element_type=jnp.float32) * scale
-        top = scores.max(-1, keepdims=True)
-        exp = jnp.exp(scores - top)
-        total = exp.sum(-1, keepdims=True)
-        out = jnp.einsum("hqk,hkd->qhd", (exp / total).astype(value.dtype), value_t)
-        return out, (top + jnp.log(total))[..., 0]  # (block, heads, head_dim), (heads, block)
-
-    out, logsumexp = jax.lax.map(attend, query.reshape(-1, block, *query.shape[1:]))
-    out = out.reshape(query.shape)
-    return out, (query, key, value, out, logsumexp)
-
-
-def example_flash_backward(scale: float, block: int, residuals, d_out):
-    query, key, value, out, logsumexp = residuals
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    key_t, value_t = f32(key).transpose(1, 0, 2), f32(value).transpose(1, 0, 2)  # (heads, S, head_dim)
-    # The softmax's backward needs sum_d(d_out * out) per query: once here, not per block.
-    d_out = f32(d_out)
-    delta = (d_out * f32(out)).sum(-1)  # (T, heads)
-
-    def sweep(carry, block_inputs):
-        d_key, d_value = carry  # (heads, S, head_dim): summed over the query blocks
-        query_block, d_out_block, logsumexp_block, delta_block = block_inputs
-        scores = jnp.einsum("qhd,hkd->hqk", f32(query_block), key_t) * scale
-        probs = jnp.exp(scores - logsumexp_block[..., None])  # (heads, block, S)
-        d_value = d_value + jnp.einsum("hqk,qhd->hkd", probs, d_out_block)
-        d_probs = jnp.einsum("qhd,hkd->hqk", d_out_block, value_t)
-        d_scores = probs * (d_probs - delta_block.T[..., None]) * scale
-        d_key = d_key + jnp.einsum("hqk,qhd->hkd", d_scores, f32(query_block))
-        return (d_key, d_value), jnp.einsum("hqk,hkd->qhd", d_scores, key_t)
-
-    blocks = lambda x: x.reshape(-1, block, *x.shape[1:])  # noqa: E731
-    zeros = jnp.zeros_like(key_t)
-    (d_key, d_value), d_query = jax.lax.scan(
-        sweep, (zeros, zeros), (blocks(query), blocks(d_out), logsumexp, blocks(delta))
-    )
-    return (
-        d_query.reshape(query.shape).astype(query.dtype),
-        d_key.transpose(1, 0, 2).astype(key.dtype),
-        d_value.transpose(1, 0, 2).astype(value.dtype),
-    )
-
-
-example_flash_attention.defvjp(example_flash_forward, example_flash_backward)
 
 
 class Attention(nn.Module):
@@ -2400,35 +2318,12 @@ def training_flops_per_example(dims: WhisperDims, decoder_length: int) -> float:
     return 3 * sum(forward_flops(dims, decoder_length).values())
 
 
-def measured_matmul_flops(n: int = 1024, repeats: int = 5, device=None) -> float:
-    """FLOP/s of a float32 n^3 `jnp.dot` on one device (median of `repeats`): the peak used for
-    MFU on a CPU, which has no spec-sheet figure that XLA reaches."""
-    device = device or jax.devices()[0]
-    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), device)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, a).block_until_ready()
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(seconds))
-
-
 def peak_flops_per_device(device_kind: str, compute_dtype: str) -> float | None:
     """The spec-sheet peak of one device of this kind (see PEAK_FLOPS_PER_DEVICE), None if unknown."""
     for prefix, bfloat16_peak, float32_peak in PEAK_FLOPS_PER_DEVICE:
         if device_kind.lower().startswith(prefix.lower()):
             return float32_peak if compute_dtype == "float32" and float32_peak else bfloat16_peak
     return None
-
-
-def device_peak_flops(device, compute_dtype: str) -> float | None:
-    """The peak MFU is measured against: the spec sheet's for a TPU or GPU, a measured float32
-    matmul for a CPU (see measured_matmul_flops), None for a device kind we have no figure for."""
-    if device.platform == "cpu":  # fake CPU devices (--xla_force_host_platform_device_count) share the cores
-        return measured_matmul_flops(device=device) / jax.local_device_count()
-    return peak_flops_per_device(device.device_kind, compute_dtype)
 
 
 def throughput_metrics(
@@ -2493,14 +2388,6 @@ def metrics_by_group(rows: list[dict], key: str) -> dict[str, float]:
     }
 
 
-def local_rows(array) -> np.ndarray:
-    """This host's rows of a batch-sharded global array, in the order the host supplied them."""
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
-    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
-
-
 def allgather_json(value) -> list:
     """Every host's JSON-serialisable value, in process order, on every host."""
     if jax.process_count() == 1:
@@ -2543,7 +2430,9 @@ def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, 
         loss_sum += float(out["loss_sum"])
         num_tokens += int(out["num_tokens"])
         if "generated" in out:
-            generated = local_rows(out["generated"])[: len(examples)]
+            mesh, spec = data_sharding.mesh, data_sharding.spec
+            generated = np.asarray(multihost_utils.global_array_to_host_local_array(out["generated"], mesh, spec))
+            generated = generated[: len(examples)]
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             rows += [
                 {"id": e["id"], "language": e["language"], "reference": e["text"], "prediction": text.strip()}
@@ -2630,11 +2519,9 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
     try:
         directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=patterns))
         if not any((directory / name).exists() for name in WEIGHT_FILES):  # old repos: PyTorch pickle only
-            directory = Path(  # ... or a CTranslate2 (faster-whisper) model
+            directory = Path(
                 huggingface_hub.snapshot_download(
-                    name_or_path,
-                    cache_dir=cache_dir,
-                    allow_patterns=patterns + ["pytorch_model*.bin", "model.bin", "model.bin.part*"],
+                    name_or_path, cache_dir=cache_dir, allow_patterns=patterns + ["pytorch_model*.bin"]
                 )
             )
     except Exception as error:
@@ -2728,287 +2615,6 @@ def read_old_flax_checkpoint(path: Path) -> dict:
     return convert(tree)
 
 
-# CTranslate2 (faster-whisper) Whisper directories: model.bin in ctranslate2's binary format (its
-# python/ctranslate2/specs/model_spec.py writes it: an int32 version, the spec name, an int32
-# revision, the variables, then the aliases), config.json with the suppress lists, language ids and
-# alignment heads, and tokenizer.json. A model.bin too large for one file (a wheel, an upload limit)
-# may come split into model.bin.part1, .part2, ...: read in order as one stream, never joined on disk.
-
-CT2_BINARY_VERSION = 6  # the version ctranslate2 4.x writes
-CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # ctranslate2's DataType ids
-CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "swish", 3: "gelu"}  # its common_spec.Activation
-# The spec's scalar switches and the values transformers' Whisper allows (None: any; read as a
-# dimension, or ctranslate2's alignment defaults, which config.json's alignment_heads replace).
-CT2_SCALARS = {
-    "encoder/num_heads": None,
-    "decoder/num_heads": None,
-    "decoder/activation": tuple(CT2_ACTIVATIONS),
-    "decoder/alignment_heads": None,
-    "decoder/alignment_layer": None,
-    "decoder/pre_norm": (1,),
-    "decoder/scale_embeddings": (0, 1),  # off, or a factor of 1: transformers' Whisper never scales them
-    "decoder/start_from_zero_embedding": (0,),
-    "decoder/alibi": (0,),
-    "decoder/alibi_use_positive_positions": None,  # both moot with alibi off
-    "decoder/scale_alibi": None,
-}
-# Sub-layer names inside encoder/layer_N and decoder/layer_N -> transformers' module names; a tuple
-# is a projection fused along the output axis, split back in this order.
-CT2_LAYER_MODULES = {
-    "self_attention/layer_norm": "self_attn_layer_norm",
-    "self_attention/linear_0": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attention/linear_1": "self_attn.out_proj",
-    "attention/layer_norm": "encoder_attn_layer_norm",
-    "attention/linear_0": "encoder_attn.q_proj",
-    "attention/linear_1": ("encoder_attn.k_proj", "encoder_attn.v_proj"),
-    "attention/linear_2": "encoder_attn.out_proj",
-    "ffn/layer_norm": "final_layer_norm",
-    "ffn/linear_0": "fc1",
-    "ffn/linear_1": "fc2",
-}
-CT2_MODULES = {
-    "encoder/conv1": "encoder.conv1",
-    "encoder/conv2": "encoder.conv2",
-    "encoder/layer_norm": "encoder.layer_norm",
-    "encoder/position_encodings": "encoder.embed_positions",
-    "decoder/embeddings": "decoder.embed_tokens",
-    "decoder/position_encodings": "decoder.embed_positions",
-    "decoder/layer_norm": "decoder.layer_norm",
-}
-CT2_LEAVES = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias", "encodings": "weight"}
-
-
-def ctranslate2_model_files(directory: Path) -> list[Path]:
-    """[model.bin], or [model.bin.part1, model.bin.part2, ...] in order; [] when neither is there."""
-    if (directory / "model.bin").exists():
-        return [directory / "model.bin"]
-    parts = []
-    while (directory / f"model.bin.part{len(parts) + 1}").exists():
-        parts.append(directory / f"model.bin.part{len(parts) + 1}")
-    return parts
-
-
-class JoinedFiles:
-    """Read files one after the other as one stream, so a split model.bin needs no joined copy."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths, self.index, self.file = list(paths), 0, open(paths[0], "rb")
-
-    def read(self, size: int) -> bytes:
-        chunks = []
-        while size:
-            chunk = self.file.read(size)
-            if not chunk:
-                if self.index + 1 == len(self.paths):
-                    raise ConfigError(
-                        f"{self.paths[-1]} ends in the middle of the model: a truncated download, or a "
-                        f"missing part after {self.paths[-1].name}?"
-                    )
-                self.file.close()
-                self.index += 1
-                self.file = open(self.paths[self.index], "rb")
-                continue
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
-    def at_end(self) -> bool:
-        return self.index + 1 == len(self.paths) and not self.file.peek(1)
-
-    def close(self):
-        self.file.close()
-
-
-def read_ctranslate2_variables(paths: list[Path]) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
-    """(spec name, {name: array}, {alias: name it stands for}) from a model.bin (or its parts)."""
-    stream = JoinedFiles(paths)
-    try:
-
-        def unpack(fmt: str) -> tuple:
-            return pystruct.unpack("<" + fmt, stream.read(pystruct.calcsize("<" + fmt)))
-
-        def text() -> str:
-            (length,) = unpack("H")  # including the terminating NUL
-            return stream.read(length)[:-1].decode()
-
-        (version,) = unpack("I")
-        if version != CT2_BINARY_VERSION:
-            raise ConfigError(
-                f"{paths[0]} is a CTranslate2 model of binary version {version}; this reader knows version "
-                f"{CT2_BINARY_VERSION} (ctranslate2 4.x): convert it again with a current ctranslate2."
-            )
-        spec = text()
-        unpack("I")  # the spec's revision: the names below are checked one by one instead
-        variables = {}
-        for _ in range(unpack("I")[0]):
-            name = text()
-            (rank,) = unpack("B")
-            shape = unpack(f"{rank}I")
-            dtype_id, num_bytes = unpack("B")[0], unpack("I")[0]
-            dtype = jnp.bfloat16 if CT2_DTYPES[dtype_id] == "bfloat16" else np.dtype(CT2_DTYPES[dtype_id])
-            variables[name] = np.frombuffer(stream.read(num_bytes), dtype).reshape(shape)
-        aliases = {}
-        for _ in range(unpack("I")[0]):
-            alias = text()
-            aliases[alias] = text()
-        if not stream.at_end():
-            raise ConfigError(f"{paths[-1]} has data after the model's last alias: not a CTranslate2 model.bin?")
-    finally:
-        stream.close()
-    return spec, variables, aliases
-
-
-def ctranslate2_to_torch(variables: dict[str, np.ndarray], aliases: dict[str, str], source: str):
-    """CTranslate2 Whisper variables -> (transformers-named float32 state dict, the spec's scalars).
-
-    Aliases (ctranslate2 stores a repeated tensor once) are resolved; fused projections are split
-    (self-attention q|k|v, cross-attention k|v); the key slot of a fused bias is dropped, as
-    transformers' k_proj has none (ctranslate2 stores zeros there, and a key bias cancels in the
-    softmax anyway); int8/int16 weights are divided by their stored scales; everything is widened
-    to float32. The output projection must be the token embedding (Whisper ties them)."""
-    variables = dict(variables)
-    for alias, target in aliases.items():
-        if target not in variables:
-            raise ConfigError(f"{source}: alias {alias} points at {target}, which the model does not hold.")
-        variables[alias] = variables[target]
-    for name in [n for n in variables if n.endswith("_scale") and n.removesuffix("_scale") in variables]:
-        weight = variables.pop(name.removesuffix("_scale")).astype(np.float32)
-        scale = variables.pop(name).astype(np.float32)
-        variables[name.removesuffix("_scale")] = weight / scale.reshape(scale.shape + (1,) * (weight.ndim - scale.ndim))
-    scalars = {name: variables.pop(name).item() for name in CT2_SCALARS if name in variables}
-    projection = variables.pop("decoder/projection/weight", None)
-    embedding = variables.get("decoder/embeddings/weight")
-    if projection is not None and embedding is not None and not np.array_equal(projection, embedding):
-        raise ConfigError(
-            f"{source}: decoder/projection/weight differs from the token embedding; Whisper ties the two, "
-            "so this model cannot be read as a Whisper checkpoint."
-        )
-    state, unmapped = {}, []
-    for name, value in variables.items():
-        layer = re.fullmatch(r"(encoder|decoder)/layer_(\d+)/(.+)/(\w+)", name)
-        module, leaf = (layer.group(3), layer.group(4)) if layer else name.rsplit("/", 1)
-        target = CT2_LAYER_MODULES.get(module) if layer else CT2_MODULES.get(module)
-        if target is None or leaf not in CT2_LEAVES or not np.issubdtype(value.dtype, np.floating):
-            unmapped.append(name)
-            continue
-        prefix = f"model.{layer.group(1)}.layers.{layer.group(2)}." if layer else "model."
-        targets = target if isinstance(target, tuple) else (target,)
-        for piece, part in zip(np.split(np.asarray(value, np.float32), len(targets)), targets):
-            if not (part.endswith("k_proj") and leaf == "bias"):
-                state[f"{prefix}{part}.{CT2_LEAVES[leaf]}"] = piece
-    unknown = [
-        f"{name}={scalars[name]}"
-        for name, allowed in CT2_SCALARS.items()
-        if allowed is not None and name in scalars and scalars[name] not in allowed
-    ]
-    if unmapped or unknown:
-        raise ConfigError(
-            f"{source} holds CTranslate2 variables that have no place in transformers' Whisper: "
-            f"{', '.join(sorted(unmapped) + unknown)}. Only Whisper models converted by ctranslate2's "
-            "TransformersConverter (or faster-whisper's conversions) can be read."
-        )
-    return state, scalars
-
-
-def read_ctranslate2(directory: Path):
-    """A CTranslate2 Whisper directory -> (WhisperConfig, unstacked float32 params, tokenizer,
-    feature extractor, generation config).
-
-    The dimensions come from the weights (mel bins from conv1), the special token ids from the
-    tokenizer (or vocabulary.json/.txt; then tokenizer is None), the suppress lists and alignment heads
-    from config.json, the language ids from the vocabulary; the .en vocabulary size marks an
-    English-only model (is_english_only). config.json's lang_ids are not used: converters have written
-    bogus ones for .en models."""
-    spec, variables, aliases = read_ctranslate2_variables(ctranslate2_model_files(directory))
-    if spec != "WhisperSpec":
-        raise ConfigError(f"{directory} holds a CTranslate2 {spec}, not a Whisper model (WhisperSpec).")
-    state, scalars = ctranslate2_to_torch(variables, aliases, str(directory))
-    missing = [
-        name
-        for name in (
-            "decoder/num_heads",
-            "encoder/num_heads",
-            "encoder/conv1/weight",
-            "decoder/embeddings/weight",
-            "encoder/position_encodings/encodings",
-            "decoder/position_encodings/encodings",
-            "encoder/layer_0/ffn/linear_0/weight",
-            "decoder/layer_0/ffn/linear_0/weight",
-        )
-        if name not in variables and name not in scalars
-    ]
-    if missing:
-        raise ConfigError(f"{directory}/model.bin lacks {', '.join(missing)}: not a complete CTranslate2 Whisper.")
-    tokenizer = None  # without tokenizer.json: --tokenizer_name (a vocabulary list has no BPE merges)
-    if (directory / "tokenizer.json").exists():
-        tokenizer = WhisperTokenizer(tokenizer_file=str(directory / "tokenizer.json"), name_or_path=str(directory))
-        vocab = tokenizer.get_vocab()
-    elif (directory / "vocabulary.json").exists():
-        vocab = {token: i for i, token in enumerate(json.loads((directory / "vocabulary.json").read_text()))}
-    elif (directory / "vocabulary.txt").exists():
-        vocab = {token: i for i, token in enumerate((directory / "vocabulary.txt").read_text().split("\n"))}
-    else:
-        raise ConfigError(
-            f"{directory} has neither tokenizer.json nor vocabulary.json/.txt: not a CTranslate2 Whisper."
-        )
-    special = {token: vocab.get(f"<|{token}|>") for token in ("endoftext", "startoftranscript", "notimestamps")}
-    if None in special.values():
-        raise ConfigError(f"{directory}: the vocabulary lacks Whisper's special tokens ({special}).")
-
-    def layers(part: str) -> int:
-        return len({m.group(1) for n in variables for m in [re.match(rf"{part}/layer_(\d+)/", n)] if m})
-
-    ct2_config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
-    suppress = ct2_config.get("suppress_ids", [])
-    begin_suppress = ct2_config.get("suppress_ids_begin", [vocab.get("Ġ", 220), special["endoftext"]])
-    vocab_size, d_model = variables["decoder/embeddings/weight"].shape
-    config = WhisperConfig(
-        vocab_size=vocab_size,
-        num_mel_bins=variables["encoder/conv1/weight"].shape[1],  # (d_model, mel bins, 3)
-        d_model=d_model,
-        encoder_layers=layers("encoder"),
-        encoder_attention_heads=int(scalars["encoder/num_heads"]),
-        encoder_ffn_dim=variables["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-        decoder_layers=layers("decoder"),
-        decoder_attention_heads=int(scalars["decoder/num_heads"]),
-        decoder_ffn_dim=variables["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-        max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
-        max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
-        activation_function=CT2_ACTIVATIONS.get(int(scalars.get("decoder/activation", 3)), "gelu"),
-        pad_token_id=special["endoftext"],
-        bos_token_id=special["endoftext"],
-        eos_token_id=special["endoftext"],
-        decoder_start_token_id=special["startoftranscript"],
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
-    )
-    multilingual = not is_english_only(config)
-    generation = {
-        "decoder_start_token_id": special["startoftranscript"],
-        "bos_token_id": special["endoftext"],
-        "eos_token_id": special["endoftext"],
-        "pad_token_id": special["endoftext"],
-        "max_length": config.max_target_positions,
-        "no_timestamps_token_id": special["notimestamps"],
-        "prev_sot_token_id": vocab.get("<|startofprev|>"),
-        "suppress_tokens": suppress,
-        "begin_suppress_tokens": begin_suppress,
-        "is_multilingual": multilingual,
-        "return_timestamps": False,
-    }
-    if ct2_config.get("alignment_heads"):
-        generation["alignment_heads"] = [list(head) for head in ct2_config["alignment_heads"]]
-    if multilingual:  # an English-only model has no language or task tokens in its prompt
-        generation["lang_to_id"] = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
-        generation["task_to_id"] = {task: vocab[f"<|{task}|>"] for task in ("transcribe", "translate")}
-    generation_config = GenerationConfig(**generation)
-    feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-    return config, torch_to_flax(state), tokenizer, feature_extractor, generation_config
-
-
 def stack_layers(params: dict, dims: WhisperDims) -> dict:
     """layers_0..layers_{n-1} -> one `layers` subtree with a leading layer axis (for scan_layers)."""
     out = {}
@@ -3053,17 +2659,8 @@ def check_parameter_tree(params: dict, expected: dict, source: str):
 def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights: bool = True) -> Pretrained:
     """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
     config from a local directory or a hub id, in transformers' format (safetensors, pytorch_model.bin,
-    flax_model.msgpack) or CTranslate2's (model.bin or model.bin.part1, .part2, ...)."""
+    or the 2023 runs' flax_model.msgpack)."""
     directory = resolve_checkpoint_dir(name_or_path, cache_dir)
-    if ctranslate2_model_files(directory):  # a faster-whisper model: its config.json is CTranslate2's own
-        config, params, tokenizer, feature_extractor, generation_config = read_ctranslate2(directory)
-        model = build_model(config)
-        check_parameter_tree(
-            params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory)
-        )
-        return Pretrained(
-            config, params if weights else None, tokenizer, feature_extractor, generation_config, str(directory)
-        )
     if not (directory / "config.json").exists():
         raise ConfigError(f"{directory} has no config.json: is {name_or_path!r} a Whisper checkpoint?")
     config = WhisperConfig.from_pretrained(directory)
@@ -3141,21 +2738,9 @@ def export_ctranslate2(export_dir, quantization: str) -> Path:
     return out_dir
 
 
-# Orbax checkpoints in OUTPUT_DIR/checkpoints:# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
+# Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
 # state, step, RNG) plus JSON metadata holding every host's data-iterator state. Written by all
 # hosts, asynchronously, atomically (a half-written checkpoint is never the latest).
-
-
-@functools.cache  # once per process: orbax's handler registry is global
-def save_each_array_whole_on_cpu() -> None:
-    """On CPU, turn off orbax's replica-parallel saving. It splits each replicated array across its
-    replicas, which compiles one slice program per array shape (80 for the demo model, about 1.5 s
-    of CPU per run), and CPU devices share one host's memory and disk, so there is nothing to
-    parallelise. TPU and GPU keep orbax's default."""
-    if jax.default_backend() == "cpu":
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
 
 
 def checkpoint_manager(
@@ -3164,8 +2749,6 @@ def checkpoint_manager(
     """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
     `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
     checkpoints saved without an evaluation never count as best)."""
-    save_each_array_whole_on_cpu()
-
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
         # as is_better does. One evaluated under another --metric_for_best_model ranks last.
@@ -3272,27 +2855,6 @@ def write_model_card(
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
     card.save(Path(out_dir) / "README.md")
-
-
-def push_to_hub_in_background(output_dir: str, repo_id: str, private: bool, message: str) -> threading.Thread:
-    """Upload the exported model (not the checkpoints) without holding up training."""
-
-    def upload():
-        try:
-            api = huggingface_hub.HfApi()
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=output_dir,
-                commit_message=message,
-                ignore_patterns=["checkpoints/*", "tensorboard/*"],
-            )
-        except Exception as error:  # a failed upload must not kill a week-long run
-            warn(f"push to {repo_id} failed: {error}")
-
-    thread = threading.Thread(target=upload, daemon=False, name="push-to-hub")
-    thread.start()
-    return thread
 
 
 # --- main ---
@@ -3871,10 +3433,10 @@ def evaluate(setup: RunSetup, params, step: int, log: RunLog, kind: str = "eval"
     return results
 
 
-def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.Thread | None:
+def export(setup: RunSetup, params, step: int, eval_results: dict) -> concurrent.futures.Future | None:
     """Write the model in transformers' format and its model card into --output_dir; with
     --push_to_hub start the upload. Every host calls it (gathering parameters is a collective);
-    returns the upload thread on process 0."""
+    returns the upload's future on process 0."""
     params = gather_params(params)
     if not setup.is_main:
         return None
@@ -3899,12 +3461,28 @@ def export(setup: RunSetup, params, step: int, eval_results: dict) -> threading.
     train_args = setup.train_args
     if not train_args.push_to_hub:
         return None
-    return push_to_hub_in_background(
-        str(setup.output_dir),
-        train_args.hub_model_id or train_args.run_name,
-        train_args.hub_private_repo,
-        f"step {step}",
-    )
+    # In the background: training goes on during the upload, and a failed push is a warning, not
+    # the end of a week-long run (wait_for_pushes reports it).
+    repo_id, api = train_args.hub_model_id or train_args.run_name, huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, private=train_args.hub_private_repo, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=setup.output_dir,
+            commit_message=f"step {step}",
+            ignore_patterns=["checkpoints/*", "tensorboard/*"],
+            run_as_future=True,
+        )
+    except Exception as error:
+        warn(f"push to {repo_id} failed: {error}")
+        return None
+
+
+def wait_for_pushes(pushes: list):
+    """Wait for export's uploads; a failed one is a warning."""
+    for push in pushes:
+        if push is not None and push.exception() is not None:
+            warn(f"push to the hub failed: {push.exception()}")
 
 
 def stop_on_sigterm() -> threading.Event:
@@ -3941,7 +3519,7 @@ def train_loop(
     bar = tqdm(total=num_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     batch_iterator = iter(train_batches)
     flops_per_example = training_flops_per_example(setup.model.dims, setup.run_config["resolved"]["decoder_length"])
-    peak_flops = device_peak_flops(setup.devices[0], setup.model_args.dtype)
+    peak_flops = peak_flops_per_device(setup.devices[0].device_kind, setup.model_args.dtype)
 
     def new_window(losses=(), grad_norms=()):  # what the next logging line averages over
         return {
@@ -3958,7 +3536,7 @@ def train_loop(
     # Where the wall time goes, cumulative since this launch: the pod's goodput is train_s / wall.
     clock = {"start": time.perf_counter(), "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
     in_flight = None  # (step, device metrics) not yet read
-    pushes: list[threading.Thread] = []
+    pushes: list[concurrent.futures.Future] = []
     metric, greater_is_better = train_args.metric_for_best_model, train_args.greater_is_better
     if best is not None and best["metric"] != metric:  # resumed under another --metric_for_best_model
         warn(f"the checkpoint's best evaluation was by {best['metric']}; from now on the best is by {metric}")
@@ -4083,9 +3661,7 @@ def train_loop(
     finally:
         manager.wait_until_finished()
         bar.close()
-    for thread in pushes:
-        if thread is not None:
-            thread.join()
+    wait_for_pushes(pushes)
     return state, best, stopped_early
 
 
@@ -4235,9 +3811,7 @@ def run(argv: list[str] | None = None) -> int:
         results = dict(best["results"]) if best else {}
         if train_args.do_predict:
             results.update(evaluate(setup, params, int(jax.device_get(state.step)), log, kind="test"))
-        push = export(setup, params, best["step"] if best else int(jax.device_get(state.step)), results)
-        if push is not None:
-            push.join()
+        wait_for_pushes([export(setup, params, best["step"] if best else int(jax.device_get(state.step)), results)])
     log.close()
     if stopped_early:
         say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")

@@ -30,7 +30,6 @@ import re
 import shutil
 import signal
 import string
-import struct as pystruct  # flax.struct is `struct` here
 import sys
 import threading
 import time
@@ -2749,6 +2748,7 @@ def checkpoint_manager(
     """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
     `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
     checkpoints saved without an evaluation never count as best)."""
+
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
         # as is_better does. One evaluated under another --metric_for_best_model ranks last.

@@ -348,7 +348,12 @@ class TrainingArguments:
     resume_from_checkpoint: bool = field(
         default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."}
     )
-    predict_with_generate: bool = field(default=False, metadata={"help": "Greedy-decode in eval and compute WER/CER."})
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode in eval (greedy, or beam search with --generation_num_beams > 1) and compute WER/CER."
+        },
+    )
     generation_max_length: int | None = field(
         default=None, metadata={"help": "New tokens per decode (default: max_label_length)."}
     )
@@ -397,7 +402,9 @@ class TrainingArguments:
     dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
     dry_run_topology: str | None = field(
         default=None,
-        metadata={"help": "With --dry_run: compile for a TPU slice (v4-8, v4-32, v4-64) from any machine."},
+        metadata={
+            "help": "With --dry_run: compile for a TPU slice (v4-32, v5p-64, v5e-16, v6e-8, ...) from any machine."
+        },
     )
     dry_run_compile: bool = field(
         default=True, metadata={"help": "With --dry_run: compile the train step to report its memory per device."}
@@ -434,16 +441,6 @@ class TrainingArguments:
             self.eval_steps = self.num_train_steps
         if self.metric_for_best_model is None:
             self.metric_for_best_model = "eval/wer_normalized" if self.predict_with_generate else "eval/loss"
-        if not self.metric_for_best_model.startswith("eval/"):
-            raise ConfigError(
-                f"--metric_for_best_model {self.metric_for_best_model!r} is not an eval metric: give a name that "
-                "evaluation logs, e.g. eval/wer_normalized, eval/loss or eval/<set>/wer."
-            )
-        if any(word in self.metric_for_best_model for word in ("wer", "cer")) and not self.predict_with_generate:
-            raise ConfigError(
-                f"--metric_for_best_model {self.metric_for_best_model} needs --predict_with_generate (WER and CER "
-                "come from decoding): add it, or pick by eval/loss."
-            )
         if self.greater_is_better is None:
             self.greater_is_better = not any(w in self.metric_for_best_model for w in ("wer", "cer", "loss"))
         if not self.dry_run:
@@ -1820,8 +1817,6 @@ def generate_from_encoded(model: Whisper, params, encoder_hidden, prompt_ids, se
     """generate() after the encoder: from its output (B, frames, d_model), so that one encoder pass
     serves several decodings (greedy and beam search of the same audio, as the tests compare them)."""
     batch_size, prompt_length = prompt_ids.shape
-    if settings.num_beams < 1:
-        raise ValueError(f"settings.num_beams is {settings.num_beams}: 1 (greedy) or more")
     if prompt_length != settings.prompt_length:
         raise ValueError(
             f"prompt_ids has {prompt_length} tokens per row, settings.prompt_length {settings.prompt_length}"
@@ -2264,22 +2259,27 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
 
 
 # Model FLOPs and device peaks, for the throughput and MFU figures the training loop logs.
-# Dense bfloat16 peak FLOP/s of one JAX device (a TPU chip, a GPU), from the vendors' spec sheets;
-# matched against `device.device_kind` by prefix, most specific first. MFU is measured against
-# the bfloat16 peak whatever the compute dtype (the convention of the PaLM paper), except on GPUs
-# in float32, where XLA runs matmuls as TF32 and the TF32 peak is the fair one.
-PEAK_FLOPS_PER_DEVICE = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or None)
-    ("TPU v6 lite", 918e12, None),  # v6e (Trillium)
-    ("TPU v6e", 918e12, None),
-    ("TPU v5 lite", 197e12, None),  # v5e
-    ("TPU v5e", 197e12, None),
-    ("TPU v5p", 459e12, None),
-    ("TPU v5", 459e12, None),  # v5p reports itself as "TPU v5"
-    ("TPU v4", 275e12, None),
-    ("NVIDIA H200", 989e12, 494e12),
-    ("NVIDIA H100", 989e12, 494e12),  # SXM; the PCIe card peaks lower
-    ("NVIDIA A100", 312e12, 156e12),
+# Dense bfloat16 peak FLOP/s and usable memory of one JAX device (a TPU chip, a GPU), from the
+# vendors' spec sheets; matched against `device.device_kind` by prefix, most specific first. MFU is
+# measured against the bfloat16 peak whatever the compute dtype (the convention of the PaLM paper),
+# except on GPUs in float32, where XLA runs matmuls as TF32 and the TF32 peak is the fair one. The
+# memory is what --dry_run judges "fits" by (TPU v4: 32 GiB of HBM, of which XLA can use 30.75).
+DEVICE_SPECS = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or None, usable GiB)
+    ("TPU v6 lite", 918e12, None, 32),  # v6e (Trillium)
+    ("TPU v6e", 918e12, None, 32),
+    ("TPU v5 lite", 197e12, None, 16),  # v5e
+    ("TPU v5e", 197e12, None, 16),
+    ("TPU v5p", 459e12, None, 95),
+    ("TPU v5", 459e12, None, 95),  # v5p reports itself as "TPU v5"
+    ("TPU v4", 275e12, None, 30.75),
+    ("NVIDIA H200", 989e12, 494e12, 141),
+    ("NVIDIA H100", 989e12, 494e12, 80),  # SXM; the PCIe card peaks lower
+    ("NVIDIA A100", 312e12, 156e12, 40),  # the 40 GB card (the 80 GB one fits more)
 )
+
+
+def device_spec(device_kind: str) -> tuple[str, float, float | None, float] | None:
+    return next((s for s in DEVICE_SPECS if device_kind.lower().startswith(s[0].lower())), None)
 
 
 def forward_flops(dims: WhisperDims, decoder_length: int) -> dict[str, float]:
@@ -2318,11 +2318,11 @@ def training_flops_per_example(dims: WhisperDims, decoder_length: int) -> float:
 
 
 def peak_flops_per_device(device_kind: str, compute_dtype: str) -> float | None:
-    """The spec-sheet peak of one device of this kind (see PEAK_FLOPS_PER_DEVICE), None if unknown."""
-    for prefix, bfloat16_peak, float32_peak in PEAK_FLOPS_PER_DEVICE:
-        if device_kind.lower().startswith(prefix.lower()):
-            return float32_peak if compute_dtype == "float32" and float32_peak else bfloat16_peak
-    return None
+    """The spec-sheet peak of one device of this kind, None if unknown (a CPU: no MFU is logged)."""
+    spec = device_spec(device_kind)
+    if spec is None:
+        return None
+    return spec[2] if compute_dtype == "float32" and spec[2] else spec[1]
 
 
 def throughput_metrics(
@@ -2940,32 +2940,35 @@ def initialise_distributed(dist: DistributedArguments):
         jax.distributed.initialize(**timeouts)  # a TPU slice finds its coordinator itself
 
 
-def tpu_topology_devices(name: str):
-    """The devices of a TPU v4 slice, for compile-only planning on any machine (needs libtpu)."""
-    topologies = {
-        "v4-8": "v4:2x2x1",
-        "v4-16": "v4:2x2x2",
-        "v4-32": "v4:2x2x4",
-        "v4-64": "v4:2x4x4",
-        "v4-128": "v4:4x4x4",
-    }
-    if name not in topologies:
-        raise ConfigError(f"--dry_run_topology {name!r} is unknown; use one of {', '.join(topologies)}.")
+# Compile-only TPU slices for --dry_run_topology: name -> (topology, chip config). v4 and v5p
+# names count TensorCores (two per chip), v5e and v6e names count chips.
+TPU_SLICE_SHAPES = {
+    3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"},
+    2: {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+}
 
+
+def tpu_topology_devices(name: str):
+    """The devices of a TPU slice such as v4-32, v5p-64, v5e-16 or v6e-8, for compile-only
+    planning on any machine (needs libtpu)."""
+    generation, _, size = name.partition("-")
+    cores_per_chip = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}.get(generation)
+    chips = int(size) // cores_per_chip if cores_per_chip and size.isdigit() else None
+    shape = TPU_SLICE_SHAPES[3 if cores_per_chip == 2 else 2].get(chips) if chips else None
+    if shape is None:
+        slices = [f"{g}-{n * c}" for g, c in (("v4", 2), ("v5p", 2), ("v5e", 1), ("v6e", 1)) for n in (4, 16)]
+        raise ConfigError(f"--dry_run_topology {name!r} is not a TPU slice we know; e.g. {', '.join(slices)}.")
     try:
         topology = jax_topologies.get_topology_desc(
             platform="tpu",
-            topology_name=topologies[name],
-            chip_config_name="megacore",
-            chips_per_host_bounds=(2, 2, 1),
+            topology_name=f"{generation}:{shape}",
+            chip_config_name="megacore" if cores_per_chip == 2 else "default",
+            chips_per_host_bounds=(2, 2, 1) if cores_per_chip == 2 or chips == 4 else (2, 4, 1),
             num_slices=1,
         )
     except Exception as error:
         raise ConfigError(f"--dry_run_topology needs libtpu (pip install 'jax[tpu]'): {error}") from None
     return topology.devices
-
-
-TPU_V4_USABLE_BYTES = int(30.75 * 2**30)
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -3040,19 +3043,22 @@ class RunSetup:
     model_args: ModelArguments
     data_args: DataArguments
     train_args: TrainingArguments
+    dist_args: DistributedArguments
     components: Pretrained  # config, tokenizer, feature extractor; params None for a dry run or a scratch model
     generation_config: Any  # transformers GenerationConfig written with the exported model
+    language: str  # --language as a Whisper code
+    prompt_ids: tuple[int, ...]  # the default forced decoding prefix (a row's own language may differ)
     decoding: DecodingSettings
     devices: tuple
     mesh: jax.sharding.Mesh
     plan: BatchPlan
+    peak_learning_rate: float  # --learning_rate after --lr_scaling
     schedule: Any  # optax schedule: step -> learning rate
     model: Whisper
     mel_filters: np.ndarray  # (n_freqs, n_mels)
     text_settings: dict  # {True: the training stream's TextSettings, False: evaluation's}
     train_step: JittedTrainStep
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
-    run_config: dict  # the flags and what was resolved from them: printed, saved, and in the model card
     eval_sets: tuple[EvalSet, ...]  # --eval_split_name's sets (evaluated with --do_eval)
     test_sets: tuple[EvalSet, ...]  # --test_split_name's (with --do_predict)
 
@@ -3072,40 +3078,69 @@ class RunSetup:
     def sampling_rate(self) -> int:
         return self.components.feature_extractor.sampling_rate
 
+    @property
+    def decoder_length(self) -> int:
+        return self.text_settings[True].decoder_length
 
-def check_best_metric_name(metric: str, eval_sets: list[EvalSet]):
-    """--metric_for_best_model must be eval/<averaged metric> or eval/<set>/<metric>; a per-language or
-    per-source name (eval/<set>/<group>/...) can only be checked at the first evaluation."""
-    set_names = [s.name for s in eval_sets]
-    if metric.removeprefix("eval/") in AVERAGED_METRICS + SUMMED_METRICS:
-        return
-    if any(metric.startswith(f"eval/{name}/") for name in set_names):
-        return
-    raise ConfigError(
-        f"--metric_for_best_model {metric} is not an eval metric: use one of "
-        + ", ".join(f"eval/{m}" for m in AVERAGED_METRICS)
-        + ", or eval/<set>/<metric> for a set of "
-        + ", ".join(set_names)
-        + " (e.g. eval/"
-        + (set_names or ["validation"])[0]
-        + "/wer_normalized)."
-    )
+    @property
+    def run_config(self) -> dict:
+        """The flags and what was resolved from them: printed, planned, saved, and in the model card."""
+        plan, params = self.plan, self.train_step.abstract_state.params
+        resolved = {
+            "hosts": len({d.process_index for d in self.devices}),
+            "devices": len(self.devices),
+            "device_kind": self.devices[0].device_kind,
+            "mesh": dict(self.mesh.shape),
+            "global_batch": plan.global_batch_size,
+            "per_host_batch": plan.per_host_batch_size,
+            "per_device_batch": plan.per_device_batch_size,
+            "micro_batch_per_device": plan.micro_batch_size // len(self.devices),
+            "eval_batch": plan.eval_batch_size,
+            "effective_learning_rate": self.peak_learning_rate,
+            "total_train_examples": plan.global_batch_size * self.train_args.num_train_steps,
+            "language": self.language,
+            "prompt_ids": list(self.prompt_ids),
+            "decoder_length": self.decoder_length,
+            "audio_samples_per_example": self.n_samples,
+            "sampling_rate": self.sampling_rate,
+            "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        }
+        groups = ("model", "data", "training", "distributed")
+        args = (self.model_args, self.data_args, self.train_args, self.dist_args)
+        return {**{g: dataclasses.asdict(a) for g, a in zip(groups, args)}, "resolved": resolved}
 
 
-def setup_run(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, dist_args: DistributedArguments
-) -> RunSetup:
-    """Components, decoding settings, mesh, batch plan, model and the jitted steps; no data read,
-    no device memory used beyond what jit needs."""
-    components = resolve_components(model_args, weights=not train_args.dry_run)
-    config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
+def check_best_metric_name(train_args: TrainingArguments, eval_sets: list[EvalSet]):
+    """--metric_for_best_model must be eval/<averaged metric> or eval/<set>/...<metric>, and WER or
+    CER needs decoding. (A per-language or per-source group is checked at the first evaluation.)"""
+    metric, set_names = train_args.metric_for_best_model, [s.name for s in eval_sets]
+    if metric.removeprefix("eval/") not in AVERAGED_METRICS + SUMMED_METRICS and not any(
+        metric.startswith(f"eval/{name}/") for name in set_names
+    ):
+        raise ConfigError(
+            f"--metric_for_best_model {metric} is not an eval metric: use one of "
+            + ", ".join(f"eval/{m}" for m in AVERAGED_METRICS)
+            + f", or eval/<set>/<metric> for a set of {', '.join(set_names)} "
+            + f"(e.g. eval/{(set_names or ['validation'])[0]}/wer_normalized)."
+        )
+    if any(word in metric for word in ("wer", "cer")) and not train_args.predict_with_generate:
+        raise ConfigError(
+            f"--metric_for_best_model {metric} needs --predict_with_generate (WER and CER come from decoding): "
+            "add it, or pick by eval/loss."
+        )
+
+
+def decoding_setup(components: Pretrained, data_args: DataArguments, train_args: TrainingArguments):
+    """(language code, the default prompt's language and task, its ids, the exported generation
+    config, eval's DecodingSettings). Also sets the exported tokenizer's default prefix (what
+    pipeline() users get); our labels never read it."""
+    config, tokenizer = components.config, components.tokenizer
     language = language_code(data_args.language)
     english_only = is_english_only(config, components.generation_config)
     prompt_language, prompt_task = prompt_language_and_task(
         tokenizer, language, data_args.task, english_only=english_only
     )
     prompt_ids = tuple(decoder_prefix(tokenizer, prompt_language, prompt_task, timestamps=False))
-    # The exported tokenizer's default prefix (what pipeline() users get); our labels never read it.
     tokenizer.language, tokenizer.task = prompt_language, prompt_task
     tokenizer.set_prefix_tokens(predict_timestamps=False)
     generation_config = whisper_generation_config(
@@ -3122,12 +3157,24 @@ def setup_run(
         length_penalty=train_args.generation_length_penalty,
         early_stopping=generation_config.early_stopping or False,  # None (unset) is False in generate()
     )
+    return language, (prompt_language, prompt_task), prompt_ids, generation_config, decoding
 
+
+def setup_run(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, dist_args: DistributedArguments
+) -> RunSetup:
+    """Components, decoding settings, mesh, batch plan, model and the jitted steps; no data read,
+    no device memory used beyond what jit needs."""
+    components = resolve_components(model_args, weights=not train_args.dry_run)
+    config, feature_extractor = components.config, components.feature_extractor
+    language, (prompt_language, prompt_task), prompt_ids, generation_config, decoding = decoding_setup(
+        components, data_args, train_args
+    )
     eval_sets = evaluation_sets(data_args.eval_split_name, data_args.eval_dataset_name, data_args.dataset_name, "eval")
     test_sets = evaluation_sets(data_args.test_split_name, data_args.test_dataset_name, data_args.dataset_name, "test")
     if train_args.do_predict and not test_sets:
         raise ConfigError("--do_predict needs --test_split_name: the split(s) to evaluate the kept model on.")
-    check_best_metric_name(train_args.metric_for_best_model, eval_sets)
+    check_best_metric_name(train_args, eval_sets)
     text_settings = {
         train: text_settings_of(
             data_args, train=train, language=prompt_language, task=prompt_task, seed=train_args.seed
@@ -3140,16 +3187,6 @@ def setup_run(
             + (f" + --max_prev_length {data_args.max_prev_length}" if text_settings[True].max_prev_length else "")
             + f" exceeds the model's {config.max_target_positions} decoder positions: lower them."
         )
-
-    devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
-    num_processes = len({d.process_index for d in devices})
-    mesh = make_mesh(dist_args.fsdp_size, devices)
-    plan = plan_batches(train_args, len(devices), num_processes)
-    peak_lr = effective_learning_rate(train_args, plan.global_batch_size)
-    schedule = learning_rate_schedule(
-        peak_lr, train_args.warmup_steps, train_args.num_train_steps, train_args.lr_scheduler_type
-    )
-    model = build_model(config, dtype=model_args.dtype, scan_layers=model_args.scan_layers, remat=model_args.remat)
     n_samples = feature_extractor.n_samples
     if n_samples // feature_extractor.hop_length != 2 * config.max_source_positions:
         raise ConfigError(
@@ -3157,6 +3194,15 @@ def setup_run(
             f"{n_samples // feature_extractor.hop_length} mel frames but the model expects "
             f"{2 * config.max_source_positions}: use a matching --feature_extractor_name."
         )
+
+    devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
+    mesh = make_mesh(dist_args.fsdp_size, devices)
+    plan = plan_batches(train_args, len(devices), len({d.process_index for d in devices}))
+    peak_lr = effective_learning_rate(train_args, plan.global_batch_size)
+    schedule = learning_rate_schedule(
+        peak_lr, train_args.warmup_steps, train_args.num_train_steps, train_args.lr_scheduler_type
+    )
+    model = build_model(config, dtype=model_args.dtype, scan_layers=model_args.scan_layers, remat=model_args.remat)
     mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
     step = jit_train_step(
         model,
@@ -3167,54 +3213,31 @@ def setup_run(
         label_smoothing=train_args.label_smoothing_factor,
         param_dtype=model_args.param_dtype,
     )
+    generate = decoding if train_args.predict_with_generate else None
     eval_fn = jax.jit(
-        functools.partial(
-            eval_step,
-            model=model,
-            mel_filters=mel_filters,
-            decoding=decoding if train_args.predict_with_generate else None,
-            mesh=mesh,
-        ),
+        functools.partial(eval_step, model=model, mel_filters=mel_filters, decoding=generate, mesh=mesh),
         in_shardings=(step.state_sharding.params, step.data_sharding),
     )
-    run_config = {
-        "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
-        "training": dataclasses.asdict(train_args),
-        "distributed": dataclasses.asdict(dist_args),
-        "resolved": {
-            "processes": num_processes,
-            "devices": len(devices),
-            "device_kind": devices[0].device_kind,
-            "mesh": dict(mesh.shape),
-            **dataclasses.asdict(plan),
-            "effective_learning_rate": peak_lr,
-            "language": language,
-            "task": data_args.task,
-            "prompt_ids": list(prompt_ids),
-            "decoder_length": text_settings[True].decoder_length,
-            "total_train_examples": plan.global_batch_size * train_args.num_train_steps,
-            "audio_samples_per_example": n_samples,
-            "sampling_rate": feature_extractor.sampling_rate,
-        },
-    }
     return RunSetup(
         model_args=model_args,
         data_args=data_args,
         train_args=train_args,
+        dist_args=dist_args,
         components=components,
         generation_config=generation_config,
+        language=language,
+        prompt_ids=prompt_ids,
         decoding=decoding,
         devices=tuple(devices),
         mesh=mesh,
         plan=plan,
+        peak_learning_rate=peak_lr,
         schedule=schedule,
         model=model,
         mel_filters=mel_filters,
         text_settings=text_settings,
         train_step=step,
         eval_step=eval_fn,
-        run_config=run_config,
         eval_sets=tuple(eval_sets),
         test_sets=tuple(test_sets),
     )
@@ -3370,7 +3393,7 @@ def make_batches(
         max_label_length=data_args.max_label_length,
         pad_token_id=setup.components.config.pad_token_id,
         max_prev_length=text_settings.max_prev_length,
-        default_prompt_ids=tuple(setup.run_config["resolved"]["prompt_ids"]),
+        default_prompt_ids=setup.prompt_ids,
     )
     return SpeechBatches(
         lambda epoch: make_source(epoch=epoch),
@@ -3409,7 +3432,7 @@ def check_eval_sets(setup: RunSetup):
 def evaluate(setup: RunSetup, params, step: int, log: RunLog, kind: str = "eval") -> dict:
     """Evaluate `params` on every set of `kind` (eval: --eval_split_name, test: --test_split_name):
     metrics logged (combine_set_metrics' names) and returned; each set's predictions written to
-    predictions/<set>/step_N.jsonl (test sets: predictions/test/<set>/step_N.jsonl)."""
+    predictions/<kind>/<set>/step_N.jsonl."""
     train_args = setup.train_args
     per_set, tables = {}, []
     for eval_set in setup.eval_sets if kind == "eval" else setup.test_sets:
@@ -3422,7 +3445,7 @@ def evaluate(setup: RunSetup, params, step: int, log: RunLog, kind: str = "eval"
             generate=train_args.predict_with_generate,
         )
         if setup.is_main and rows:
-            directory = setup.output_dir / "predictions" / ("test" if kind == "test" else "") / eval_set.name
+            directory = setup.output_dir / "predictions" / kind / eval_set.name
             write_predictions(directory / f"step_{step}.jsonl", rows, train_args.log_max_eval_predictions)
             table = "\n".join(f"| {r['reference']} | {r['prediction']} |" for r in rows[:10])
             tables.append((f"{kind}/{eval_set.name}/predictions", "| reference | prediction |\n|---|---|\n" + table))
@@ -3494,83 +3517,136 @@ def stop_on_sigterm() -> threading.Event:
     return stop_requested
 
 
-def train_loop(
-    setup: RunSetup,
-    state: TrainState,
-    *,
-    train_batches,
-    manager,
-    log: RunLog,
-    stop_requested: threading.Event,
-    best: dict | None = None,
-):
+@dataclass
+class LogWindow:
+    """What the next train/... logging line averages over, and where this launch's wall time went
+    (cumulative; the pod's goodput is train_s / wall)."""
+
+    losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    wait_s: float = 0.0  # waiting for the host's next batch
+    audio_s: float = 0.0  # unpadded audio trained on
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    clock: dict = field(
+        default_factory=lambda: {"start": time.perf_counter(), "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+    )
+
+    def restart(self, keep_losses: bool = False) -> LogWindow:
+        """The next window; losses still unlogged stay when evaluation or saving only paused the steps."""
+        kept = (self.losses, self.grad_norms) if keep_losses else ([], [])
+        return LogWindow(*kept, clock=self.clock)
+
+
+def log_train_metrics(setup: RunSetup, log: RunLog, step: int, window: LogWindow, train_batches) -> dict:
+    """The logging line of a window of steps: loss, learning rate, throughput, MFU, where the time
+    went and the skipped rows of every host. Returns the throughput metrics."""
+    elapsed = time.perf_counter() - window.start
+    window.clock["train_s"] += elapsed
+    hosts = allgather_json({"skipped": dict(train_batches.skipped), "audio_s": window.audio_s})
+    skipped = sum((collections.Counter(host["skipped"]) for host in hosts), collections.Counter())
+    throughput = throughput_metrics(
+        steps=window.steps,
+        seconds=elapsed,
+        global_batch_size=setup.plan.global_batch_size,
+        audio_seconds=sum(host["audio_s"] for host in hosts),
+        flops_per_example=training_flops_per_example(setup.model.dims, setup.decoder_length),
+        num_devices=len(setup.devices),
+        peak_flops=peak_flops_per_device(setup.devices[0].device_kind, setup.model_args.dtype),
+    )
+    clock = window.clock
+    line = {
+        "examples_seen": step * setup.plan.global_batch_size,
+        "train/loss": float(np.mean(window.losses)),
+        "train/learning_rate": float(setup.schedule(step - 1)),
+        "train/grad_norm": float(np.mean(window.grad_norms)),
+        "train/data_wait_fraction": window.wait_s / elapsed,
+        "train/epoch": train_batches.epoch,
+        **throughput,
+        **{f"time/{name}": clock[name] for name in ("train_s", "eval_s", "checkpoint_s")},
+        "time/goodput": clock["train_s"] / (time.perf_counter() - clock["start"]),
+        **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
+    }
+    log.write(step, line)
+    return throughput
+
+
+def evaluate_and_keep_best(setup: RunSetup, params, step: int, log: RunLog, best: dict | None):
+    """Evaluate; returns (results, the best evaluation so far: {step, metric, value, results}, whether this one is it)."""
+    metric = setup.train_args.metric_for_best_model
+    results = evaluate(setup, params, step, log)
+    if metric not in results:
+        raise ConfigError(
+            f"--metric_for_best_model {metric} is not among the logged eval metrics: {', '.join(sorted(results))}."
+        )
+    improved = is_better(results[metric], best, setup.train_args.greater_is_better)
+    if improved:
+        best = {"step": step, "metric": metric, "value": results[metric], "results": results}
+    if setup.is_main:  # tqdm.write keeps the progress bar whole
+        averaged = " ".join(f"{k}={v:.4g}" for k, v in results.items() if k.count("/") == 1)
+        tqdm.write(f"{averaged} (step {step}; best {metric}={best['value']:.4g} at step {best['step']})")
+    return results, best, improved
+
+
+def checkpoint(setup: RunSetup, manager, step: int, state: TrainState, train_batches, best, eval_results):
+    """Save asynchronously, with every host's data position and the best evaluation so far; an
+    evaluated checkpoint carries its metrics, which rank it for keeping."""
+    meta = {
+        "step": step,
+        "examples_seen": step * setup.plan.global_batch_size,
+        "num_processes": jax.process_count(),
+        "data_states": allgather_json(train_batches.state_dict()),
+        "best": best,  # resuming keeps knowing which evaluation to export
+    }
+    save_checkpoint(manager, step, state, meta, metrics={**eval_results, "step": step} if eval_results else None)
+
+
+def check_finite(step: int, metrics: dict, manager, global_batch_size: int) -> tuple[float, float]:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingStopped(
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}. Stopping; the last "
+            f"checkpoint (step {manager.latest_step()}) is intact. Look for bad audio or labels around example "
+            f"{(step - 1) * global_batch_size}, or lower --learning_rate, then relaunch."
+        )
+    return loss, grad_norm
+
+
+def train_loop(setup: RunSetup, state: TrainState, *, train_batches, manager, log: RunLog, stop_requested, best=None):
     """Steps until --num_train_steps or a stop request; logs, evaluates and checkpoints on cadence,
     and with --push_to_hub exports and pushes each evaluation that is a new best. `best` (from the
-    checkpoint's metadata when resuming) is the best evaluation so far: {step, metric, value,
-    results}. Returns (state, the best evaluation or None, whether it stopped early).
+    checkpoint's metadata when resuming) is the best evaluation so far. Returns (state, the best
+    evaluation or None, whether it stopped early).
 
     Each step's metrics are read one step later, so the host never stalls the device; a
-    non-finite loss still stops the run before the state after it can be checkpointed.
-    """
-    train_args, plan, schedule, is_main = setup.train_args, setup.plan, setup.schedule, setup.is_main
-    step_fn, data_sharding = setup.train_step.fn, setup.train_step.data_sharding
-    num_steps = train_args.num_train_steps
+    non-finite loss still stops the run before the state after it can be checkpointed."""
+    train_args, num_steps = setup.train_args, setup.train_args.num_train_steps
     step = int(jax.device_get(state.step))
-    bar = tqdm(total=num_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    batch_iterator = iter(train_batches)
-    flops_per_example = training_flops_per_example(setup.model.dims, setup.run_config["resolved"]["decoder_length"])
-    peak_flops = peak_flops_per_device(setup.devices[0].device_kind, setup.model_args.dtype)
-
-    def new_window(losses=(), grad_norms=()):  # what the next logging line averages over
-        return {
-            "losses": list(losses),
-            "grad_norms": list(grad_norms),
-            "wait_s": 0.0,
-            "audio_s": 0.0,
-            "start": time.perf_counter(),
-            "steps": 0,
-        }
-
-    window = new_window()
-    shown: dict = {}  # the progress bar's throughput figures, from the last logging line
-    # Where the wall time goes, cumulative since this launch: the pod's goodput is train_s / wall.
-    clock = {"start": time.perf_counter(), "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
-    in_flight = None  # (step, device metrics) not yet read
-    pushes: list[concurrent.futures.Future] = []
-    metric, greater_is_better = train_args.metric_for_best_model, train_args.greater_is_better
-    if best is not None and best["metric"] != metric:  # resumed under another --metric_for_best_model
-        warn(f"the checkpoint's best evaluation was by {best['metric']}; from now on the best is by {metric}")
+    bar = tqdm(total=num_steps, initial=step, disable=not setup.is_main, desc="train", dynamic_ncols=True)
+    batch_iterator, window, shown, in_flight, pushes = iter(train_batches), LogWindow(), {}, None, []
+    if best is not None and best["metric"] != train_args.metric_for_best_model:  # resumed under another metric
+        warn(f"the checkpoint's best evaluation was by {best['metric']}; now the best is by the new metric")
         best = None
 
-    def settle():
+    def settle():  # read the metrics of the step in flight
         nonlocal in_flight
-        if in_flight is None:
-            return
-        done_step, metrics = in_flight
-        in_flight = None
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingStopped(
-                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done_step}. Stopping; the last "
-                f"checkpoint (step {manager.latest_step()}) is intact. Look for bad audio or labels around example "
-                f"{(done_step - 1) * plan.global_batch_size}, or lower --learning_rate, then relaunch."
-            )
-        window["losses"].append(loss)
-        window["grad_norms"].append(grad_norm)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(done_step - 1)):.2e}", **shown)
+        if in_flight is not None:
+            loss, grad_norm = check_finite(*in_flight, manager, setup.plan.global_batch_size)
+            window.losses.append(loss)
+            window.grad_norms.append(grad_norm)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(setup.schedule(in_flight[0] - 1)):.2e}", **shown)
+            in_flight = None
 
-    stopped_early = False
     try:
         while step < num_steps:
             wait_start = time.perf_counter()
             host_batch, examples = next(batch_iterator)
-            window["wait_s"] += time.perf_counter() - wait_start
-            window["audio_s"] += sum(len(example["audio"]) for example in examples) / setup.sampling_rate
-            state, metrics = step_fn(state, to_global_batch(host_batch, data_sharding))
-            step += 1
+            window.wait_s += time.perf_counter() - wait_start
+            window.audio_s += sum(len(example["audio"]) for example in examples) / setup.sampling_rate
+            state, metrics = setup.train_step.fn(state, to_global_batch(host_batch, setup.train_step.data_sharding))
+            step, window.steps = step + 1, window.steps + 1
             settle()
             in_flight = (step, metrics)
-            window["steps"] += 1
             bar.update(1)
 
             stopping = stop_requested.is_set() or (jax.process_count() > 1 and manager.reached_preemption(step))
@@ -3579,90 +3655,36 @@ def train_loop(
             do_eval = train_args.do_eval and (step % train_args.eval_steps == 0 or is_last)
             # Every evaluation is checkpointed, so that the final export can restore the best one.
             do_save = step % train_args.save_steps == 0 or is_last or stopping or do_eval
-            if do_log or do_eval or do_save:
-                settle()
+            if not (do_log or do_save):
+                continue
+            settle()
             if do_log:
-                elapsed = time.perf_counter() - window["start"]
-                clock["train_s"] += elapsed
-                skipped = collections.Counter()
-                hosts = allgather_json({"skipped": dict(train_batches.skipped), "audio_s": window["audio_s"]})
-                for host in hosts:
-                    skipped.update(host["skipped"])
-                throughput = throughput_metrics(
-                    steps=window["steps"],
-                    seconds=elapsed,
-                    global_batch_size=plan.global_batch_size,
-                    audio_seconds=sum(host["audio_s"] for host in hosts),
-                    flops_per_example=flops_per_example,
-                    num_devices=len(setup.devices),
-                    peak_flops=peak_flops,
-                )
-                wall_s = time.perf_counter() - clock["start"]
-                log.write(
-                    step,
-                    {
-                        "examples_seen": step * plan.global_batch_size,
-                        "train/loss": float(np.mean(window["losses"])),
-                        "train/learning_rate": float(schedule(step - 1)),
-                        "train/grad_norm": float(np.mean(window["grad_norms"])),
-                        "train/data_wait_fraction": window["wait_s"] / elapsed,
-                        "train/epoch": train_batches.epoch,
-                        **throughput,
-                        "time/train_s": clock["train_s"],
-                        "time/eval_s": clock["eval_s"],
-                        "time/checkpoint_s": clock["checkpoint_s"],
-                        "time/goodput": clock["train_s"] / wall_s,
-                        **{f"data/skipped_{reason}": count for reason, count in sorted(skipped.items())},
-                    },
-                )
+                throughput = log_train_metrics(setup, log, step, window, train_batches)
                 shown["ex/s"] = f"{throughput['throughput/examples_per_s']:.3g}"
                 if "throughput/mfu" in throughput:
                     shown["mfu"] = f"{throughput['throughput/mfu']:.1%}"
-                window = new_window()
-            elif do_eval or do_save:  # steps since the last logging line count as training time too
-                clock["train_s"] += time.perf_counter() - window["start"]
+                window = window.restart()
+            else:  # steps since the last logging line count as training time too
+                window.clock["train_s"] += time.perf_counter() - window.start
+            if not do_save:
+                continue
+            eval_results, improved, pause_start = {}, False, time.perf_counter()
             if do_eval:
-                eval_start = time.perf_counter()
-                eval_results = evaluate(setup, state.params, step, log)
-                clock["eval_s"] += time.perf_counter() - eval_start
-                if metric not in eval_results:
-                    raise ConfigError(
-                        f"--metric_for_best_model {metric} is not among the logged eval metrics: "
-                        + ", ".join(sorted(eval_results))
-                        + "."
-                    )
-                improved = is_better(eval_results[metric], best, greater_is_better)
-                if improved:
-                    best = {"step": step, "metric": metric, "value": eval_results[metric], "results": eval_results}
-                if is_main:
-                    averaged = {k: v for k, v in eval_results.items() if k.count("/") == 1}
-                    bar.write(
-                        " ".join(f"{k}={v:.4g}" for k, v in averaged.items())
-                        + f" (step {step}; best {metric}={best['value']:.4g} at step {best['step']})"
-                    )
-            if do_save:
-                save_start = time.perf_counter()
-                meta = {
-                    "step": step,
-                    "examples_seen": step * plan.global_batch_size,
-                    "num_processes": jax.process_count(),
-                    "data_states": allgather_json(train_batches.state_dict()),
-                    "best": best,  # resuming keeps knowing which evaluation to export
-                }
-                save_checkpoint(manager, step, state, meta, metrics={**eval_results, "step": step} if do_eval else None)
-                clock["checkpoint_s"] += time.perf_counter() - save_start  # the asynchronous write's blocking part
-            if do_eval and improved and train_args.push_to_hub and not is_last:  # run() exports the last
+                eval_results, best, improved = evaluate_and_keep_best(setup, state.params, step, log, best)
+                window.clock["eval_s"] += time.perf_counter() - pause_start
+            save_start = time.perf_counter()
+            checkpoint(setup, manager, step, state, train_batches, best, eval_results)
+            window.clock["checkpoint_s"] += time.perf_counter() - save_start  # the asynchronous write's blocking part
+            if improved and train_args.push_to_hub and not is_last:  # run() exports the last
                 pushes.append(export(setup, state.params, step, eval_results))
             if stopping and not is_last:
-                stopped_early = True
-                break
-            if do_eval or do_save:  # time evaluation and saving apart from the steps
-                window = new_window(window["losses"], window["grad_norms"])
+                return state, best, True
+            window = window.restart(keep_losses=True)  # time evaluation and saving apart from the steps
     finally:
         manager.wait_until_finished()
         bar.close()
-    wait_for_pushes(pushes)
-    return state, best, stopped_early
+        wait_for_pushes(pushes)
+    return state, best, False
 
 
 def kept_params(setup: RunSetup, manager, state: TrainState, best: dict | None):
@@ -3675,83 +3697,45 @@ def kept_params(setup: RunSetup, manager, state: TrainState, best: dict | None):
     return restore_checkpoint(manager, best["step"], setup.train_step.abstract_state)[0].params
 
 
-class NotCompiled(Exception):
-    """--no_dry_run_compile: the plan without the compiled step's memory."""
+def compiled_step_memory(setup: RunSetup) -> int | None:
+    """Bytes per device of the compiled train step (compile only, no data); None when XLA finds
+    that it cannot fit (RESOURCE_EXHAUSTED, as a TPU compile says)."""
+    step = setup.train_step
+    batch = abstract_batch(
+        setup.plan.global_batch_size,
+        n_samples=setup.n_samples,
+        max_label_length=setup.decoder_length,
+        sharding=step.data_sharding,
+    )
+    try:
+        return compiled_memory(step.fn.lower(step.abstract_state, batch).compile())["total_bytes"]
+    except Exception as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return None
 
 
 def dry_run(setup: RunSetup) -> int:
-    """Print the plan and the compiled train step's memory per device; compile only, no data."""
-    run_config, plan, train_args, data_args = setup.run_config, setup.plan, setup.train_args, setup.data_args
-    resolved, model, devices = run_config["resolved"], setup.model, setup.devices
-    abstract_state = setup.train_step.abstract_state
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    batch = abstract_batch(
-        plan.global_batch_size,
-        n_samples=setup.n_samples,
-        max_label_length=resolved["decoder_length"],
-        sharding=setup.train_step.data_sharding,
-    )
-    plan_out = {
-        "hosts": resolved["processes"],
-        "devices": resolved["devices"],
-        "device_kind": resolved["device_kind"],
-        "mesh": resolved["mesh"],
-        "global_batch": plan.global_batch_size,
-        "per_host_batch": plan.per_host_batch_size,
-        "per_device_batch": plan.per_device_batch_size,
-        "micro_batch_per_device": plan.per_device_batch_size // train_args.gradient_accumulation_steps,
-        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
-        "eval_batch": plan.eval_batch_size,
-        "learning_rate": train_args.learning_rate,
-        "effective_learning_rate": resolved["effective_learning_rate"],
-        "lr_scheduler_type": train_args.lr_scheduler_type,
-        "warmup_steps": train_args.warmup_steps,
-        "num_train_steps": train_args.num_train_steps,
-        "total_train_examples": resolved["total_train_examples"],
-        "eval_steps": train_args.eval_steps,
-        "save_steps": train_args.save_steps,
-        "model": run_config["model"]["model_name_or_path"] or run_config["model"]["config_name"],
-        "dataset": data_args.dataset_name,
-        "language": resolved["language"],
-        "task": data_args.task,
-        "dtype": str(model.dtype),
-        "param_dtype": run_config["model"]["param_dtype"],
-        "adam_mu_dtype": train_args.adam_mu_dtype,
-        "decoder_length": resolved["decoder_length"],
-        "bpe_dropout": data_args.bpe_dropout,
-        "scan_layers": model.scan_layers,
-        "remat": model.remat,
-        "parameters": num_params,
-        "output_dir": train_args.output_dir,
-        "hub_model_id": train_args.hub_model_id,
-    }
-    try:
-        if not train_args.dry_run_compile:
-            raise NotCompiled
-        compiled = setup.train_step.fn.lower(abstract_state, batch).compile()
-        memory = compiled_memory(compiled)
-        plan_out["memory_per_device_bytes"] = memory["total_bytes"]
-        plan_out["fits"] = None
-        if devices[0].platform == "tpu":
-            plan_out["fits"] = memory["total_bytes"] <= TPU_V4_USABLE_BYTES
-    except NotCompiled:
-        plan_out["memory_per_device_bytes"] = plan_out["fits"] = None
-    except Exception as error:  # XLA says RESOURCE_EXHAUSTED when a TPU step cannot fit
-        if "RESOURCE_EXHAUSTED" not in str(error):
-            raise
-        plan_out["memory_per_device_bytes"] = None
-        plan_out["fits"] = False
-    width = max(map(len, plan_out))
-    for name, value in plan_out.items():
+    """Print the plan, each value once: every flag and what the run resolves from them (the same
+    run_config it saves), and with --dry_run_compile the train step's memory per device, judged
+    against the device's own usable memory (DEVICE_SPECS)."""
+    plan = {name: value for group in setup.run_config.values() for name, value in group.items()}
+    plan["memory_per_device_bytes"] = plan["fits"] = None
+    spec = device_spec(setup.devices[0].device_kind)
+    if setup.train_args.dry_run_compile:
+        plan["memory_per_device_bytes"] = memory = compiled_step_memory(setup)
+        plan["fits"] = None if spec is None else memory is not None and memory <= spec[3] * 2**30
+    width = max(map(len, plan))
+    for name, value in plan.items():
         print(f"{name:>{width}}  {value}")
-    if plan_out.get("memory_per_device_bytes"):
-        print(f"{'memory_per_device':>{width}}  {plan_out['memory_per_device_bytes'] / 2**30:.2f} GiB")
-    if plan_out["fits"] is False:
+    if plan["memory_per_device_bytes"]:
+        print(f"{'memory_per_device':>{width}}  {plan['memory_per_device_bytes'] / 2**30:.2f} GiB")
+    if plan["fits"] is False:
         print(
-            f"warning: the train step does not fit a {devices[0].device_kind} (about "
-            f"{TPU_V4_USABLE_BYTES / 2**30:.2f} GiB usable): raise --fsdp_size, use --remat, or lower the per-device batch."
+            f"warning: the train step does not fit a {spec[0]} ({spec[3]} GiB usable): raise --fsdp_size, "
+            "use --remat, or lower the per-device batch."
         )
-    print("plan_json: " + json.dumps(plan_out, default=str), flush=True)
+    print("plan_json: " + json.dumps(plan, default=str), flush=True)
     return 0
 
 

@@ -84,40 +84,31 @@ def warn(message: str):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def option(default, help: str):
+    """A dataclass field that HfArgumentParser turns into --<name> with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local directory of a Whisper checkpoint to fine-tune."}
+    model_name_or_path: str | None = option(None, "Hub id or local directory of a Whisper checkpoint to fine-tune.")
+    config_name: str | None = option(None, "Config (hub id or directory) to train from scratch; random init, seeded.")
+    tokenizer_name: str | None = option(None, "Tokenizer, if not the model's.")
+    feature_extractor_name: str | None = option(None, "Feature extractor, if not the model's.")
+    cache_dir: str | None = option(None, "Hugging Face cache directory.")
+    dtype: str = option("float32", "Compute dtype: float32 or bfloat16 (weights: --param_dtype).")
+    scan_layers: bool = option(False, "nn.scan over layers: much faster compiles for deep models.")
+    remat: str = option("none", "Rematerialise layers: none, full, or dots (save matmul outputs).")
+    dropout: float | None = option(None, "Override the config's dropout.")
+    attention_dropout: float | None = option(None, "Override the config's attention_dropout.")
+    activation_dropout: float | None = option(
+        None, "Override the config's activation_dropout (after the feed-forward GELU)."
     )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Config (hub id or directory) to train from scratch; random init, seeded."}
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    feature_extractor_name: str | None = field(
-        default=None, metadata={"help": "Feature extractor, if not the model's."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache directory."})
-    dtype: str = field(
-        default="float32", metadata={"help": "Compute dtype: float32 or bfloat16 (weights: --param_dtype)."}
-    )
-    scan_layers: bool = field(
-        default=False, metadata={"help": "nn.scan over layers: much faster compiles for deep models."}
-    )
-    remat: str = field(
-        default="none", metadata={"help": "Rematerialise layers: none, full, or dots (save matmul outputs)."}
-    )
-    dropout: float | None = field(default=None, metadata={"help": "Override the config's dropout."})
-    attention_dropout: float | None = field(default=None, metadata={"help": "Override the config's attention_dropout."})
-    activation_dropout: float | None = field(
-        default=None, metadata={"help": "Override the config's activation_dropout (after the feed-forward GELU)."}
-    )
-    param_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Dtype of the trained parameters (and so of the gradients and Adam's second moment): float32, "
-            "or bfloat16 as the 2024 NB-Whisper release trained large-v3. Losses and logits stay float32; "
-            "the exported model is float32 either way."
-        },
+    param_dtype: str = option(
+        "float32",
+        "Dtype of the trained parameters (and so of the gradients and Adam's second moment): float32, "
+        "or bfloat16 as the 2024 NB-Whisper release trained large-v3. Losses and logits stay float32; "
+        "the exported model is float32 either way.",
     )
 
     def __post_init__(self):
@@ -130,129 +121,91 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Required. Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."
-        },
+    dataset_name: str | None = option(
+        None, "Required. Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset config name(s), comma-separated."})
-    dataset_probabilities: str | None = field(
-        default=None, metadata={"help": "Sampling probabilities when mixing datasets, e.g. 0.7,0.3."}
+    dataset_config_name: str | None = option(None, "Dataset config name(s), comma-separated.")
+    dataset_probabilities: str | None = option(None, "Sampling probabilities when mixing datasets, e.g. 0.7,0.3.")
+    train_split_name: str = option("train", "Training split; 'a+b' joins splits.")
+    eval_split_name: str = option(
+        "validation",
+        "Evaluation split(s): 'a+b' joins splits into one set; 'a,b' evaluates several sets, each "
+        "logged as eval/<name>/... (name: the split, or <dataset>/<split> when --eval_dataset_name differs "
+        "per set) and averaged into eval/loss, eval/wer, ...",
     )
-    train_split_name: str = field(default="train", metadata={"help": "Training split; 'a+b' joins splits."})
-    eval_split_name: str = field(
-        default="validation",
-        metadata={
-            "help": "Evaluation split(s): 'a+b' joins splits into one set; 'a,b' evaluates several sets, each "
-            "logged as eval/<name>/... (name: the split, or <dataset>/<split> when --eval_dataset_name differs "
-            "per set) and averaged into eval/loss, eval/wer, ..."
-        },
+    eval_dataset_name: str | None = option(
+        None,
+        "Dataset of each evaluation set, comma-separated: one for all of --eval_split_name, or one per "
+        "split (default: --dataset_name).",
     )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dataset of each evaluation set, comma-separated: one for all of --eval_split_name, or one per "
-            "split (default: --dataset_name)."
-        },
+    test_split_name: str | None = option(
+        None, "Test split(s) for --do_predict, comma-separated like --eval_split_name (logged as test/...)."
     )
-    test_split_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Test split(s) for --do_predict, comma-separated like --eval_split_name (logged as test/...)."
-        },
+    test_dataset_name: str | None = option(
+        None, "Dataset of each test set, as --eval_dataset_name (default: --dataset_name)."
     )
-    test_dataset_name: str | None = field(
-        default=None, metadata={"help": "Dataset of each test set, as --eval_dataset_name (default: --dataset_name)."}
+    streaming: bool = option(False, "Stream the dataset instead of downloading it first.")
+    audio_column_name: str = option("audio", "Column holding the audio.")
+    text_column_name: str = option("text", "Column holding the transcript.")
+    id_column_name: str = option("id", "Column with example ids, logged with predictions if present.")
+    max_train_samples: int | None = option(None, "Truncate the training set (per epoch).")
+    max_eval_samples: int | None = option(None, "Truncate the evaluation set.")
+    language: str = option("no", "Language code or name, e.g. no or norwegian.")
+    task: str = option("transcribe", "transcribe or translate.")
+    do_lower_case: bool = option(False, "Lower-case transcripts before tokenizing.")
+    do_remove_punctuation: bool = option(False, "Strip punctuation from transcripts.")
+    min_duration_in_seconds: float = option(0.0, "Drop clips shorter than this.")
+    max_duration_in_seconds: float = option(30.0, "Drop clips longer than this.")
+    max_label_length: int = option(128, "Label tokens per example; longer labels are dropped.")
+    shuffle_buffer_size: int = option(500, "Examples in the shuffle buffer (0: no shuffling).")
+    preprocessing_num_workers: int = option(4, "Threads decoding audio on each host.")
+    prefetch_batches: int = option(4, "Batches prepared ahead of the device.")
+    read_retries: int = option(
+        10,
+        "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
+        "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
+        "retries of each file read.",
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it first."})
-    audio_column_name: str = field(default="audio", metadata={"help": "Column holding the audio."})
-    text_column_name: str = field(default="text", metadata={"help": "Column holding the transcript."})
-    id_column_name: str = field(
-        default="id", metadata={"help": "Column with example ids, logged with predictions if present."}
+    read_retry_wait_s: float = option(
+        1.0, "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (per epoch)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
-    language: str = field(default="no", metadata={"help": "Language code or name, e.g. no or norwegian."})
-    task: str = field(default="transcribe", metadata={"help": "transcribe or translate."})
-    do_lower_case: bool = field(default=False, metadata={"help": "Lower-case transcripts before tokenizing."})
-    do_remove_punctuation: bool = field(default=False, metadata={"help": "Strip punctuation from transcripts."})
-    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop clips shorter than this."})
-    max_duration_in_seconds: float = field(default=30.0, metadata={"help": "Drop clips longer than this."})
-    max_label_length: int = field(
-        default=128, metadata={"help": "Label tokens per example; longer labels are dropped."}
+    language_column_name: str | None = option(
+        None,
+        "Column with each row's language (a Whisper code or name, e.g. no, nn, en); "
+        "--language for rows without one. Evaluation decodes each row in its own language.",
     )
-    shuffle_buffer_size: int = field(
-        default=500, metadata={"help": "Examples in the shuffle buffer (0: no shuffling)."}
+    task_column_name: str | None = option(
+        None, "Column with each row's task (transcribe or translate); --task otherwise."
     )
-    preprocessing_num_workers: int = field(default=4, metadata={"help": "Threads decoding audio on each host."})
-    prefetch_batches: int = field(default=4, metadata={"help": "Batches prepared ahead of the device."})
-    read_retries: int = field(
-        default=10,
-        metadata={
-            "help": "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
-            "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
-            "retries of each file read."
-        },
+    source_column_name: str | None = option(
+        None,
+        "Evaluation column naming each row's source (e.g. nrk, stortinget): WER per source as "
+        "eval/<set>/source/<source>/wer... (default: a column named 'source', where a set has one).",
     )
-    read_retry_wait_s: float = field(
-        default=1.0,
-        metadata={
-            "help": "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
-        },
+    timestamp_column_name: str | None = option(
+        None,
+        "Training column with the transcript with Whisper timestamps inline, e.g. "
+        "'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>'; such rows train without <|notimestamps|>.",
     )
-    language_column_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column with each row's language (a Whisper code or name, e.g. no, nn, en); "
-            "--language for rows without one. Evaluation decodes each row in its own language."
-        },
+    timestamp_probability: float = option(
+        1.0,
+        "Chance that a row with timestamps trains in timestamp mode (else on the plain text column); "
+        "drawn from (seed, epoch, example id), so a resumed run makes the same choices.",
     )
-    task_column_name: str | None = field(
-        default=None, metadata={"help": "Column with each row's task (transcribe or translate); --task otherwise."}
+    prev_column_name: str | None = option(
+        None, "Training column with the previous segment's text, given as a <|startofprev|> prompt."
     )
-    source_column_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation column naming each row's source (e.g. nrk, stortinget): WER per source as "
-            "eval/<set>/source/<source>/wer... (default: a column named 'source', where a set has one)."
-        },
+    prompt_probability: float = option(
+        1.0, "Chance that a row with previous text gets its prompt (seeded like --timestamp_probability)."
     )
-    timestamp_column_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training column with the transcript with Whisper timestamps inline, e.g. "
-            "'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>'; such rows train without <|notimestamps|>."
-        },
+    max_prev_length: int = option(
+        120,
+        "Decoder positions for the prompt, <|startofprev|> included: the previous text is cut from the "
+        "left to max_prev_length - 1 tokens. With --prev_column_name every training row is "
+        "max_prev_length + max_label_length positions long.",
     )
-    timestamp_probability: float = field(
-        default=1.0,
-        metadata={
-            "help": "Chance that a row with timestamps trains in timestamp mode (else on the plain text column); "
-            "drawn from (seed, epoch, example id), so a resumed run makes the same choices."
-        },
-    )
-    prev_column_name: str | None = field(
-        default=None,
-        metadata={"help": "Training column with the previous segment's text, given as a <|startofprev|> prompt."},
-    )
-    prompt_probability: float = field(
-        default=1.0,
-        metadata={
-            "help": "Chance that a row with previous text gets its prompt (seeded like --timestamp_probability)."
-        },
-    )
-    max_prev_length: int = field(
-        default=120,
-        metadata={
-            "help": "Decoder positions for the prompt, <|startofprev|> included: the previous text is cut from the "
-            "left to max_prev_length - 1 tokens. With --prev_column_name every training row is "
-            "max_prev_length + max_label_length positions long."
-        },
-    )
-    bpe_dropout: float = field(
-        default=0.0,
-        metadata={"help": "BPE dropout of the training labels (the release used 0.2); evaluation never has it."},
+    bpe_dropout: float = option(
+        0.0, "BPE dropout of the training labels (the release used 0.2); evaluation never has it."
     )
 
     def __post_init__(self):
@@ -280,135 +233,91 @@ DEFAULT_SAVE_STEPS = 1000  # without an eval cadence: at most this many steps lo
 
 @dataclass
 class TrainingArguments:
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Required. Where checkpoints, logs and the model go."}
+    output_dir: str | None = option(None, "Required. Where checkpoints, logs and the model go.")
+    overwrite_output_dir: bool = option(False, "Allow a non-empty output dir without checkpoints.")
+    do_train: bool = option(False, "Train.")
+    do_eval: bool = option(False, "Evaluate every --eval_steps and at the end.")
+    do_predict: bool = option(
+        False,
+        "After training (or alone, on --model_name_or_path), evaluate the kept model on --test_split_name: "
+        "test/... metrics, predictions/test/<set>/, and the model card's model-index.",
     )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow a non-empty output dir without checkpoints."}
+    train_batch_size: int | None = option(None, "Global training batch, over all hosts.")
+    per_device_train_batch_size: int | None = option(
+        None, "Hugging Face spelling: global batch = this x number of devices."
     )
-    do_train: bool = field(default=False, metadata={"help": "Train."})
-    do_eval: bool = field(default=False, metadata={"help": "Evaluate every --eval_steps and at the end."})
-    do_predict: bool = field(
-        default=False,
-        metadata={
-            "help": "After training (or alone, on --model_name_or_path), evaluate the kept model on --test_split_name: "
-            "test/... metrics, predictions/test/<set>/, and the model card's model-index."
-        },
+    eval_batch_size: int | None = option(None, "Global evaluation batch (default: training batch).")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per step, inside the step.")
+    learning_rate: float = option(3e-5, "Peak learning rate at --lr_reference_batch_size.")
+    lr_scaling: str = option("none", "Scale the LR with the batch: none, linear or sqrt.")
+    lr_reference_batch_size: int | None = option(
+        None, "Global batch at which --learning_rate applies (needed with --lr_scaling)."
     )
-    train_batch_size: int | None = field(default=None, metadata={"help": "Global training batch, over all hosts."})
-    per_device_train_batch_size: int | None = field(
-        default=None, metadata={"help": "Hugging Face spelling: global batch = this x number of devices."}
+    lr_scheduler_type: str = option(
+        "linear",
+        "After the warmup: linear (decay to 0 at --num_train_steps) or constant (the peak); "
+        "constant_with_warmup is the same as constant.",
     )
-    eval_batch_size: int | None = field(
-        default=None, metadata={"help": "Global evaluation batch (default: training batch)."}
+    warmup_steps: int = option(0, "Linear warmup from 0 over this many steps (any schedule).")
+    num_train_steps: int = option(1000, "Optimizer steps in the whole run.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    adam_mu_dtype: str = option(
+        "float32",
+        "Dtype of AdamW's first moment (optax's mu_dtype): float32 or bfloat16. optax keeps the "
+        "second moment in the parameters' dtype (--param_dtype).",
     )
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step, inside the step."})
-    learning_rate: float = field(default=3e-5, metadata={"help": "Peak learning rate at --lr_reference_batch_size."})
-    lr_scaling: str = field(default="none", metadata={"help": "Scale the LR with the batch: none, linear or sqrt."})
-    lr_reference_batch_size: int | None = field(
-        default=None, metadata={"help": "Global batch at which --learning_rate applies (needed with --lr_scaling)."}
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (not on biases or LayerNorm).")
+    max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: no clipping).")
+    label_smoothing_factor: float = option(0.0, "Label smoothing.")
+    seed: int = option(0, "Seed for init, dropout and shuffling.")
+    logging_steps: int = option(10, "Write train metrics every this many steps.")
+    eval_steps: int | None = option(None, "Evaluate every this many steps (default: at the end).")
+    save_steps: int | None = option(
+        None,
+        f"Checkpoint every this many steps (default: every --eval_steps with --do_eval and --eval_steps, "
+        f"else every {DEFAULT_SAVE_STEPS}); also at the last step and on SIGTERM.",
     )
-    lr_scheduler_type: str = field(
-        default="linear",
-        metadata={
-            "help": "After the warmup: linear (decay to 0 at --num_train_steps) or constant (the peak); "
-            "constant_with_warmup is the same as constant."
-        },
+    save_total_limit: int | None = option(2, "Checkpoints kept.")
+    resume_from_checkpoint: bool = option(True, "Resume from the latest checkpoint in output_dir.")
+    predict_with_generate: bool = option(
+        False, "Decode in eval (greedy, or beam search with --generation_num_beams > 1) and compute WER/CER."
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup from 0 over this many steps (any schedule)."})
-    num_train_steps: int = field(default=1000, metadata={"help": "Optimizer steps in the whole run."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    adam_mu_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Dtype of AdamW's first moment (optax's mu_dtype): float32 or bfloat16. optax keeps the "
-            "second moment in the parameters' dtype (--param_dtype)."
-        },
+    generation_max_length: int | None = option(None, "New tokens per decode (default: max_label_length).")
+    generation_num_beams: int = option(1, "Beams per example in eval decoding (1: greedy), as transformers' num_beams.")
+    generation_length_penalty: float = option(
+        1.0, "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."
     )
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW decoupled weight decay (not on biases or LayerNorm)."}
+    metric_for_best_model: str | None = option(
+        None,
+        "The logged eval metric that picks the kept model, e.g. eval/wer_normalized (the mean over the "
+        "eval sets; the default with --predict_with_generate, else eval/loss) or eval/<set>/wer. The "
+        "exported model, model card and hub push are of the best evaluation so far; its checkpoint is "
+        "never deleted by --save_total_limit.",
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: no clipping)."})
-    label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing."})
-    seed: int = field(default=0, metadata={"help": "Seed for init, dropout and shuffling."})
-    logging_steps: int = field(default=10, metadata={"help": "Write train metrics every this many steps."})
-    eval_steps: int | None = field(
-        default=None, metadata={"help": "Evaluate every this many steps (default: at the end)."}
+    greater_is_better: bool | None = option(
+        None, "Whether a higher --metric_for_best_model is better (default: no for wer, cer and loss)."
     )
-    save_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": f"Checkpoint every this many steps (default: every --eval_steps with --do_eval and --eval_steps, "
-            f"else every {DEFAULT_SAVE_STEPS}); also at the last step and on SIGTERM."
-        },
+    log_max_eval_predictions: int | None = option(None, "Predictions written per eval (default: all).")
+    report_to: str = option("tensorboard", "tensorboard, wandb, 'tensorboard,wandb' or none.")
+    wandb_project: str | None = option(None, "Weights & Biases project (with wandb).")
+    wandb_entity: str | None = option(None, "Weights & Biases entity (with wandb).")
+    run_name: str | None = option(None, "Run name for logs (default: output_dir's name).")
+    run_description: str | None = option(None, "Free text stored with the run in Weights & Biases (with wandb).")
+    push_to_hub: bool = option(False, "Push the exported model after each eval and at the end.")
+    hub_model_id: str | None = option(None, "Hub repository to push to.")
+    hub_private_repo: bool = option(True, "Create the hub repository private.")
+    export_ctranslate2: str | None = option(
+        None,
+        "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
+        "float32, ... (needs ctranslate2 and torch).",
     )
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
-    resume_from_checkpoint: bool = field(
-        default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."}
+    dry_run: bool = option(False, "Print the plan and the compiled step's memory, then exit.")
+    dry_run_topology: str | None = option(
+        None, "With --dry_run: compile for a TPU slice (v4-32, v5p-64, v5e-16, v6e-8, ...) from any machine."
     )
-    predict_with_generate: bool = field(
-        default=False,
-        metadata={
-            "help": "Decode in eval (greedy, or beam search with --generation_num_beams > 1) and compute WER/CER."
-        },
-    )
-    generation_max_length: int | None = field(
-        default=None, metadata={"help": "New tokens per decode (default: max_label_length)."}
-    )
-    generation_num_beams: int = field(
-        default=1, metadata={"help": "Beams per example in eval decoding (1: greedy), as transformers' num_beams."}
-    )
-    generation_length_penalty: float = field(
-        default=1.0,
-        metadata={"help": "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."},
-    )
-    metric_for_best_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "The logged eval metric that picks the kept model, e.g. eval/wer_normalized (the mean over the "
-            "eval sets; the default with --predict_with_generate, else eval/loss) or eval/<set>/wer. The "
-            "exported model, model card and hub push are of the best evaluation so far; its checkpoint is "
-            "never deleted by --save_total_limit."
-        },
-    )
-    greater_is_better: bool | None = field(
-        default=None,
-        metadata={"help": "Whether a higher --metric_for_best_model is better (default: no for wer, cer and loss)."},
-    )
-    log_max_eval_predictions: int | None = field(
-        default=None, metadata={"help": "Predictions written per eval (default: all)."}
-    )
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, 'tensorboard,wandb' or none."})
-    wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project (with wandb)."})
-    wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity (with wandb)."})
-    run_name: str | None = field(default=None, metadata={"help": "Run name for logs (default: output_dir's name)."})
-    run_description: str | None = field(
-        default=None, metadata={"help": "Free text stored with the run in Weights & Biases (with wandb)."}
-    )
-    push_to_hub: bool = field(
-        default=False, metadata={"help": "Push the exported model after each eval and at the end."}
-    )
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository to push to."})
-    hub_private_repo: bool = field(default=True, metadata={"help": "Create the hub repository private."})
-    export_ctranslate2: str | None = field(
-        default=None,
-        metadata={
-            "help": "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
-            "float32, ... (needs ctranslate2 and torch)."
-        },
-    )
-    dry_run: bool = field(default=False, metadata={"help": "Print the plan and the compiled step's memory, then exit."})
-    dry_run_topology: str | None = field(
-        default=None,
-        metadata={
-            "help": "With --dry_run: compile for a TPU slice (v4-32, v5p-64, v5e-16, v6e-8, ...) from any machine."
-        },
-    )
-    dry_run_compile: bool = field(
-        default=True, metadata={"help": "With --dry_run: compile the train step to report its memory per device."}
-    )
+    dry_run_compile: bool = option(True, "With --dry_run: compile the train step to report its memory per device.")
 
     def __post_init__(self):
         if self.adam_mu_dtype not in ("float32", "bfloat16"):
@@ -478,20 +387,15 @@ class TrainingArguments:
 
 @dataclass
 class DistributedArguments:
-    coordinator_address: str | None = field(
-        default=None, metadata={"help": "host:port of process 0, off TPU pods (TPU pods find it themselves)."}
+    coordinator_address: str | None = option(
+        None, "host:port of process 0, off TPU pods (TPU pods find it themselves)."
     )
-    num_processes: int | None = field(
-        default=None, metadata={"help": "Number of processes, with --coordinator_address."}
+    num_processes: int | None = option(None, "Number of processes, with --coordinator_address.")
+    process_id: int | None = option(None, "This process's index, with --coordinator_address.")
+    fsdp_size: int = option(
+        1, "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."
     )
-    process_id: int | None = field(default=None, metadata={"help": "This process's index, with --coordinator_address."})
-    fsdp_size: int = field(
-        default=1,
-        metadata={
-            "help": "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."
-        },
-    )
-    distributed_timeout_s: int = field(default=300, metadata={"help": "Give up when a peer process stops answering."})
+    distributed_timeout_s: int = option(300, "Give up when a peer process stops answering.")
 
 
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, DistributedArguments)

@@ -525,6 +525,39 @@ MAX_TIMESTAMP_S = 30.0  # the last timestamp token, <|30.00|>
 
 
 @dataclass(frozen=True)
+class Columns:
+    """The dataset columns a stream reads, resolved once from the flags; None: not read."""
+
+    audio: str = "audio"
+    text: str = "text"
+    id: str = "id"  # optional in a dataset: without it, the transcript stands in for the example
+    source: str | None = None  # evaluation's per-source WER; the default "source" only where a set has it
+    language: str | None = None
+    task: str | None = None
+    timestamps: str | None = None  # training only
+    previous_text: str | None = None  # training only
+
+
+DEFAULT_SOURCE_COLUMN = "source"
+
+
+def columns_of(data_args: DataArguments, *, train: bool) -> Columns:
+    """The training stream's columns, or evaluation's: plain text in each row's own language and
+    task, no timestamps, no previous-text prompts, and the source for per-source WER."""
+    prompts = train and data_args.prompt_probability > 0
+    return Columns(
+        audio=data_args.audio_column_name,
+        text=data_args.text_column_name,
+        id=data_args.id_column_name,
+        source=None if train else data_args.source_column_name or DEFAULT_SOURCE_COLUMN,
+        language=data_args.language_column_name,
+        task=data_args.task_column_name,
+        timestamps=data_args.timestamp_column_name if train else None,
+        previous_text=data_args.prev_column_name if prompts else None,
+    )
+
+
+@dataclass(frozen=True)
 class TextSettings:
     """What turns a transcript into decoder tokens (the layout is decoder_tokens')."""
 
@@ -533,14 +566,13 @@ class TextSettings:
     max_label_length: int  # decoder positions from <|startoftranscript|> to the last text token
     language: str | None = "no"  # a Whisper code; None: an English-only model (no language token)
     task: str | None = "transcribe"  # None: an English-only model (no task token)
-    language_column: str | None = None
-    task_column: str | None = None
-    timestamp_column: str | None = None
     timestamp_probability: float = 1.0
-    prev_column: str | None = None
     prompt_probability: float = 1.0
     max_prev_length: int = 0  # decoder positions of <|startofprev|> + previous text; 0: no prompts
     seed: int = 0
+    # Evaluation: a transcript longer than max_label_length is still decoded and scored in full;
+    # its loss is over the tokens that fit. Training skips it (a cut label would teach a cut text).
+    cut_long_labels: bool = False
 
     @property
     def decoder_length(self) -> int:
@@ -604,23 +636,19 @@ def prompt_language_and_task(tokenizer, language: str, task: str, *, english_onl
 
 
 def text_settings_of(data_args: DataArguments, *, train: bool, language: str | None, task: str | None, seed: int):
-    """TextSettings of the training or the evaluation stream. Evaluation rows are plain text in
-    their own language and task: no timestamps, no previous-text prompts."""
-    prompts = train and data_args.prev_column_name is not None and data_args.prompt_probability > 0
+    """TextSettings of the training or the evaluation stream (see columns_of)."""
+    prompts = columns_of(data_args, train=train).previous_text is not None
     return TextSettings(
         do_lower_case=data_args.do_lower_case,
         do_remove_punctuation=data_args.do_remove_punctuation,
         max_label_length=data_args.max_label_length,
         language=language,
         task=task,
-        language_column=data_args.language_column_name,
-        task_column=data_args.task_column_name,
-        timestamp_column=data_args.timestamp_column_name if train else None,
         timestamp_probability=data_args.timestamp_probability,
-        prev_column=data_args.prev_column_name if prompts else None,
         prompt_probability=data_args.prompt_probability,
         max_prev_length=data_args.max_prev_length if prompts else 0,
         seed=seed,
+        cut_long_labels=not train,
     )
 
 
@@ -747,10 +775,12 @@ def language_code(language: str) -> str:
     )
 
 
-def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | None, str | None, str | None]:
+def resolve_language_and_task(
+    row: dict, settings: TextSettings, columns: Columns
+) -> tuple[str | None, str | None, str | None]:
     """(language, task, skip reason) of a row: its own columns' values, else the defaults."""
     language, task = settings.language, settings.task
-    value = row.get(settings.language_column) if settings.language_column else None
+    value = row.get(columns.language) if columns.language else None
     if value is not None and str(value).strip():
         try:
             code = language_code(str(value))
@@ -759,7 +789,7 @@ def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | 
         if settings.language is None and code != "en":  # an English-only model has no language tokens
             return None, None, "unknown_language"
         language = None if settings.language is None else code
-    value = row.get(settings.task_column) if settings.task_column else None
+    value = row.get(columns.task) if columns.task else None
     if value is not None and str(value).strip():
         value = str(value).strip().lower().removeprefix("<|").removesuffix("|>")
         if value not in ("transcribe", "translate") or (settings.task is None and value != "transcribe"):
@@ -768,20 +798,34 @@ def resolve_language_and_task(row: dict, settings: TextSettings) -> tuple[str | 
     return language, task, None
 
 
+def decode_row_audio(row: dict, column: str, settings: AudioSettings) -> tuple[np.ndarray | None, str | None]:
+    """(mono float32 samples, None) or (None, skip reason): any undecodable file is a counted skip."""
+    try:
+        audio = decode_audio(row[column], settings.sampling_rate)
+    except Exception:
+        return None, "undecodable"
+    duration_s = audio.size / settings.sampling_rate
+    for reason, bad in (
+        ("empty_audio", audio.size == 0),
+        ("non_finite_audio", not np.isfinite(audio).all()),
+        ("too_short", duration_s < settings.min_duration_s),
+        ("too_long", duration_s > settings.max_duration_s),
+    ):
+        if bad:
+            return None, reason
+    return audio, None
+
+
 def prepare_example(
     row: dict,
     *,
     tokenizer,
     audio_settings: AudioSettings,
     text_settings: TextSettings,
+    columns: Columns = Columns(),
     label_tokenizer=None,
-    audio_column: str = "audio",
-    text_column: str = "text",
-    id_column: str = "id",
-    source_column: str | None = None,
 ):
     """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data.
-    The column names default to those of --audio_column_name, --text_column_name and --id_column_name.
 
     `label_tokenizer` (default `tokenizer`) tokenizes the transcript and previous text: the
     training stream passes training_tokenizer's BPE-dropout copy. The example carries `tokens`
@@ -789,42 +833,29 @@ def prepare_example(
     `decoding_prefix` (the forced prefix an evaluation decodes this row with: its own language and
     task, no timestamps)."""
     settings, label_tokenizer = text_settings, label_tokenizer or tokenizer
-    try:
-        audio = decode_audio(row[audio_column], audio_settings.sampling_rate)
-    except Exception:  # any undecodable file is one counted skip, never a crash
-        return None, "undecodable"
-    if audio.size == 0:
-        return None, "empty_audio"
-    if not np.isfinite(audio).all():
-        return None, "non_finite_audio"
-    duration_s = audio.size / audio_settings.sampling_rate
-    if duration_s < audio_settings.min_duration_s:
-        return None, "too_short"
-    if duration_s > audio_settings.max_duration_s:
-        return None, "too_long"
-    language, task, reason = resolve_language_and_task(row, settings)
+    audio, reason = decode_row_audio(row, columns.audio, audio_settings)
+    language, task, reason = (None, None, reason) if reason else resolve_language_and_task(row, settings, columns)
     if reason:
         return None, reason
     try:
         decoding_prefix = decoder_prefix(tokenizer, language, task, timestamps=False)
     except ConfigError:  # a language this tokenizer has no token for
         return None, "unknown_language"
-    text = normalise_transcript(row.get(text_column) or "", settings)
-    example_id = row.get(id_column)
-    # Without an id column the transcript stands in for the example in the seeded draws.
-    example_key = str(example_id) if example_id is not None else text
+    text = normalise_transcript(row.get(columns.text) or "", settings)
+    example_id = row.get(columns.id)
+    example_key = str(example_id) if example_id is not None else text  # what the seeded draws are of
     epoch = int(row.get(EPOCH_FIELD, 0))
-    timestamped = row.get(settings.timestamp_column) if settings.timestamp_column else None
+    timestamped = row.get(columns.timestamps) if columns.timestamps else None
     use_timestamps = bool(timestamped) and (
         example_draw(settings.seed, epoch, example_key, "timestamps") < settings.timestamp_probability
     )
     if use_timestamps:
-        segments = parse_timestamped_text(timestamped, duration_s)
-        if segments is None:
-            return None, "bad_timestamps"
+        segments = parse_timestamped_text(timestamped, audio.size / audio_settings.sampling_rate)
         try:
-            text_ids = timestamped_text_ids(label_tokenizer, segments, settings)
+            text_ids = None if segments is None else timestamped_text_ids(label_tokenizer, segments, settings)
         except ConfigError:  # a timestamp token this tokenizer lacks
+            text_ids = None
+        if text_ids is None:
             return None, "bad_timestamps"
         text = "".join(segment for _, segment, _ in segments).strip()
         prefix = decoder_prefix(tokenizer, language, task, timestamps=True)
@@ -833,7 +864,7 @@ def prepare_example(
         prefix = decoding_prefix
     if not text:
         return None, "empty_text"
-    previous = row.get(settings.prev_column) if settings.prev_column else None
+    previous = row.get(columns.previous_text) if columns.previous_text else None
     previous = normalise_transcript(previous, settings) if previous else ""
     prompt = (
         previous_text_prompt(label_tokenizer, previous, settings.max_prev_length)
@@ -842,7 +873,9 @@ def prepare_example(
     )
     tokens = decoder_tokens(prefix, text_ids, tokenizer.convert_tokens_to_ids("<|endoftext|>"), prompt)
     if len(tokens) - len(prompt) - 1 > settings.max_label_length:
-        return None, "too_many_tokens"
+        if not settings.cut_long_labels:
+            return None, "too_many_tokens"
+        tokens = tokens[: len(prompt) + settings.max_label_length + 1]
     return {
         "audio": audio[: audio_settings.n_samples],
         "tokens": np.asarray(tokens, np.int32),
@@ -851,7 +884,7 @@ def prepare_example(
         "id": "" if example_id is None else str(example_id),
         "text": text,
         "language": language or "en",  # for the per-language metrics; English-only models: en
-        "source": None if row.get(source_column) is None else str(row[source_column]),  # per-source metrics
+        "source": None if row.get(columns.source) is None else str(row[columns.source]),  # per-source metrics
         "timestamps": use_timestamps,
     }, None
 
@@ -930,10 +963,38 @@ def evaluation_sets(
     return sets
 
 
+COLUMN_FLAGS = {  # Columns field -> its flag
+    "audio": "--audio_column_name",
+    "text": "--text_column_name",
+    "id": "--id_column_name",
+    "source": "--source_column_name",
+    "language": "--language_column_name",
+    "task": "--task_column_name",
+    "timestamps": "--timestamp_column_name",
+    "previous_text": "--prev_column_name",
+}
+
+
+def select_columns(source, columns: Columns, name: str, split: str):
+    """The columns the stream reads, audio undecoded; a named column the dataset lacks is a
+    ConfigError (an id column, and the default source column, are optional)."""
+    have = list(source.column_names or [])
+    for field_name, flag in COLUMN_FLAGS.items():
+        column = getattr(columns, field_name)
+        optional = field_name == "id" or (field_name == "source" and column == DEFAULT_SOURCE_COLUMN)
+        if column and column not in have and not optional:
+            raise ConfigError(
+                f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(have)}."
+            )
+    keep = [c for c in dict.fromkeys(dataclasses.astuple(columns)) if c in have]
+    return source.cast_column(columns.audio, datasets.Audio(decode=False)).select_columns(keep)
+
+
 def load_source(
     data_args: DataArguments,
     split: str,
     *,
+    columns: Columns | None = None,
     process_index: int = 0,
     process_count: int = 1,
     seed: int = 0,
@@ -943,9 +1004,11 @@ def load_source(
     dataset_name: str | None = None,
 ):
     """The rows of `split` that host `process_index` of `process_count` reads (default: a run on one
-    host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict.
+    host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict, holding
+    `columns` (default: the training stream's).
     `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
     --dataset_name keeps its --dataset_config_name."""
+    columns = columns or columns_of(data_args, train=True)
     train_names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(train_names)
     if len(configs) != len(train_names):
@@ -980,32 +1043,7 @@ def load_source(
                     "/ --test_split_name (or --eval_dataset_name / --test_dataset_name)."
                 ) from None
             raise
-        columns = list(source.column_names or [])
-        for flag, column in (
-            ("--audio_column_name", data_args.audio_column_name),
-            ("--text_column_name", data_args.text_column_name),
-        ):
-            if column not in columns:
-                raise ConfigError(
-                    f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}."
-                )
-        # Per-row language and task apply to every split; timestamps and prompts to training only.
-        optional = [("--language_column_name", data_args.language_column_name, True)]
-        optional += [("--task_column_name", data_args.task_column_name, True)]
-        optional += [("--timestamp_column_name", data_args.timestamp_column_name, split == data_args.train_split_name)]
-        optional += [("--prev_column_name", data_args.prev_column_name, split == data_args.train_split_name)]
-        evaluating = split != data_args.train_split_name or dataset_name is not None
-        source_column = data_args.source_column_name or ("source" if evaluating and "source" in columns else None)
-        optional += [("--source_column_name", source_column, evaluating)]
-        for flag, column, needed in optional:
-            if column and needed and column not in columns:
-                raise ConfigError(
-                    f"{flag} {column!r} is not a column of {name!r} (split {split!r}); it has: {', '.join(columns)}."
-                )
-        source = source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
-        wanted = (data_args.audio_column_name, data_args.text_column_name, data_args.id_column_name)
-        keep = list(dict.fromkeys(c for c in wanted + tuple(column for _, column, _ in optional) if c in columns))
-        sources.append(source.select_columns(keep))
+        sources.append(select_columns(source, columns, name, split))
     if len(sources) > 1:
         probabilities = [float(p) for p in split_names(data_args.dataset_probabilities or "")] or None
         if probabilities and len(probabilities) != len(sources):
@@ -1792,9 +1830,7 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
     )
     top_beams = jnp.arange(candidates) < beams  # their top_num_beam_mask
     rows = jnp.arange(batch_size)[:, None]
-
-    def gather(x, index):  # x (B, K, ...), index (B, M) -> (B, M, ...): their _gather_beams
-        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+    gather = gather_beams
 
     def penalised(scores, generated_length):
         return scores / penalties[generated_length - 1]
@@ -1805,7 +1841,6 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
 
     def step(carry):
         position, sequences, scores, best, finished, is_open, cache, next_logits, _ = carry
-        best_sequences, best_scores = best
         # b. log-probs, then the suppressions (their logits processors run on log-probs), plus the beam's score
         log_probs = jax.nn.log_softmax(next_logits, axis=-1)  # (B*N, vocab)
         log_probs = jnp.where(jnp.where(position == prompt_length, at_begin, always), -jnp.inf, log_probs)
@@ -1828,10 +1863,7 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
         candidate_scores += (~is_open[:, None]).astype(jnp.float32) * BEAM_NEG
         just_finished = hits & top_beams[None, :]
         candidate_scores += (~just_finished).astype(jnp.float32) * BEAM_NEG
-        merged_scores = jnp.concatenate([best_scores, candidate_scores], axis=1)
-        best_scores, pick = jax.lax.top_k(merged_scores, beams)
-        best_sequences = gather(jnp.concatenate([best_sequences, top_sequences], axis=1), pick)
-        finished = gather(jnp.concatenate([finished, just_finished], axis=1), pick)
+        best, finished = merge_finished(best, finished, (top_sequences, candidate_scores, just_finished))
         # g. each beam's self-attention key/value rows follow it (a beam only moves within its row;
         # the cross-attention cache is one per row, shared by its beams).
         flat = (rows * beams + beam_of).reshape(-1)  # (B*N,)
@@ -1841,45 +1873,46 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
             best_possible = penalised(scores[:, :1], total_length - prompt_length)
         else:
             best_possible = penalised(scores[:, :1], position - prompt_length)
-        worst_finished = jnp.where(finished, best_scores.min(axis=1, keepdims=True), BEAM_NEG)
+        worst_finished = jnp.where(finished, best[1].min(axis=1, keepdims=True), BEAM_NEG)
         is_open = is_open & (best_possible > worst_finished).any(axis=1)
         # The next step's logits (at the last position their loop stops here, so does ours).
         write_at = jnp.minimum(position - 1, total_length - 1)
         next_tokens = sequences[:, :, position - 1].reshape(-1, 1)  # (B*N, 1)
         logits, cache = model.apply(variables, next_tokens, None, cache, write_at, method=Whisper.decode)
-        return (
-            position,
-            sequences,
-            scores,
-            (best_sequences, best_scores),
-            finished,
-            is_open,
-            cache,
-            logits[:, -1],
-            hits.all(),
-        )
+        return position, sequences, scores, best, finished, is_open, cache, logits[:, -1], hits.all()
 
-    tokens = (
-        jnp.full((batch_size, total_length), settings.pad_token_id, jnp.int32).at[:, :prompt_length].set(prompt_ids)
-    )
-    sequences = jnp.repeat(tokens[:, None], beams, axis=1)  # (B, N, T)
-    # Only the first beam starts open (the others are copies), as theirs: scores 0, -1e9, ...
+    carry = beam_search_start(first_logits, cache, prompt_ids, settings)
+    return jax.lax.while_loop(keep_going, step, carry)[3][0][:, 0]
+
+
+def gather_beams(x, index):
+    """x (B, K, ...), index (B, M) -> (B, M, ...): transformers' _gather_beams."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def merge_finished(best, finished, candidates):
+    """The N best finished hypotheses: the ones kept so far and the candidates that just ended
+    (their scores -1e9 unless they did). best: (sequences (B, N, T), scores (B, N))."""
+    (best_sequences, best_scores), (top_sequences, candidate_scores, just_finished) = best, candidates
+    best_scores, pick = jax.lax.top_k(jnp.concatenate([best_scores, candidate_scores], axis=1), best_scores.shape[1])
+    best_sequences = gather_beams(jnp.concatenate([best_sequences, top_sequences], axis=1), pick)
+    return (best_sequences, best_scores), gather_beams(jnp.concatenate([finished, just_finished], axis=1), pick)
+
+
+def beam_search_start(first_logits, cache, prompt_ids, settings: DecodingSettings):
+    """beam_search's first carry: N copies of each row's prompt, of which only the first is open
+    (scores 0, -1e9, ..., as theirs), no finished hypothesis, and a self-attention cache row per beam
+    (layers, B*N, ...); the cross-attention cache stays one per row (layers, B, ...)."""
+    (batch_size, prompt_length), beams = prompt_ids.shape, settings.num_beams
+    tokens = jnp.full((batch_size, prompt_length + settings.max_new_tokens), settings.pad_token_id, jnp.int32)
+    sequences = jnp.repeat(tokens.at[:, :prompt_length].set(prompt_ids)[:, None], beams, axis=1)  # (B, N, T)
     scores = jnp.where(jnp.arange(beams) == 0, 0.0, BEAM_NEG) * jnp.ones((batch_size, 1), jnp.float32)
     best = (sequences, jnp.full((batch_size, beams), BEAM_NEG, jnp.float32))
-    # Self-attention rows (layers, B*N, ...), one per beam; cross-attention stays (layers, B, ...).
     cache = {**cache, **{k: jnp.repeat(cache[k], beams, axis=1) for k in ("self_k", "self_v")}}
-    carry = (
-        jnp.int32(prompt_length),
-        sequences,
-        scores,
-        best,
-        jnp.zeros((batch_size, beams), bool),
-        jnp.ones(batch_size, bool),  # their is_early_stop_heuristic_unsatisfied
-        cache,
-        jnp.repeat(first_logits, beams, axis=0),  # (B*N, vocab)
-        jnp.bool_(False),
-    )
-    return jax.lax.while_loop(keep_going, step, carry)[3][0][:, 0]
+    is_open = jnp.ones(batch_size, bool)  # their is_early_stop_heuristic_unsatisfied
+    finished = jnp.zeros((batch_size, beams), bool)
+    logits = jnp.repeat(first_logits, beams, axis=0)  # (B*N, vocab)
+    return (jnp.int32(prompt_length), sequences, scores, best, finished, is_open, cache, logits, jnp.bool_(False))
 
 
 # --- sharding ---
@@ -2320,7 +2353,8 @@ def sync_hosts(name: str):
 def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, tokenizer, *, generate: bool):
     """Loss (and WER/CER when `generate`) over one whole evaluation set, each example counted once:
     hosts read disjoint shares, pad their last batch, and take part in every step until all are
-    done. Returns (metrics without a prefix, every host's prediction rows) on every host."""
+    done. Returns (metrics without a prefix, every host's prediction rows) on every host; rows
+    that could not be read are counted as skipped_<reason>."""
     loss_sum, num_tokens, rows = 0.0, 0, []
     batch_iterator = iter(eval_batches)
     empty_batch = eval_batches.collate_fn([])
@@ -2342,8 +2376,11 @@ def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, 
                 | ({"source": e["source"]} if e.get("source") is not None else {})
                 for e, text in zip(examples, texts)
             ]
-    rows = [row for host_rows in allgather_json(rows) for row in host_rows]
+    hosts = allgather_json({"rows": rows, "skipped": dict(eval_batches.skipped)})
+    rows = [row for host in hosts for row in host["rows"]]
+    skipped = sum((collections.Counter(host["skipped"]) for host in hosts), collections.Counter())
     results = {"loss": loss_sum / max(num_tokens, 1), "num_tokens": num_tokens}
+    results.update({f"skipped_{reason}": count for reason, count in sorted(skipped.items())})  # unreadable rows
     if generate:
         results["num_examples"] = len(rows)
         references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
@@ -2961,6 +2998,7 @@ class RunSetup:
     model: Whisper
     mel_filters: np.ndarray  # (n_freqs, n_mels)
     text_settings: dict  # {True: the training stream's TextSettings, False: evaluation's}
+    columns: dict  # {True: the training stream's Columns, False: evaluation's}
     train_step: JittedTrainStep
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
     eval_sets: tuple[EvalSet, ...]  # --eval_split_name's sets (evaluated with --do_eval)
@@ -3064,6 +3102,23 @@ def decoding_setup(components: Pretrained, data_args: DataArguments, train_args:
     return language, (prompt_language, prompt_task), prompt_ids, generation_config, decoding
 
 
+def check_lengths(components: Pretrained, data_args: DataArguments, train_text: TextSettings):
+    """The decoder positions a training row takes, and the audio a batch row holds, fit the model."""
+    config, feature_extractor = components.config, components.feature_extractor
+    if train_text.decoder_length > config.max_target_positions:
+        raise ConfigError(
+            f"--max_label_length {data_args.max_label_length}"
+            + (f" + --max_prev_length {data_args.max_prev_length}" if train_text.max_prev_length else "")
+            + f" exceeds the model's {config.max_target_positions} decoder positions: lower them."
+        )
+    frames = feature_extractor.n_samples // feature_extractor.hop_length
+    if frames != 2 * config.max_source_positions:
+        raise ConfigError(
+            f"The feature extractor's {feature_extractor.chunk_length} s chunks give {frames} mel frames but the "
+            f"model expects {2 * config.max_source_positions}: use a matching --feature_extractor_name."
+        )
+
+
 def setup_run(
     model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, dist_args: DistributedArguments
 ) -> RunSetup:
@@ -3085,19 +3140,7 @@ def setup_run(
         )
         for train in (True, False)
     }
-    if text_settings[True].decoder_length > config.max_target_positions:
-        raise ConfigError(
-            f"--max_label_length {data_args.max_label_length}"
-            + (f" + --max_prev_length {data_args.max_prev_length}" if text_settings[True].max_prev_length else "")
-            + f" exceeds the model's {config.max_target_positions} decoder positions: lower them."
-        )
-    n_samples = feature_extractor.n_samples
-    if n_samples // feature_extractor.hop_length != 2 * config.max_source_positions:
-        raise ConfigError(
-            f"The feature extractor's {feature_extractor.chunk_length} s chunks give "
-            f"{n_samples // feature_extractor.hop_length} mel frames but the model expects "
-            f"{2 * config.max_source_positions}: use a matching --feature_extractor_name."
-        )
+    check_lengths(components, data_args, text_settings[True])
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
     mesh = make_mesh(dist_args.fsdp_size, devices)
@@ -3140,6 +3183,7 @@ def setup_run(
         model=model,
         mel_filters=mel_filters,
         text_settings=text_settings,
+        columns={train: columns_of(data_args, train=train) for train in (True, False)},
         train_step=step,
         eval_step=eval_fn,
         eval_sets=tuple(eval_sets),
@@ -3267,22 +3311,20 @@ def make_batches(
         data_args.min_duration_in_seconds,
         min(data_args.max_duration_in_seconds, setup.n_samples / setup.sampling_rate),
     )
-    tokenizer, text_settings = setup.components.tokenizer, setup.text_settings[train]
+    tokenizer, text_settings, columns = setup.components.tokenizer, setup.text_settings[train], setup.columns[train]
     prepare = functools.partial(
         prepare_example,
-        audio_column=data_args.audio_column_name,
-        text_column=data_args.text_column_name,
-        id_column=data_args.id_column_name,
         tokenizer=tokenizer,
         audio_settings=audio_settings,
         text_settings=text_settings,
+        columns=columns,
         label_tokenizer=training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer,
-        source_column=data_args.source_column_name or "source",
     )
     make_source = functools.partial(
         load_source,
         data_args,
         split,
+        columns=columns,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         seed=train_args.seed,

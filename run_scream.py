@@ -490,19 +490,7 @@ def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) 
 # Hosts do only what needs a CPU: read rows, decode audio, resample, tokenize, pad to fixed
 # shapes. Log-mel features are computed on the device inside the jitted steps (see log_mel).
 
-SKIP_REASONS = (
-    "undecodable",
-    "empty_audio",
-    "non_finite_audio",
-    "too_short",
-    "too_long",
-    "empty_text",
-    "too_many_tokens",
-    "unknown_language",
-    "unknown_task",
-    "bad_timestamps",
-)
-# The flag to look at when every example is skipped for a reason.
+# Why prepare_example skips a row, and the flag to look at when every example is skipped for it.
 SKIP_REASON_FLAGS = {
     "undecodable": "--audio_column_name",
     "empty_audio": "--audio_column_name",
@@ -2844,9 +2832,8 @@ class RunLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and self.tensorboard is not None:
-                self.tensorboard.add_scalar(name, value, step)
+        for name, value in metrics.items() if self.tensorboard is not None else ():
+            self.tensorboard.add_scalar(name, value, step)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -2871,12 +2858,7 @@ def initialise_distributed(dist: DistributedArguments):
     if dist.coordinator_address:
         if dist.num_processes is None or dist.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id.")
-        jax.distributed.initialize(
-            dist.coordinator_address,
-            num_processes=dist.num_processes,
-            process_id=dist.process_id,
-            **timeouts,
-        )
+        jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, **timeouts)
     elif len(split_names(os.environ.get("TPU_WORKER_HOSTNAMES", ""))) > 1:
         jax.distributed.initialize(**timeouts)  # a TPU slice finds its coordinator itself
 
@@ -2912,33 +2894,17 @@ def tpu_topology_devices(name: str):
     return topology.devices
 
 
-def compiled_memory(compiled) -> dict[str, int]:
-    analysis = compiled.memory_analysis()
-    fields = (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "temp_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    )
-    memory = {name: int(getattr(analysis, name, 0) or 0) for name in fields}
-    memory["total_bytes"] = (
-        memory["argument_size_in_bytes"]
-        + memory["output_size_in_bytes"]
-        + memory["temp_size_in_bytes"]
-        - memory["alias_size_in_bytes"]
-    )
-    return memory
+def compiled_memory_bytes(compiled) -> int:
+    """Device memory of a compiled program: its arguments, outputs and temporaries, less what they alias."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def abstract_batch(plan_rows: int, *, n_samples: int, max_label_length: int, sharding):
     """The shapes of a global batch as collate makes them, for compiling a step without data."""
-    shapes = {
-        "audio": ((plan_rows, n_samples), jnp.float32),
-        "labels": ((plan_rows, max_label_length), jnp.int32),
-        "decoder_input_ids": ((plan_rows, max_label_length), jnp.int32),
-    }
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+    audio = jax.ShapeDtypeStruct((plan_rows, n_samples), jnp.float32, sharding=sharding)
+    tokens = jax.ShapeDtypeStruct((plan_rows, max_label_length), jnp.int32, sharding=sharding)
+    return {"audio": audio, "labels": tokens, "decoder_input_ids": tokens}
 
 
 def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> Pretrained:
@@ -2950,24 +2916,15 @@ def resolve_components(model_args: ModelArguments, *, weights: bool = True) -> P
         components = load_pretrained(model_args.config_name, cache_dir=model_args.cache_dir, weights=False)
     else:
         raise ConfigError("Give --model_name_or_path (fine-tune) or --config_name (train from scratch).")
-    if model_args.tokenizer_name:
-        components.tokenizer = load_pretrained(
-            model_args.tokenizer_name, weights=False, cache_dir=model_args.cache_dir
-        ).tokenizer
-    if model_args.feature_extractor_name:
-        components.feature_extractor = load_pretrained(
-            model_args.feature_extractor_name, weights=False, cache_dir=model_args.cache_dir
-        ).feature_extractor
-    for what, flag in (("tokenizer", "--tokenizer_name"), ("feature_extractor", "--feature_extractor_name")):
+    for what in ("tokenizer", "feature_extractor"):
+        if getattr(model_args, f"{what}_name"):
+            other = load_pretrained(getattr(model_args, f"{what}_name"), weights=False, cache_dir=model_args.cache_dir)
+            setattr(components, what, getattr(other, what))
         if getattr(components, what) is None:
-            raise ConfigError(f"{components.source} has no {what.replace('_', ' ')}: give {flag}.")
-    for name, value in (
-        ("dropout", model_args.dropout),
-        ("attention_dropout", model_args.attention_dropout),
-        ("activation_dropout", model_args.activation_dropout),
-    ):
-        if value is not None:
-            setattr(components.config, name, value)
+            raise ConfigError(f"{components.source} has no {what.replace('_', ' ')}: give --{what}_name.")
+    for name in ("dropout", "attention_dropout", "activation_dropout"):
+        if getattr(model_args, name) is not None:
+            setattr(components.config, name, getattr(model_args, name))
     return components
 
 
@@ -3225,38 +3182,30 @@ def prepare_output_dir(setup: RunSetup):
     """Resume, refuse, or start: check --output_dir against the flags, clear it with
     --overwrite_output_dir, and write scream_config.json (process 0)."""
     train_args, output_dir = setup.train_args, setup.output_dir
-    checkpoints_dir = output_dir / "checkpoints"
-    has_checkpoints = checkpoints_dir.is_dir() and any(checkpoints_dir.iterdir())
-    if (
-        output_dir.is_dir()
-        and any(p.name not in STARTUP_FILES for p in output_dir.iterdir())
-        and not has_checkpoints
-        and not train_args.overwrite_output_dir
-        and train_args.do_train
-    ):
-        raise ConfigError(
-            f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
-            "choose another --output_dir, or pass --overwrite_output_dir."
-        )
-    if (
-        has_checkpoints
-        and train_args.do_train
-        and not train_args.resume_from_checkpoint
-        and not train_args.overwrite_output_dir
-    ):
-        raise ConfigError(
-            f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
-            "pass --overwrite_output_dir to start over, or resume."
-        )
+    has_checkpoints = (output_dir / "checkpoints").is_dir() and any((output_dir / "checkpoints").iterdir())
+    if train_args.do_train and not train_args.overwrite_output_dir:
+        if (
+            not has_checkpoints
+            and output_dir.is_dir()
+            and any(p.name not in STARTUP_FILES for p in output_dir.iterdir())
+        ):
+            raise ConfigError(
+                f"--output_dir {output_dir} is not empty and has no checkpoints to resume from: "
+                "choose another --output_dir, or pass --overwrite_output_dir."
+            )
+        if has_checkpoints and not train_args.resume_from_checkpoint:
+            raise ConfigError(
+                f"--output_dir {output_dir} has checkpoints but --resume_from_checkpoint is off: "
+                "pass --overwrite_output_dir to start over, or resume."
+            )
     # Every host looks at the directory before process 0 changes it: a host that looked after
     # process 0 wrote scream_config.json would refuse a fresh run as "not empty" and hang the rest.
     sync_hosts("output_dir checked")
     if train_args.overwrite_output_dir and train_args.do_train:
         if setup.is_main:
-            for stale in ("checkpoints", "predictions", "tensorboard", "metrics.jsonl"):
-                shutil.rmtree(output_dir / stale, ignore_errors=True) if (output_dir / stale).is_dir() else (
-                    output_dir / stale
-                ).unlink(missing_ok=True)
+            for stale in ("checkpoints", "predictions", "tensorboard"):
+                shutil.rmtree(output_dir / stale, ignore_errors=True)
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         has_checkpoints = False
     saved_config_path = output_dir / "scream_config.json"
     if has_checkpoints and train_args.resume_from_checkpoint and saved_config_path.exists():
@@ -3304,21 +3253,18 @@ def make_batches(
     """This host's SpeechBatches of `split` (of `dataset_name`, default --dataset_name): shuffled and
     repeated for training, one pass for evaluation; `state` resumes a training stream where a
     checkpoint left it."""
-    data_args, train_args = setup.data_args, setup.train_args
-    audio_settings = AudioSettings(
-        setup.sampling_rate,
-        setup.n_samples,
-        data_args.min_duration_in_seconds,
-        min(data_args.max_duration_in_seconds, setup.n_samples / setup.sampling_rate),
-    )
+    data_args, train_args, rate = setup.data_args, setup.train_args, setup.sampling_rate
+    max_duration_s = min(data_args.max_duration_in_seconds, setup.n_samples / rate)
+    audio_settings = AudioSettings(rate, setup.n_samples, data_args.min_duration_in_seconds, max_duration_s)
     tokenizer, text_settings, columns = setup.components.tokenizer, setup.text_settings[train], setup.columns[train]
+    label_tokenizer = training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer
     prepare = functools.partial(
         prepare_example,
         tokenizer=tokenizer,
         audio_settings=audio_settings,
         text_settings=text_settings,
         columns=columns,
-        label_tokenizer=training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer,
+        label_tokenizer=label_tokenizer,
     )
     make_source = functools.partial(
         load_source,
@@ -3654,7 +3600,7 @@ def compiled_step_memory(setup: RunSetup) -> int | None:
         sharding=step.data_sharding,
     )
     try:
-        return compiled_memory(step.fn.lower(step.abstract_state, batch).compile())["total_bytes"]
+        return compiled_memory_bytes(step.fn.lower(step.abstract_state, batch).compile())
     except Exception as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import string
+import struct as pystruct  # flax.struct is `struct` here
 import sys
 import threading
 import time
@@ -63,6 +64,7 @@ from safetensors.numpy import save_file
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 from transformers import GenerationConfig, HfArgumentParser, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
@@ -313,6 +315,9 @@ class TrainingArguments:
         "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
         "float32, ... (needs ctranslate2 and torch).",
     )
+    export_ggml: str | None = option(
+        None, "Also write OUTPUT_DIR/ggml-model.bin for whisper.cpp: f16, or q8_0 (8-bit, about half the size)."
+    )
     dry_run: bool = option(False, "Print the plan and the compiled step's memory, then exit.")
     dry_run_topology: str | None = option(
         None, "With --dry_run: compile for a TPU slice (v4-32, v5p-64, v5e-16, v6e-8, ...) from any machine."
@@ -368,6 +373,10 @@ class TrainingArguments:
                     )
         if self.run_name is None and self.output_dir is not None:
             self.run_name = Path(self.output_dir).name
+        if self.export_ggml is not None and self.export_ggml not in GGML_TYPES:
+            raise ConfigError(
+                f"--export_ggml {self.export_ggml!r} is not a type we write: use one of {', '.join(GGML_TYPES)}."
+            )
         if self.export_ctranslate2 is not None:  # checked now, not after a week of training
             try:
                 import ctranslate2.specs.model_spec
@@ -401,9 +410,9 @@ class DistributedArguments:
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainingArguments, DistributedArguments)
 
 
-def parse_arguments(argv: list[str] | None = None):
-    """Flags to the four argument groups. Unknown flags are an argparse error (exit status 2)."""
-    parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False)  # a typo must not silently match a flag
+def parse_arguments(argv: list[str] | None = None, groups: tuple = ARGUMENT_GROUPS):
+    """Flags to the argument groups. Unknown flags are an argparse error (exit status 2)."""
+    parser = HfArgumentParser(groups, allow_abbrev=False)  # a typo must not silently match a flag
     *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings]
@@ -2637,6 +2646,9 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     generation_config.language = None if english_only else language_code(language)
     generation_config.task = None if english_only else task
     generation_config.forced_decoder_ids = None
+    if not getattr(generation_config, "alignment_heads", None):  # word timestamps need them; OpenAI's default:
+        layers, heads = config.decoder_layers, config.decoder_attention_heads  # every head of the upper half
+        generation_config.alignment_heads = [[layer, h] for layer in range(layers // 2, layers) for h in range(heads)]
     generation_config._from_model_config = False  # otherwise transformers rebuilds it and loses lang_to_id
     return generation_config
 
@@ -2664,6 +2676,77 @@ def export_ctranslate2(export_dir, quantization: str) -> Path:
     converter = TransformersConverter(str(export_dir), copy_files=["tokenizer.json", "preprocessor_config.json"])
     converter.convert(str(out_dir), quantization=quantization, force=True)
     return out_dir
+
+
+# whisper.cpp's model file (its src/whisper.cpp reads it): a header of 12 int32, the log-mel
+# filter bank it computes features with, the vocabulary as bytes, then every tensor under
+# OpenAI's names, dims innermost first. The output projection is not stored (tied).
+GGML_MAGIC = 0x67676D6C  # "ggml"
+GGML_TYPES = {"f16": (1, 1), "q8_0": (7 + 2 * 1000, 8)}  # --export_ggml -> (header ftype, tensor type)
+GGML_NAMES = (  # transformers' module names -> OpenAI's, in this order
+    ("model.", ""),
+    ("layers.", "blocks."),
+    ("self_attn.k_proj", "attn.key"),
+    ("self_attn.q_proj", "attn.query"),
+    ("self_attn.v_proj", "attn.value"),
+    ("self_attn.out_proj", "attn.out"),
+    ("self_attn_layer_norm", "attn_ln"),
+    ("encoder_attn.k_proj", "cross_attn.key"),
+    ("encoder_attn.q_proj", "cross_attn.query"),
+    ("encoder_attn.v_proj", "cross_attn.value"),
+    ("encoder_attn.out_proj", "cross_attn.out"),
+    ("encoder_attn_layer_norm", "cross_attn_ln"),
+    ("fc1", "mlp.0"),
+    ("fc2", "mlp.2"),
+    ("final_layer_norm", "mlp_ln"),
+    ("encoder.layer_norm", "encoder.ln_post"),
+    ("decoder.layer_norm", "decoder.ln"),
+    ("embed_positions.weight", "positional_embedding"),
+    ("embed_tokens", "token_embedding"),
+)
+
+
+def ggml_tensor(name: str, weight: np.ndarray, ggml_type: str) -> bytes:
+    """One tensor record. Biases, norms and positions stay float32 (as whisper.cpp's converter
+    writes them), convolutions float16 (its CPU kernels take no other type), matrices `ggml_type`:
+    q8_0 is blocks of 32 values, each an f16 scale and 32 int8."""
+    if name.startswith("encoder.conv") and name.endswith(".bias"):
+        weight = weight.reshape(-1, 1)
+    floats = weight.ndim == 1 or name.endswith("bias") or "positional_embedding" in name
+    kind = "f32" if floats else ("f16" if weight.ndim != 2 or ggml_type == "f16" else ggml_type)
+    if kind == "q8_0":
+        blocks = weight.astype(np.float32).reshape(-1, 32)
+        scale = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        quantized = np.round(blocks / np.where(scale == 0, 1, scale)).astype(np.int8)
+        data = np.concatenate([scale.astype(np.float16).view(np.int8), quantized], axis=1).tobytes()
+    else:
+        data = weight.astype(np.float32 if kind == "f32" else np.float16).tobytes()
+    type_id = {"f32": 0, "f16": 1, "q8_0": GGML_TYPES["q8_0"][1]}[kind]
+    header = pystruct.pack(f"<3i{weight.ndim}i", weight.ndim, len(name.encode()), type_id, *weight.shape[::-1])
+    return header + name.encode() + data
+
+
+def export_ggml(params, config, tokenizer, feature_extractor, path, ggml_type: str = "f16") -> Path:
+    """A whisper.cpp model file of `params` (unstacked numpy or device arrays), written directly:
+    no torch, no conversion script, the feature extractor's own mel filters."""
+    state = flax_to_torch(unstack_layers(jax.tree.map(np.asarray, jax.device_get(params))))
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # whisper.cpp adds the special tokens itself
+    words = [bytes(byte_of.get(c, 0) for c in tokenizer.convert_ids_to_tokens(i)) for i in range(eot)]
+    filters = np.asarray(feature_extractor.mel_filters, np.float32).T  # (n_mels, n_fft // 2 + 1)
+    c = config
+    hparams = (c.vocab_size, c.max_source_positions, c.d_model, c.encoder_attention_heads, c.encoder_layers)
+    hparams += (c.max_target_positions, c.d_model, c.decoder_attention_heads, c.decoder_layers, c.num_mel_bins)
+    path = Path(path)
+    with path.open("wb") as f:
+        f.write(pystruct.pack("<12i", GGML_MAGIC, *hparams, GGML_TYPES[ggml_type][0]))
+        f.write(pystruct.pack("<2i", *filters.shape) + filters.tobytes())
+        f.write(pystruct.pack("<i", len(words)) + b"".join(pystruct.pack("<i", len(w)) + w for w in words))
+        for name, weight in state.items():
+            for ours, theirs in GGML_NAMES:
+                name = name.replace(ours, theirs)
+            f.write(ggml_tensor(name, weight, ggml_type))
+    return path
 
 
 # Orbax checkpoints in OUTPUT_DIR/checkpoints: the sharded train state (parameters, optimizer
@@ -2746,7 +2829,7 @@ def write_model_card(
     out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict, sets: list[tuple[str, EvalSet]] = ()
 ):
     """README.md: huggingface_hub ModelCardData metadata (with the model-index of `sets`, so the hub
-    shows WER per set), the results list, a faster-whisper snippet and the run's arguments."""
+    shows WER per set), the results list, how to run each exported format, and the run's arguments."""
     results = model_index_results(eval_results, list(sets))
     card_data = ModelCardData(
         base_model=base_model,
@@ -2765,22 +2848,18 @@ def write_model_card(
         "",
     ]
     lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
+    language = run_args.get("resolved", {}).get("language", "no")
+    lines += ["", "## Use", "", "Scream's tests check each of these formats as it writes them:", "", "```python"]
+    lines += ["from transformers import pipeline  # long recordings too, with segment or word timestamps", ""]
+    lines += ['asr = pipeline("automatic-speech-recognition", model=".")']
+    lines += ['print(asr("audio.wav", return_timestamps=True, generate_kwargs={"language": "' + language + '"}))']
     if (Path(out_dir) / "ctranslate2").is_dir():
-        language = run_args.get("resolved", {}).get("language", "no")
-        lines += [
-            "",
-            "## faster-whisper",
-            "",
-            "`ctranslate2/` holds this model in CTranslate2's format (written by `--export_ctranslate2`):",
-            "",
-            "```python",
-            "from faster_whisper import WhisperModel",
-            "",
-            'model = WhisperModel("ctranslate2", device="cpu", compute_type="default")',
-            f'segments, info = model.transcribe("audio.wav", beam_size=1, language="{language}", without_timestamps=True)',
-            'print(" ".join(segment.text.strip() for segment in segments))',
-            "```",
-        ]
+        lines += ["", "from faster_whisper import WhisperModel  # ctranslate2/, written by --export_ctranslate2", ""]
+        lines += ['segments, _ = WhisperModel("ctranslate2").transcribe("audio.wav", language="' + language + '")']
+    if (Path(out_dir) / "ggml-model.bin").exists():
+        lines += ["```", "", "whisper.cpp (`ggml-model.bin`, written by `--export_ggml`):", "", "```sh"]
+        lines += [f"whisper-cli -m ggml-model.bin -l {language} -f audio.wav"]
+    lines += ["```"]
     lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
     card.save(Path(out_dir) / "README.md")
@@ -3077,11 +3156,15 @@ def check_lengths(components: Pretrained, data_args: DataArguments, train_text: 
 
 
 def setup_run(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments, dist_args: DistributedArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainingArguments,
+    dist_args: DistributedArguments,
+    components: Pretrained | None = None,
 ) -> RunSetup:
-    """Components, decoding settings, mesh, batch plan, model and the jitted steps; no data read,
-    no device memory used beyond what jit needs."""
-    components = resolve_components(model_args, weights=not train_args.dry_run)
+    """Components (default: resolve_components'), decoding settings, mesh, batch plan, model and the
+    jitted steps; no data read, no device memory used beyond what jit needs."""
+    components = components or resolve_components(model_args, weights=not train_args.dry_run)
     config, feature_extractor = components.config, components.feature_extractor
     language, (prompt_language, prompt_task), prompt_ids, generation_config, decoding = decoding_setup(
         components, data_args, train_args
@@ -3365,6 +3448,17 @@ def export(setup: RunSetup, params, step: int, eval_results: dict) -> concurrent
     )
     if setup.train_args.export_ctranslate2:
         export_ctranslate2(setup.output_dir, setup.train_args.export_ctranslate2)
+    if setup.train_args.export_ggml:
+        components = setup.components
+        path = setup.output_dir / "ggml-model.bin"
+        export_ggml(
+            params,
+            components.config,
+            components.tokenizer,
+            components.feature_extractor,
+            path,
+            setup.train_args.export_ggml,
+        )
     tested = any(name.startswith("test/") for name in eval_results)
     write_model_card(
         setup.output_dir,
@@ -3639,20 +3733,21 @@ def run(argv: list[str] | None = None) -> int:
     if not train_args.dry_run:
         initialise_distributed(dist_args)
     setup = setup_run(model_args, data_args, train_args, dist_args)
-    if train_args.dry_run:
-        return dry_run(setup)
+    return dry_run(setup) if train_args.dry_run else execute(setup)
 
+
+def execute(setup: RunSetup) -> int:
+    """Train, evaluate, test and export as the flags say, resuming from --output_dir's checkpoints."""
+    data_args, train_args = setup.data_args, setup.train_args
     prepare_output_dir(setup)
-    manager = (
-        checkpoint_manager(
+    manager = None
+    if train_args.do_train:
+        manager = checkpoint_manager(
             train_args.output_dir,
             train_args.save_total_limit,
             train_args.metric_for_best_model,
             train_args.greater_is_better,
         )
-        if train_args.do_train
-        else None
-    )
     state, restored_meta = init_or_restore(setup, manager)
     check_eval_sets(setup)
     log = RunLog(train_args.output_dir, train_args.report_to, setup.run_config, train_args, enabled=setup.is_main)

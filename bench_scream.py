@@ -51,6 +51,12 @@ SAMPLING_RATE = 16000
 HOP_LENGTH = 160  # mel frames every 10 ms; the encoder's stride-2 conv halves them
 
 
+def v4_usable_bytes() -> int:  # what XLA can use of a v4 chip (run_scream.DEVICE_SPECS); the TPU tables are of v4
+    import run_scream as rs
+
+    return int(rs.device_spec("TPU v4")[3] * 2**30)
+
+
 def whisper_config(name: str, chunk_s: float = 30.0):
     """A WhisperConfig with the named model's dimensions, for windows of `chunk_s` seconds."""
     from transformers import WhisperConfig
@@ -138,11 +144,9 @@ SIDES = ("ours", "torch")
 
 
 def build_our_step(config, mel_filters, devices=None, fsdp_size=1, state="float32/float32", **model_options):
-    """run_scream's train step, jitted by run_scream.jit_train_step as run() jits it (shardings over
-    a mesh, state donated), for a model built with `model_options` (dtype, scan_layers, remat).
-    Returns (run_scream.JittedTrainStep, model). AdamW without clipping or weight decay, as the
-    experiment scripts pin it; the train `state` dtypes as "params/mu" (--param_dtype,
-    --adam_mu_dtype: gradients and second moments follow the parameters)."""
+    """(run_scream.JittedTrainStep as run() jits it, model) for `model_options` (dtype, scan_layers,
+    remat): AdamW without clipping or weight decay, as the scripts pin it; `state` dtypes as
+    "params/mu" (--param_dtype, --adam_mu_dtype)."""
     import jax
 
     import run_scream as rs
@@ -608,8 +612,8 @@ def tpu_compile(config, mel_filters, devices, per_chip_batch: int, *, args, fsdp
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         return {"bytes": None, "fits": False}
-    total = rs.compiled_memory(compiled)["total_bytes"]
-    return {"bytes": total, "fits": total <= rs.TPU_V4_USABLE_BYTES}
+    total = rs.compiled_memory_bytes(compiled)
+    return {"bytes": total, "fits": total <= v4_usable_bytes()}
 
 
 def largest_fitting_batch(compile_at, seed_batch: int, max_batch: int, known: dict) -> int:
@@ -617,7 +621,6 @@ def largest_fitting_batch(compile_at, seed_batch: int, max_batch: int, known: di
     filled in). Memory grows about linearly with the batch, so after the seed batch (and its
     double) each try follows the line through the largest batch that fits and the measured batch
     above it (else the nearest one below) to the usable bytes; bisection while nothing fits."""
-    import run_scream as rs
 
     lo, hi, batch = 0, max_batch + 1, min(seed_batch, max_batch)  # lo fits (0: trivially), hi does not
     while hi - lo > 1:
@@ -629,7 +632,7 @@ def largest_fitting_batch(compile_at, seed_batch: int, max_batch: int, known: di
             near = hi if hi in measured else min(measured, key=lambda b: abs(b - lo))
             slope = (known[near]["bytes"] - known[lo]["bytes"]) / (near - lo)
             if slope > 0:
-                guess = lo + int((rs.TPU_V4_USABLE_BYTES - known[lo]["bytes"]) / slope)
+                guess = lo + int((v4_usable_bytes() - known[lo]["bytes"]) / slope)
         batch = min(max(guess, lo + 1), hi - 1)  # the next try lies strictly between lo and hi
     return lo
 
@@ -644,7 +647,7 @@ def bench_tpu(args):
     import run_scream as rs
 
     heading("tpu: compile-only for TPU v4 slices from this CPU")
-    print(f"jax {jax.__version__}; usable HBM per v4 chip taken as {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB")
+    print(f"jax {jax.__version__}; usable HBM per v4 chip taken as {v4_usable_bytes() / 2**30:.2f} GiB")
     rows = []
     for plan, fsdp, remat, state in itertools.product(args.plans, args.fsdp, args.remats, args.state_dtypes):
         name, slice_name = plan.split("@")
@@ -677,7 +680,7 @@ def bench_tpu(args):
         + ["batches compiled", "compile s"],
         rows,
         "memory = compiled.memory_analysis(): arguments + outputs + temporaries - aliased (donated) buffers. "
-        f"Fits: no RESOURCE_EXHAUSTED and at most {rs.TPU_V4_USABLE_BYTES / 2**30:.2f} GiB; searched up to "
+        f"Fits: no RESOURCE_EXHAUSTED and at most {v4_usable_bytes() / 2**30:.2f} GiB; searched up to "
         f"{args.max_batch} per chip. Unblocked: the encoder's attention without query blocks (--compare_unblocked "
         "models, FSDP over all chips), at the largest batch that fits blocked.",
     )

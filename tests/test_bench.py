@@ -50,15 +50,15 @@ def bench_table(text: str, prefix: str) -> list[dict]:
 TPU_SCRIPT = """
 import json, bench_scream, run_scream as rs
 bench_scream.hide_torch()
-compiled_steps, compiled_memory = [], rs.compiled_memory
+compiled_steps, compiled_memory_bytes = [], rs.compiled_memory_bytes
 
 def recorded(compiled):
     analysis, audio = compiled.memory_analysis(), compiled.args_info[0][1]["audio"]
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
     compiled_steps.append({"audio": audio.shape, **{name: getattr(analysis, name) for name in fields}})
-    return compiled_memory(compiled)
+    return compiled_memory_bytes(compiled)
 
-rs.compiled_memory = recorded
+rs.compiled_memory_bytes = recorded
 bench_scream.main(["tpu", "--tiny", "--state_dtypes", "float32/float32", "--fsdp", "1,all"])
 print("compiled: " + json.dumps(compiled_steps))
 """
@@ -139,7 +139,7 @@ def test_tpu_batch_search_finds_the_boundary_in_few_compiles(base_gib, per_examp
     """largest_fitting_batch against memory that grows a little faster than linearly with the
     batch (as compiled steps do): the largest batch within the usable bytes, proven by the batch
     above it not fitting, from a handful of compiles instead of a bisection's seven to ten."""
-    usable = rs.TPU_V4_USABLE_BYTES
+    usable = bench_scream.v4_usable_bytes()
 
     def memory(batch):
         return int((base_gib + per_example_gib * batch * (1 + batch / 2000)) * 2**30)

@@ -240,10 +240,8 @@ class PathFinderWithoutTorch(importlib.machinery.PathFinder):
 
 
 def hide_torch():
-    """From now on this process sees no torch, as on a machine without it: importlib.util.find_spec
-    finds none and `import torch` fails (no sys.modules entry: datasets imports torch when it sees
-    one). Our side's process calls it first, because transformers imports torch when it finds it,
-    loading torch's OpenMP and MKL runtimes next to XLA's."""
+    """This process sees no torch from now on (find_spec finds none, no sys.modules entry, which
+    datasets would import): else transformers loads torch's OpenMP and MKL next to XLA's."""
     sys.meta_path[:] = [PathFinderWithoutTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 
 

@@ -1259,10 +1259,10 @@ def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
 
 
 # --- model ---
-# Whisper in flax.linen, parameter for parameter the same model as transformers'
-# WhisperForConditionalGeneration (pre-LayerNorm blocks, eps 1e-5, exact-erf GELU, k_proj without
-# bias, queries scaled by head_dim**-0.5, output projection tied to the token embedding).
-# Parameters stay float32; `dtype` is the compute dtype; logits and the loss are float32.
+# Whisper in flax.linen, parameter for parameter transformers' WhisperForConditionalGeneration
+# (pre-LayerNorm blocks, eps 1e-5, exact-erf GELU, k_proj without bias, queries scaled by
+# head_dim**-0.5, output projection tied to the token embedding). Parameters stay float32;
+# `dtype` is the compute dtype; logits and the loss are float32.
 
 
 ACTIVATIONS = {
@@ -1273,7 +1273,6 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which transformers' Whisper uses
 
 
 @dataclass(frozen=True)
@@ -1300,14 +1299,12 @@ class WhisperDims:
 
     @classmethod
     def from_config(cls, config) -> WhisperDims:
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: getattr(config, name) for name in names})
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
-    """Whisper's fixed encoder positions, with transformers' float32 products (np.log would make them
-    float64). exp/sin are rounded from float64; torch's float32 kernels are within an ulp of that, so
-    the table matches transformers' to ~1e-7 for short tables, not bit for bit."""
+    """Whisper's fixed encoder positions, with transformers' float32 products (np.log would give float64);
+    exp/sin rounded from float64, within an ulp of torch's float32 kernels (~1e-7, not bit for bit)."""
     increment = np.float32(-math.log(max_timescale) / (channels // 2 - 1))
     inv_timescales = np.exp(np.float64(increment * np.arange(channels // 2, dtype=np.float32))).astype(np.float32)
     scaled_time = np.float64(np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :])
@@ -1319,11 +1316,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def keep_batch_sharded(x):
-    """Pin an activation's leading (batch) axis to the mesh's batch axes, when the caller set one
-    (train_step and eval_step do). Under FSDP the weights are split over "fsdp" along a feature
-    axis, and without this pin XLA may follow them and move activations to a feature-split layout
-    with all-to-alls (whisper-tiny, FSDP on a v4-32: 12.8 GiB per chip at 32 examples, 7.0 pinned;
-    bench_scream.py tpu). Pinned, XLA gathers each weight instead, which is what FSDP means."""
+    """Pin an activation's batch axis to the mesh's batch axes when the caller set a mesh. Unpinned, XLA
+    may follow the FSDP-split weights into a feature-split layout with all-to-alls (whisper-tiny, FSDP
+    on a v4-32: 12.8 GiB per chip at 32 examples, 7.0 pinned; bench_scream.py tpu)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != BATCH_AXES:
         return x
@@ -1331,12 +1326,8 @@ def keep_batch_sharded(x):
 
 
 def attention(query, key, value, *, mask=None, is_causal=False, dropout_rate=0.0, dropout_rng=None):
-    """Scaled dot-product attention over (batch, time, heads, head_dim).
-
-    Long unmasked query sequences (the encoder's) go through blocked_attention; the rest through
-    jax.nn.dot_product_attention (fused kernels on GPU), unless attention dropout is active, which
-    that API does not offer.
-    """
+    """Scaled dot-product attention over (batch, time, heads, head_dim): long unmasked queries (the
+    encoder's) in blocks, the rest fused by jax.nn.dot_product_attention, which has no dropout."""
     scale = query.shape[-1] ** -0.5
     if dropout_rng is None or dropout_rate == 0.0:
         block = query_block_size(query.shape[1]) if mask is None and not is_causal else None
@@ -1356,18 +1347,16 @@ def attention(query, key, value, *, mask=None, is_causal=False, dropout_rate=0.0
 
 
 def query_block_size(length: int) -> int | None:
-    """Queries per block for blocked_attention: a divisor of `length` from 128 down to 64 (125 for
-    1500 positions, 75 for the demo's 150), or None when the queries fit one block (or no such
-    divisor exists) and are attended at once."""
+    """A divisor of `length` from 128 down to 64 (125 for 1500 positions, 75 for the demo's 150), or
+    None when the queries fit one block or no such divisor exists."""
     if length <= 128:
         return None
     return next((size for size in range(128, 63, -1) if length % size == 0), None)
 
 
 def blocked_attention(query, key, value, *, scale: float, block: int):
-    """Unmasked attention one block of queries at a time (each block's scores recomputed in the
-    backward pass), so the (batch, heads, T, S) scores (4 * batch * heads * 1500^2 bytes per layer)
-    never exist at once, nor are they stored for the backward pass."""
+    """Unmasked attention a block of queries at a time, recomputed in the backward pass, so the
+    (batch, heads, T, S) scores never exist at once nor are stored for the backward pass."""
     batch, length, heads, head_dim = query.shape
     key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, heads, S, head_dim)
 
@@ -1381,31 +1370,35 @@ def blocked_attention(query, key, value, *, scale: float, block: int):
     return out.swapaxes(0, 1).reshape(query.shape)
 
 
+def float32_layer(cls, *args, dtype, init, **kwargs):
+    """A flax layer computing in `dtype` on float32 parameters, its weights drawn by `init`: an initializer,
+    or for a number normal(init) as transformers' are."""
+    init = init if callable(init) else nn.initializers.normal(init)
+    kwargs["embedding_init" if cls is nn.Embed else "kernel_init"] = init
+    return cls(*args, dtype=dtype, param_dtype=jnp.float32, **kwargs)
+
+
+def layer_norm(name: str, dtype):  # eps 1e-5: torch.nn.LayerNorm's default, which transformers' Whisper uses
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
 class Attention(nn.Module):
     """Multi-head attention with transformers' projection names; methods for cached decoding."""
 
-    d_model: int
+    dims: WhisperDims
     num_heads: int
-    dropout_rate: float
-    init_std: float
     dtype: Any
     deterministic: bool
 
     def setup(self):
-        dense = functools.partial(
-            nn.Dense,
-            self.d_model,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(self.init_std),
-        )
+        dense = functools.partial(float32_layer, nn.Dense, self.dims.d_model, dtype=self.dtype, init=self.dims.init_std)
         self.q_proj = dense()
         self.k_proj = dense(use_bias=False)
         self.v_proj = dense()
         self.out_proj = dense()
 
     def heads(self, x):  # (B, T, d_model) -> (B, T, heads, head_dim)
-        return keep_batch_sharded(x.reshape(x.shape[:2] + (self.num_heads, self.d_model // self.num_heads)))
+        return keep_batch_sharded(x.reshape(x.shape[:2] + (self.num_heads, self.dims.d_model // self.num_heads)))
 
     def query(self, x):
         return self.heads(self.q_proj(x))
@@ -1414,11 +1407,10 @@ class Attention(nn.Module):
         return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
 
     def attend(self, query, key, value, *, mask=None, is_causal=False):
-        rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        out = attention(
-            query, key, value, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate, dropout_rng=rng
-        )
-        return self.out_proj(keep_batch_sharded(out.reshape(out.shape[:2] + (self.d_model,))))
+        rate = self.dims.attention_dropout
+        rng = None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
+        out = attention(query, key, value, mask=mask, is_causal=is_causal, dropout_rate=rate, dropout_rng=rng)
+        return self.out_proj(keep_batch_sharded(out.reshape(out.shape[:2] + (self.dims.d_model,))))
 
     def __call__(self, x, source=None, *, is_causal=False):
         key, value = self.key_value(x if source is None else source)
@@ -1427,16 +1419,10 @@ class Attention(nn.Module):
 
 def feed_forward(x, ffn_dim: int, dims: WhisperDims, dtype, deterministic: bool):
     """fc1 -> activation -> dropout -> fc2, as submodules of the calling layer (transformers' names)."""
-    dense = functools.partial(
-        nn.Dense, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.normal(dims.init_std)
-    )
+    dense = functools.partial(float32_layer, nn.Dense, dtype=dtype, init=dims.init_std)
     x = ACTIVATIONS[dims.activation_function](keep_batch_sharded(dense(ffn_dim, name="fc1")(x)))
     x = nn.Dropout(dims.activation_dropout)(x, deterministic=deterministic)
     return dense(dims.d_model, name="fc2")(x)
-
-
-def layer_norm(name: str, dtype):
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class EncoderLayer(nn.Module):
@@ -1448,15 +1434,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, hidden, _unused=None):  # (B, S, d) -> (B, S, d); scan-shaped signature
         d = self.dims
         drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
-        attn = Attention(
-            d.d_model,
-            d.encoder_attention_heads,
-            d.attention_dropout,
-            d.init_std,
-            self.dtype,
-            self.deterministic,
-            name="self_attn",
-        )
+        attn = Attention(d, d.encoder_attention_heads, self.dtype, self.deterministic, name="self_attn")
         hidden = hidden + drop(attn(layer_norm("self_attn_layer_norm", self.dtype)(hidden)))
         x = layer_norm("final_layer_norm", self.dtype)(hidden)
         hidden = hidden + drop(feed_forward(x, d.encoder_ffn_dim, d, self.dtype, self.deterministic))
@@ -1464,9 +1442,8 @@ class EncoderLayer(nn.Module):
 
 
 def beams_cross_attention(cross_attn: Attention, x, cross_key, cross_value):
-    """Cross-attention of x (B*N, T, d), N beams per row, to keys and values kept once per row
-    (B, S, heads, head_dim): a row's beams are N*T queries of its one copy, the same per-query
-    softmax as N copies without reading N copies at every decoding step. N = 1 outside beam search."""
+    """Cross-attention of x (B*N, T, d), N beams per row, to keys and values kept once per row: a row's
+    beams are N*T queries of its one copy, so no step reads N copies. N = 1 outside beam search."""
     query = cross_attn.query(x)
     rows, beams = cross_key.shape[0], x.shape[0] // cross_key.shape[0]
     query = query.reshape((rows, beams * x.shape[1]) + query.shape[2:])
@@ -1474,9 +1451,8 @@ def beams_cross_attention(cross_attn: Attention, x, cross_key, cross_value):
 
 
 class DecoderLayer(nn.Module):
-    """A decoder block. With `cache` (this layer's keys/values), it decodes incrementally:
-    new keys/values are written at `position`; cross-attention keys/values are computed when
-    `encoder_hidden` is given (the prompt step) and read from the cache otherwise."""
+    """A decoder block. With `cache` (this layer's keys/values) it decodes incrementally, writing new
+    keys/values at `position`; cross-attention's come from `encoder_hidden` if given, else the cache."""
 
     dims: WhisperDims
     dtype: Any
@@ -1486,30 +1462,20 @@ class DecoderLayer(nn.Module):
     def __call__(self, hidden, encoder_hidden, cache, position):
         d = self.dims
         drop = functools.partial(nn.Dropout(d.dropout), deterministic=self.deterministic)
-        attention_args = (
-            d.d_model,
-            d.decoder_attention_heads,
-            d.attention_dropout,
-            d.init_std,
-            self.dtype,
-            self.deterministic,
-        )
-        self_attn = Attention(*attention_args, name="self_attn")
-        cross_attn = Attention(*attention_args, name="encoder_attn")
+        self_attn = Attention(d, d.decoder_attention_heads, self.dtype, self.deterministic, name="self_attn")
+        cross_attn = Attention(d, d.decoder_attention_heads, self.dtype, self.deterministic, name="encoder_attn")
 
         x = layer_norm("self_attn_layer_norm", self.dtype)(hidden)
         query, key, value = self_attn.query(x), *self_attn.key_value(x)
         if cache is None:
             out = self_attn.attend(query, key, value, is_causal=True)
         else:
-            key = jax.lax.dynamic_update_slice_in_dim(
-                cache["self_k"], key.astype(cache["self_k"].dtype), position, axis=1
-            )
-            value = jax.lax.dynamic_update_slice_in_dim(
-                cache["self_v"], value.astype(cache["self_v"].dtype), position, axis=1
-            )
-            query_positions = position + jnp.arange(x.shape[1])
-            visible = jnp.arange(key.shape[1])[None, :] <= query_positions[:, None]  # (T_new, T_cache)
+
+            def write(cached, new):
+                return jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), position, axis=1)
+
+            key, value = write(cache["self_k"], key), write(cache["self_v"], value)
+            visible = jnp.arange(key.shape[1]) <= (position + jnp.arange(x.shape[1]))[:, None]  # (T_new, T_cache)
             out = self_attn.attend(query, key, value, mask=visible[None, None])
         hidden = hidden + drop(out)
 
@@ -1534,10 +1500,12 @@ REMAT_POLICIES = {
 }
 
 
-def stack_of_layers(layer_cls, *, num_layers: int, scan: bool, remat: str, in_axes, name: str, **kwargs):
-    """Layers named `layers_{i}`, or one `layers` scanned over a leading layer axis."""
-    if remat != "none":
-        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+def stack_of_layers(layer_cls, owner: nn.Module, num_layers: int, in_axes, train: bool):
+    """The owner's layers named `layers_{i}`, or one `layers` scanned over a leading layer axis."""
+    scan = owner.scan_layers
+    if owner.remat != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[owner.remat], prevent_cse=not scan)
+    kwargs = dict(dims=owner.dims, dtype=owner.dtype, deterministic=not train)
     if scan:
         scanned = nn.scan(
             layer_cls,
@@ -1547,8 +1515,8 @@ def stack_of_layers(layer_cls, *, num_layers: int, scan: bool, remat: str, in_ax
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: None},
         )
-        return [scanned(name=name, **kwargs)]
-    return [layer_cls(name=f"{name}_{i}", **kwargs) for i in range(num_layers)]
+        return [scanned(name="layers", **kwargs)]
+    return [layer_cls(name=f"layers_{i}", **kwargs) for i in range(num_layers)]
 
 
 class Encoder(nn.Module):
@@ -1559,44 +1527,27 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_features, train: bool = False):  # (B, n_mels, 2S) -> (B, S, d)
-        d = self.dims
+        d, dtype = self.dims, self.dtype
         conv = functools.partial(
-            nn.Conv,
-            d.d_model,
-            kernel_size=(3,),
-            padding=((1, 1),),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(d.init_std),
+            float32_layer, nn.Conv, d.d_model, kernel_size=(3,), padding=((1, 1),), dtype=dtype, init=d.init_std
         )
         gelu = ACTIVATIONS["gelu"]  # the stem always uses exact GELU, whatever the config says
-        x = input_features.transpose(0, 2, 1).astype(self.dtype)  # (B, 2S, n_mels)
+        x = input_features.transpose(0, 2, 1).astype(dtype)  # (B, 2S, n_mels)
         x = gelu(conv(name="conv1")(x))
         x = gelu(conv(strides=(2,), name="conv2")(x))  # (B, S, d)
-        embed_positions = nn.Embed(
+        embed_positions = float32_layer(
+            nn.Embed,
             d.max_source_positions,
             d.d_model,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=lambda *_: jnp.asarray(sinusoids(d.max_source_positions, d.d_model)),
+            dtype=dtype,
+            init=lambda *_: jnp.asarray(sinusoids(d.max_source_positions, d.d_model)),
             name="embed_positions",
         )
         x = x + jax.lax.stop_gradient(embed_positions(jnp.arange(d.max_source_positions)))  # fixed, not trained
         x = keep_batch_sharded(nn.Dropout(d.dropout)(x, deterministic=not train))
-        layers = stack_of_layers(
-            EncoderLayer,
-            num_layers=d.encoder_layers,
-            scan=self.scan_layers,
-            remat=self.remat,
-            in_axes=(nn.broadcast,),
-            name="layers",
-            dims=d,
-            dtype=self.dtype,
-            deterministic=not train,
-        )
-        for layer in layers:
+        for layer in stack_of_layers(EncoderLayer, self, d.encoder_layers, (nn.broadcast,), train):
             x, _ = layer(x, None)
-        return keep_batch_sharded(layer_norm("layer_norm", self.dtype)(x))
+        return keep_batch_sharded(layer_norm("layer_norm", dtype)(x))
 
 
 class Decoder(nn.Module):
@@ -1608,44 +1559,23 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, encoder_hidden, cache=None, position=0, train: bool = False):
         """(B, T) ids -> (B, T, vocab) float32 logits, and the updated cache (or None)."""
-        d = self.dims
+        d, dtype = self.dims, self.dtype
 
         def token_init(key, shape, dtype=jnp.float32):  # transformers zeroes the padding_idx row
             table = nn.initializers.normal(d.init_std)(key, shape, dtype)
             return table if d.pad_token_id is None else table.at[d.pad_token_id].set(0.0)
 
-        embed_tokens = nn.Embed(
-            d.vocab_size,
-            d.d_model,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=token_init,
-            name="embed_tokens",
+        embed_tokens = float32_layer(
+            nn.Embed, d.vocab_size, d.d_model, dtype=dtype, init=token_init, name="embed_tokens"
         )
-        embed_positions = nn.Embed(
-            d.max_target_positions,
-            d.d_model,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(d.init_std),
-            name="embed_positions",
+        embed_positions = float32_layer(
+            nn.Embed, d.max_target_positions, d.d_model, dtype=dtype, init=d.init_std, name="embed_positions"
         )
         # No sqrt(d_model) factor even with config.scale_embedding: transformers' WhisperDecoder
         # reads that flag but never applies it (checked in transformers 5.23).
-        positions = position + jnp.arange(input_ids.shape[1])
-        x = embed_tokens(input_ids) + embed_positions(positions)[None]
+        x = embed_tokens(input_ids) + embed_positions(position + jnp.arange(input_ids.shape[1]))[None]
         x = keep_batch_sharded(nn.Dropout(d.dropout)(x, deterministic=not train))
-        layers = stack_of_layers(
-            DecoderLayer,
-            num_layers=d.decoder_layers,
-            scan=self.scan_layers,
-            remat=self.remat,
-            in_axes=(nn.broadcast, 0, nn.broadcast),
-            name="layers",
-            dims=d,
-            dtype=self.dtype,
-            deterministic=not train,
-        )
+        layers = stack_of_layers(DecoderLayer, self, d.decoder_layers, (nn.broadcast, 0, nn.broadcast), train)
         if self.scan_layers:
             x, new_cache = layers[0](x, encoder_hidden, cache, position)
         else:
@@ -1656,12 +1586,11 @@ class Decoder(nn.Module):
                 new_layer_caches.append(layer_cache)
             new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layer_caches)
         if cache is not None and encoder_hidden is None:
-            # A decoding step: the cross-attention keys and values are the prompt step's. Passing the
-            # input's own arrays on (not the layers' restacked copies) lets XLA keep them in place
-            # through generate's while loop; restacked, they were copied at every step (measured on
-            # whisper-base, 3 rows of 30 s: a decoding step took 78 ms with that copy, 41 ms without).
+            # A decoding step passes the input's cross-attention keys/values on, not the layers' restacked
+            # copies, so XLA keeps them in place through generate's loop (whisper-base, 3 rows of 30 s:
+            # 78 ms a step with the copy, 41 ms without).
             new_cache = {**new_cache, "cross_k": cache["cross_k"], "cross_v": cache["cross_v"]}
-        x = layer_norm("layer_norm", self.dtype)(x)
+        x = layer_norm("layer_norm", dtype)(x)
         logits = keep_batch_sharded(embed_tokens.attend(x))  # tied output projection
         return logits.astype(jnp.float32), new_cache
 
@@ -1699,14 +1628,13 @@ def init_params(model: Whisper, rng):
 
 
 def empty_cache(dims: WhisperDims, batch_size: int, max_length: int, dtype) -> dict:
-    heads, head_dim = dims.decoder_attention_heads, dims.d_model // dims.decoder_attention_heads
-    self_shape = (dims.decoder_layers, batch_size, max_length, heads, head_dim)
-    cross_shape = (dims.decoder_layers, batch_size, dims.max_source_positions, heads, head_dim)
+    """Zero keys and values per decoder layer: self-attention's for max_length positions, cross-attention's for S."""
+    heads, layers = dims.decoder_attention_heads, dims.decoder_layers
+    lengths = {"self": max_length, "cross": dims.max_source_positions}
     return {
-        "self_k": jnp.zeros(self_shape, dtype),
-        "self_v": jnp.zeros(self_shape, dtype),
-        "cross_k": jnp.zeros(cross_shape, dtype),
-        "cross_v": jnp.zeros(cross_shape, dtype),
+        f"{part}_{kv}": jnp.zeros((layers, batch_size, length, heads, dims.d_model // heads), dtype)
+        for part, length in lengths.items()
+        for kv in "kv"
     }
 
 
@@ -1726,35 +1654,26 @@ class DecodingSettings:
 
 
 def suppression_masks(settings: DecodingSettings, vocab_size: int):
-    """(always, at_begin): (vocab,) masks of the tokens suppressed at every step, and at the first
-    generated position (begin_suppress_tokens on top of suppress_tokens), as transformers'
-    SuppressTokens- and SuppressTokensAtBeginLogitsProcessor do."""
-    always = (
-        jnp.zeros(vocab_size, bool)
-        .at[jnp.asarray(settings.suppress_tokens, jnp.int32)]
-        .set(len(settings.suppress_tokens) > 0)
-    )
-    at_begin = always.at[jnp.asarray(settings.begin_suppress_tokens, jnp.int32)].set(
-        len(settings.begin_suppress_tokens) > 0
-    )
-    return always, at_begin
+    """(vocab,) masks of the tokens suppressed at every step, and at the first generated one (begin_suppress_tokens
+    too), as transformers' SuppressTokens- and SuppressTokensAtBeginLogitsProcessor do."""
+
+    def suppress(mask, tokens):
+        return mask.at[jnp.asarray(tokens, jnp.int32)].set(len(tokens) > 0)
+
+    always = suppress(jnp.zeros(vocab_size, bool), settings.suppress_tokens)
+    return always, suppress(always, settings.begin_suppress_tokens)
 
 
 def generate(model: Whisper, params, input_features, prompt_ids, settings: DecodingSettings):
-    """Greedy decoding (settings.num_beams == 1) or beam search, with a key/value cache and static
-    shapes (jit it with model and settings static).
-
-    prompt_ids: (B, P) int32, each row's forced prefix (P == settings.prompt_length).
-    Returns (B, P + max_new_tokens) ids: the prompt, the generated tokens (of the best hypothesis)
-    up to and including <|endoftext|>, then pad. Stops early once every row has ended.
-    """
+    """Greedy decoding or beam search with a key/value cache and static shapes (jit with model and settings
+    static), from each row's prompt_ids (B, P). Returns (B, P + max_new_tokens) ids: the prompt, the best
+    hypothesis up to and including <|endoftext|>, then pad. Stops once every row has ended."""
     encoder_hidden = model.apply({"params": params}, input_features, method=Whisper.encode)
     return generate_from_encoded(model, params, encoder_hidden, prompt_ids, settings)
 
 
 def generate_from_encoded(model: Whisper, params, encoder_hidden, prompt_ids, settings: DecodingSettings):
-    """generate() after the encoder: from its output (B, frames, d_model), so that one encoder pass
-    serves several decodings (greedy and beam search of the same audio, as the tests compare them)."""
+    """generate() from the encoder's output (B, frames, d_model), so one encoder pass serves several decodings."""
     batch_size, prompt_length = prompt_ids.shape
     if prompt_length != settings.prompt_length:
         raise ValueError(
@@ -1809,25 +1728,22 @@ BEAM_NEG = -1.0e9
 
 
 def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, settings: DecodingSettings):
-    """generate(num_beams=N) as transformers 5.23's GenerationMixin._beam_search does it, step for
-    step: the same top-2N candidates, the same -1e9 bookkeeping, the same finished-hypothesis
-    scores (sum of log-probs / generated_length**length_penalty, the prompt not counted) and the
-    same early-stopping heuristic, so ties aside it picks the same hypothesis. first_logits are
-    the prompt's (B, vocab); the cache holds B rows; its self-attention part is repeated here to B*N, one row per beam."""
+    """generate(num_beams=N) step for step as transformers 5.23's _beam_search: the same top-2N candidates,
+    -1e9 bookkeeping, finished scores (sum of log-probs / generated_length**length_penalty, prompt not
+    counted) and early-stopping heuristic, so ties aside the same hypothesis. first_logits: the prompt's
+    (B, vocab); the cache holds B rows (its self-attention part is repeated here to one row per beam)."""
     batch_size, prompt_length = prompt_ids.shape
     beams, vocab = settings.num_beams, model.dims.vocab_size
     total_length = prompt_length + settings.max_new_tokens
     candidates = 2 * beams  # their beams_to_keep: max(2, 1 + number of eos ids) * num_beams, one eos id
     always, at_begin = suppression_masks(settings, vocab)
     early_stopping = settings.early_stopping
-    # generated_length**length_penalty for lengths 1..max_new_tokens, in Python floats as theirs is
-    # (an int ** a float), then float32 as torch divides a float32 tensor by it.
+    # generated_length**length_penalty for lengths 1..max_new_tokens as theirs (Python int ** float),
+    # then float32 as torch divides a float32 tensor by it.
     penalties = jnp.asarray(
         [float(n) ** settings.length_penalty for n in range(1, settings.max_new_tokens + 1)], jnp.float32
     )
     top_beams = jnp.arange(candidates) < beams  # their top_num_beam_mask
-    rows = jnp.arange(batch_size)[:, None]
-    gather = gather_beams
 
     def penalised(scores, generated_length):
         return scores / penalties[generated_length - 1]
@@ -1838,22 +1754,20 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
 
     def step(carry):
         position, sequences, scores, best, finished, is_open, cache, next_logits, _ = carry
-        # b. log-probs, then the suppressions (their logits processors run on log-probs), plus the beam's score
+        # Log-probs, then the suppressions (their logits processors run on log-probs), plus the beam's score.
         log_probs = jax.nn.log_softmax(next_logits, axis=-1)  # (B*N, vocab)
         log_probs = jnp.where(jnp.where(position == prompt_length, at_begin, always), -jnp.inf, log_probs)
         totals = log_probs.reshape(batch_size, beams, vocab) + scores[:, :, None]
-        # c. the top 2N continuations over all beams of a row
         top_scores, top_index = jax.lax.top_k(totals.reshape(batch_size, beams * vocab), candidates)  # (B, 2N)
         source, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
-        top_sequences = gather(sequences, source)  # (B, 2N, T)
+        top_sequences = gather_beams(sequences, source)  # (B, 2N, T)
         top_sequences = jnp.where(jnp.arange(total_length) == position, token[:, :, None], top_sequences)
-        # d. which of them end: <|endoftext|> or max_length (their EosTokenCriteria, MaxLengthCriteria)
+        # Which end: <|endoftext|> or max_length (their EosTokenCriteria, MaxLengthCriteria); the best N go on.
         hits = (token == settings.eos_token_id) | (position + 1 >= total_length)
-        # e. the best N that go on
         running_scores = top_scores + hits.astype(jnp.float32) * BEAM_NEG
         scores, keep = jax.lax.top_k(running_scores, beams)  # (B, N)
-        sequences, beam_of = gather(top_sequences, keep), gather(source, keep)
-        # f. the finished set: the top N candidates that just ended, if they beat the worst kept
+        sequences, beam_of = gather_beams(top_sequences, keep), gather_beams(source, keep)
+        # The finished set: the top N candidates that just ended, if they beat the worst kept.
         candidate_scores = penalised(top_scores, position + 1 - prompt_length)
         full = finished.all(axis=1, keepdims=True) & (early_stopping is True)
         candidate_scores += full.astype(jnp.float32) * BEAM_NEG
@@ -1861,9 +1775,8 @@ def beam_search(model: Whisper, variables, first_logits, cache, prompt_ids, sett
         just_finished = hits & top_beams[None, :]
         candidate_scores += (~just_finished).astype(jnp.float32) * BEAM_NEG
         best, finished = merge_finished(best, finished, (top_sequences, candidate_scores, just_finished))
-        # g. each beam's self-attention key/value rows follow it (a beam only moves within its row;
-        # the cross-attention cache is one per row, shared by its beams).
-        flat = (rows * beams + beam_of).reshape(-1)  # (B*N,)
+        # Each beam's self-attention cache rows follow it within its row (cross-attention's are per row).
+        flat = (jnp.arange(batch_size)[:, None] * beams + beam_of).reshape(-1)  # (B*N,)
         cache = {**cache, "self_k": cache["self_k"][:, flat], "self_v": cache["self_v"][:, flat]}
         position = position + 1
         if early_stopping == "never" and settings.length_penalty > 0.0:
@@ -1888,8 +1801,8 @@ def gather_beams(x, index):
 
 
 def merge_finished(best, finished, candidates):
-    """The N best finished hypotheses: the ones kept so far and the candidates that just ended
-    (their scores -1e9 unless they did). best: (sequences (B, N, T), scores (B, N))."""
+    """The N best finished hypotheses of those kept (best: sequences (B, N, T), scores (B, N)) and the
+    candidates that just ended (scored -1e9 unless they did)."""
     (best_sequences, best_scores), (top_sequences, candidate_scores, just_finished) = best, candidates
     best_scores, pick = jax.lax.top_k(jnp.concatenate([best_scores, candidate_scores], axis=1), best_scores.shape[1])
     best_sequences = gather_beams(jnp.concatenate([best_sequences, top_sequences], axis=1), pick)
@@ -1897,9 +1810,8 @@ def merge_finished(best, finished, candidates):
 
 
 def beam_search_start(first_logits, cache, prompt_ids, settings: DecodingSettings):
-    """beam_search's first carry: N copies of each row's prompt, of which only the first is open
-    (scores 0, -1e9, ..., as theirs), no finished hypothesis, and a self-attention cache row per beam
-    (layers, B*N, ...); the cross-attention cache stays one per row (layers, B, ...)."""
+    """beam_search's first carry: N copies of each row's prompt, only the first open (scores 0, -1e9, ...,
+    as theirs), nothing finished, a self-attention cache row per beam (cross-attention's one per row)."""
     (batch_size, prompt_length), beams = prompt_ids.shape, settings.num_beams
     tokens = jnp.full((batch_size, prompt_length + settings.max_new_tokens), settings.pad_token_id, jnp.int32)
     sequences = jnp.repeat(tokens.at[:, :prompt_length].set(prompt_ids)[:, None], beams, axis=1)  # (B, N, T)
@@ -1927,10 +1839,7 @@ def make_mesh(fsdp_size: int, devices=None):
             f"{[n for n in range(1, len(devices) + 1) if len(devices) % n == 0]}."
         )
     return jax.make_mesh(
-        (len(devices) // fsdp_size, fsdp_size),
-        ("data", "fsdp"),
-        axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=devices,
+        (len(devices) // fsdp_size, fsdp_size), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices
     )
 
 
@@ -1945,8 +1854,7 @@ def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, *, stacked: bool
 
 
 def state_shardings(abstract_tree, mesh):
-    """NamedShardings for parameters, optimizer state (same rule, so moments follow their
-    parameters) and scalars."""
+    """NamedShardings for parameters, optimizer state (same rule: moments follow their parameters), scalars."""
     fsdp_size = mesh.shape["fsdp"]
 
     def leaf_sharding(path, leaf):
@@ -1954,10 +1862,6 @@ def state_shardings(abstract_tree, mesh):
         return NamedSharding(mesh, fsdp_partition_spec(tuple(leaf.shape), fsdp_size, stacked=stacked))
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
-
-
-def batch_sharding(mesh):
-    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def to_global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict:
@@ -1977,13 +1881,10 @@ class TrainState:
 
 
 def learning_rate_schedule(peak_lr: float, warmup_steps: int, num_train_steps: int, kind: str):
-    """0 -> peak over the warmup, then linear: down to 0 at num_train_steps, or constant (and its
-    synonym constant_with_warmup): the peak."""
-    after = (
-        optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps))
-        if kind == "linear"
-        else optax.constant_schedule(peak_lr)
-    )
+    """0 -> peak over the warmup, then linear down to 0 at num_train_steps, or constant (constant_with_warmup)."""
+    after = optax.constant_schedule(peak_lr)
+    if kind == "linear":
+        after = optax.linear_schedule(peak_lr, 0.0, max(1, num_train_steps - warmup_steps))
     if warmup_steps == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), after], [warmup_steps])
@@ -2016,18 +1917,14 @@ def make_optimizer(args: TrainingArguments, schedule) -> optax.GradientTransform
 
 
 def cast_params(params, param_dtype: str):
-    """Floating parameters in `param_dtype` (--param_dtype): the train state's parameters, and so
-    its gradients and Adam's second moment, take that dtype."""
+    """Floating parameters in --param_dtype, and so the gradients and Adam's second moment."""
     dtype = jnp.dtype(param_dtype)
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def token_losses(logits, labels, label_smoothing: float = 0.0):
-    """Per-token cross-entropy (float32) and the mask of real label tokens (labels != -100).
-
-    Label smoothing as PyTorch's CrossEntropyLoss does it: (1 - e) * nll + e * mean_v(-log p_v),
-    computed without a (batch, time, vocab) one-hot.
-    """
+    """Per-token float32 cross-entropy and the mask of label tokens (labels != -100); label smoothing as
+    PyTorch's CrossEntropyLoss, (1 - e) * nll + e * mean_v(-log p_v), without a (B, T, vocab) one-hot."""
     logits = logits.astype(jnp.float32)
     mask = labels != -100
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
@@ -2038,25 +1935,13 @@ def token_losses(logits, labels, label_smoothing: float = 0.0):
     return jnp.where(mask, losses, 0.0), mask
 
 
-def on_mesh(mesh):
-    """Make `mesh` the current one while a step is traced, for keep_batch_sharded."""
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-
-
 def train_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    model: Whisper,
-    optimizer,
-    mel_filters,
-    accumulation_steps: int,
-    label_smoothing: float,
-    mesh=None,
+    state: TrainState, batch: dict, *, model, optimizer, mel_filters, accumulation_steps, label_smoothing, mesh=None
 ):
     """One optimizer step on the global batch: loss = sum of token losses / number of label tokens
     over the whole batch, whatever the sharding or the number of micro-batches."""
-    with on_mesh(mesh):  # lets keep_batch_sharded pin activations, in the backward pass too
+    # The mesh, current while tracing, lets keep_batch_sharded pin activations (the backward pass's too).
+    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         step_rng = jax.random.fold_in(state.rng, state.step)
 
         def summed_loss(params, micro_batch, rng):
@@ -2088,12 +1973,13 @@ def train_step(
                 return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
 
             # Summed in float32 even for bfloat16 parameters: micro-batch gradients add up without rounding.
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (grads, loss_sum, num_tokens), _ = jax.lax.scan(
-                accumulate,
-                (zeros, jnp.float32(0), jnp.int32(0)),
-                (jax.tree.map(split, batch), jnp.arange(accumulation_steps)),
+            start = (
+                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+                jnp.float32(0),
+                jnp.int32(0),
             )
+            micro_batches = (jax.tree.map(split, batch), jnp.arange(accumulation_steps))
+            (grads, loss_sum, num_tokens), _ = jax.lax.scan(accumulate, start, micro_batches)
         denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
         # Back to the parameters' dtype, so that the optimizer state keeps its dtypes from step to step.
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
@@ -2103,15 +1989,9 @@ def train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def with_shardings(abstract_tree, shardings):
-    """jax.ShapeDtypeStructs that carry their shardings: what restore and .lower() need."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
-
-
 @dataclass(frozen=True)
 class JittedTrainStep:
-    """train_step as every caller runs it (run, bench_scream.py, the tests): state sharded over the
-    mesh and donated, the batch split by rows."""
+    """train_step as run, bench_scream.py and the tests run it: state sharded and donated, batch split by rows."""
 
     fn: Any  # (TrainState, global batch) -> (TrainState, metrics)
     abstract_state: TrainState  # shapes, dtypes and shardings, no data
@@ -2121,40 +2001,29 @@ class JittedTrainStep:
 
 
 def jit_train_step(
-    model: Whisper,
-    optimizer,
-    mesh,
-    *,
-    mel_filters,
-    accumulation_steps: int = 1,
-    label_smoothing: float = 0.0,
-    param_dtype: str = "float32",
+    model: Whisper, optimizer, mesh, *, mel_filters, accumulation_steps=1, label_smoothing=0.0, param_dtype="float32"
 ) -> JittedTrainStep:
-    """eval_shape the state -> its shardings -> jit(partial(train_step)) with those shardings.
-    Parameters are held in `param_dtype` (--param_dtype)."""
-    abstract_params = jax.eval_shape(
-        lambda rng: cast_params(init_params(model, rng), param_dtype), jax.random.PRNGKey(0)
-    )
-    abstract_state = jax.eval_shape(
-        lambda p: TrainState(jnp.int32(0), p, optimizer.init(p), jax.random.PRNGKey(0)), abstract_params
-    )
+    """eval_shape the state (parameters in `param_dtype`) -> its shardings -> jit(partial(train_step))."""
+
+    def fresh_state(rng):
+        params = cast_params(init_params(model, rng), param_dtype)
+        return TrainState(jnp.int32(0), params, optimizer.init(params), rng)
+
+    abstract_state = jax.eval_shape(fresh_state, jax.random.PRNGKey(0))
     state_sharding = state_shardings(abstract_state, mesh)
-    data_sharding = batch_sharding(mesh)
+    data_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    options = dict(accumulation_steps=accumulation_steps, label_smoothing=label_smoothing, mesh=mesh)
     fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=mel_filters,
-            accumulation_steps=accumulation_steps,
-            label_smoothing=label_smoothing,
-            mesh=mesh,
-        ),
+        functools.partial(train_step, model=model, optimizer=optimizer, mel_filters=mel_filters, **options),
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, None),
         donate_argnums=0,
     )
-    return JittedTrainStep(fn, with_shardings(abstract_state, state_sharding), state_sharding, data_sharding, optimizer)
+    # ShapeDtypeStructs that carry their shardings: what restore and .lower() need.
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+    )
+    return JittedTrainStep(fn, abstract_state, state_sharding, data_sharding, optimizer)
 
 
 def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, params=None) -> TrainState:
@@ -2169,18 +2038,14 @@ def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, par
             jax.random.PRNGKey(seed)
         )
     opt_state = jax.jit(step.optimizer.init, out_shardings=sharding.opt_state)(params)
-    return TrainState(
-        jax.device_put(jnp.int32(0), sharding.step),
-        params,
-        opt_state,
-        jax.device_put(jax.random.PRNGKey(seed + 1), sharding.rng),
-    )
+    step0, rng = jax.device_put((jnp.int32(0), jax.random.PRNGKey(seed + 1)), (sharding.step, sharding.rng))
+    return TrainState(step0, params, opt_state, rng)
 
 
 def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
     """Summed token loss and token count of a batch (padded rows carry no labels), and with
     `decoding` the transcripts (greedy, or beam search with decoding.num_beams > 1)."""
-    with on_mesh(mesh):
+    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         features = log_mel(batch["audio"], mel_filters)
         logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
         losses, mask = token_losses(logits, batch["labels"])
@@ -2192,12 +2057,10 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
         return out
 
 
-# Model FLOPs and device peaks, for the throughput and MFU figures the training loop logs.
-# Dense bfloat16 peak FLOP/s and usable memory of one JAX device (a TPU chip, a GPU), from the
-# vendors' spec sheets; matched against `device.device_kind` by prefix, most specific first. MFU is
-# measured against the bfloat16 peak whatever the compute dtype (the convention of the PaLM paper),
-# except on GPUs in float32, where XLA runs matmuls as TF32 and the TF32 peak is the fair one. The
-# memory is what --dry_run judges "fits" by (TPU v4: 32 GiB of HBM, of which XLA can use 30.75).
+# Model FLOPs and device peaks, for the throughput and MFU the training loop logs. Dense bfloat16 peak
+# FLOP/s and usable memory of one device, from the vendors' spec sheets, matched to `device_kind` by
+# prefix, most specific first. MFU is against the bfloat16 peak whatever the compute dtype (PaLM's
+# convention), except float32 on GPUs, where XLA runs matmuls as TF32. --dry_run judges fit by the memory.
 DEVICE_SPECS = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or None, usable GiB)
     ("TPU v6 lite", 918e12, None, 32),  # v6e (Trillium)
     ("TPU v6e", 918e12, None, 32),
@@ -2205,7 +2068,7 @@ DEVICE_SPECS = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or Non
     ("TPU v5e", 197e12, None, 16),
     ("TPU v5p", 459e12, None, 95),
     ("TPU v5", 459e12, None, 95),  # v5p reports itself as "TPU v5"
-    ("TPU v4", 275e12, None, 30.75),
+    ("TPU v4", 275e12, None, 30.75),  # 32 GiB of HBM, of which XLA can use 30.75
     ("NVIDIA H200", 989e12, 494e12, 141),
     ("NVIDIA H100", 989e12, 494e12, 80),  # SXM; the PCIe card peaks lower
     ("NVIDIA A100", 312e12, 156e12, 40),  # the 40 GB card (the 80 GB one fits more)
@@ -2217,60 +2080,37 @@ def device_spec(device_kind: str) -> tuple[str, float, float | None, float] | No
 
 
 def forward_flops(dims: WhisperDims, decoder_length: int) -> dict[str, float]:
-    """Forward FLOPs of one example (a multiply-add is 2 FLOPs), part by part.
-
-    Counts every matmul of the model: the conv stem (2S mel frames in, S positions out), the
-    projections and MLPs, the attention score and value products (QK^T and AV, dense: the
-    causal half is computed too), the decoder's cross-attention keys and values over all S
-    encoder positions, and the tied vocab-wide output projection. Leaves out LayerNorm, GELU,
-    softmax and the loss (elementwise, under 1%) and the log-mel front end (input, no gradient).
-    Padded positions count: the step computes them (fixed shapes).
-    """
+    """Forward FLOPs of one example by part (a multiply-add is 2): every matmul, attention products dense
+    (the causal half too), padded positions too (the step computes them). Leaves out LayerNorm, GELU,
+    softmax, the loss (elementwise, under 1%) and the log-mel front end (no gradient)."""
     d, S, T, V = dims.d_model, dims.max_source_positions, decoder_length, dims.vocab_size
     f_enc, f_dec, L_enc, L_dec = dims.encoder_ffn_dim, dims.decoder_ffn_dim, dims.encoder_layers, dims.decoder_layers
-    mels = dims.num_mel_bins
     return {
-        "conv stem": 2 * (2 * S) * (3 * mels) * d + 2 * S * (3 * d) * d,
+        "conv stem": 2 * (2 * S) * (3 * dims.num_mel_bins) * d + 2 * S * (3 * d) * d,  # 2S mel frames in, S out
         "encoder projections + MLP": L_enc * (4 * 2 * S * d * d + 2 * 2 * S * d * f_enc),
         "encoder attention QK^T, AV": L_enc * (2 * 2 * S * S * d),
-        "decoder projections + MLP": L_dec
-        * (
-            4 * 2 * T * d * d  # self-attention q, k, v, out
-            + 2 * 2 * T * d * d  # cross-attention q, out
-            + 2 * 2 * S * d * d  # cross-attention k, v over the encoder output
-            + 2 * 2 * T * d * f_dec
-        ),
+        # self-attention q, k, v, out and cross-attention q, out over T; cross-attention k, v over S; MLP
+        "decoder projections + MLP": L_dec * (6 * 2 * T * d * d + 2 * 2 * S * d * d + 2 * 2 * T * d * f_dec),
         "decoder attention QK^T, AV": L_dec * (2 * 2 * T * T * d + 2 * 2 * T * S * d),
         "output projection": 2 * T * d * V,
     }
 
 
 def training_flops_per_example(dims: WhisperDims, decoder_length: int) -> float:
-    """Model FLOPs of one training example: forward + backward = 3 x forward (the backward pass
-    does two matmuls per forward one). Rematerialisation is not counted: this is MFU, not HFU."""
+    """Forward + backward = 3 x forward (two matmuls back per one forward); remat not counted: MFU, not HFU."""
     return 3 * sum(forward_flops(dims, decoder_length).values())
 
 
 def peak_flops_per_device(device_kind: str, compute_dtype: str) -> float | None:
     """The spec-sheet peak of one device of this kind, None if unknown (a CPU: no MFU is logged)."""
     spec = device_spec(device_kind)
-    if spec is None:
-        return None
-    return spec[2] if compute_dtype == "float32" and spec[2] else spec[1]
+    return None if spec is None else (spec[2] if compute_dtype == "float32" and spec[2] else spec[1])
 
 
 def throughput_metrics(
-    *,
-    steps: int,
-    seconds: float,
-    global_batch_size: int,
-    audio_seconds: float,
-    flops_per_example: float,
-    num_devices: int,
-    peak_flops: float | None,
+    *, steps, seconds, global_batch_size, audio_seconds, flops_per_example, num_devices, peak_flops
 ) -> dict[str, float]:
-    """What a logging window of `steps` train steps in `seconds` of training time achieved:
-    examples/s, hours of (unpadded) audio per second, model TFLOP/s per device and MFU."""
+    """`steps` train steps in `seconds`: examples/s, hours of (unpadded) audio per second, TFLOP/s per device, MFU."""
     examples_per_s = steps * global_batch_size / seconds
     flops_per_device = examples_per_s * flops_per_example / num_devices
     metrics = {

@@ -3546,8 +3546,9 @@ def dry_run(setup: RunSetup) -> int:
     run_config it saves), and with --dry_run_compile the train step's memory per device, judged
     against the device's own usable memory (DEVICE_SPECS)."""
     plan = {name: value for group in setup.run_config.values() for name, value in group.items()}
-    plan["memory_per_device_bytes"] = plan["fits"] = None
     spec = device_spec(setup.devices[0].device_kind)
+    plan["usable_memory_per_device_gib"] = spec and spec[3]
+    plan["memory_per_device_bytes"] = plan["fits"] = None
     if setup.train_args.dry_run_compile:
         plan["memory_per_device_bytes"] = memory = compiled_step_memory(setup)
         plan["fits"] = None if spec is None else memory is not None and memory <= spec[3] * 2**30

@@ -86,9 +86,13 @@ def warn(message: str):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def option(default, help: str):
-    """A dataclass field that HfArgumentParser turns into --<name> with this help."""
+def option(default, help: str):  # a field HfArgumentParser turns into --<name> with this help
     return field(default=default, metadata={"help": help})
+
+
+def check_choice(flag: str, value, choices: tuple[str, ...]):
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not supported: use {', '.join(choices[:-1])} or {choices[-1]}.")
 
 
 @dataclass
@@ -103,49 +107,35 @@ class ModelArguments:
     remat: str = option("none", "Rematerialise layers: none, full, or dots (save matmul outputs).")
     dropout: float | None = option(None, "Override the config's dropout.")
     attention_dropout: float | None = option(None, "Override the config's attention_dropout.")
-    activation_dropout: float | None = option(
-        None, "Override the config's activation_dropout (after the feed-forward GELU)."
-    )
+    activation_dropout: float | None = option(None, "Override the config's activation_dropout (after the FFN's GELU).")
     param_dtype: str = option(
         "float32",
-        "Dtype of the trained parameters (and so of the gradients and Adam's second moment): float32, "
-        "or bfloat16 as the 2024 NB-Whisper release trained large-v3. Losses and logits stay float32; "
-        "the exported model is float32 either way.",
+        "Dtype of weights, grads and Adam's 2nd moment: float32 or bfloat16; losses, logits, export: float32.",
     )
 
     def __post_init__(self):
-        for flag, value in (("--dtype", self.dtype), ("--param_dtype", self.param_dtype)):
-            if value not in ("float32", "bfloat16"):
-                raise ConfigError(f"{flag} {value!r} is not supported: use float32 or bfloat16.")
-        if self.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"--remat {self.remat!r} is not supported: use none, full or dots.")
+        check_choice("--dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("--param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        check_choice("--remat", self.remat, ("none", "full", "dots"))
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = option(
-        None, "Required. Hub id(s) or local path(s), comma-separated to mix several (see --dataset_probabilities)."
-    )
+    dataset_name: str | None = option(None, "Required. Hub id(s) or local path(s); comma-separated ones are mixed.")
     dataset_config_name: str | None = option(None, "Dataset config name(s), comma-separated.")
     dataset_probabilities: str | None = option(None, "Sampling probabilities when mixing datasets, e.g. 0.7,0.3.")
     train_split_name: str = option("train", "Training split; 'a+b' joins splits.")
     eval_split_name: str = option(
         "validation",
-        "Evaluation split(s): 'a+b' joins splits into one set; 'a,b' evaluates several sets, each "
-        "logged as eval/<name>/... (name: the split, or <dataset>/<split> when --eval_dataset_name differs "
-        "per set) and averaged into eval/loss, eval/wer, ...",
+        "Evaluation split(s): 'a+b' joins splits into one set; 'a,b' makes several sets, logged as eval/<set>/... "
+        "(<set>: the split, or <dataset>/<split> if their datasets differ) and averaged as eval/loss, eval/wer, ...",
     )
     eval_dataset_name: str | None = option(
         None,
-        "Dataset of each evaluation set, comma-separated: one for all of --eval_split_name, or one per "
-        "split (default: --dataset_name).",
+        "Dataset of the evaluation sets: one for all, or one per split, comma-separated (default: --dataset_name).",
     )
-    test_split_name: str | None = option(
-        None, "Test split(s) for --do_predict, comma-separated like --eval_split_name (logged as test/...)."
-    )
-    test_dataset_name: str | None = option(
-        None, "Dataset of each test set, as --eval_dataset_name (default: --dataset_name)."
-    )
+    test_split_name: str | None = option(None, "Test split(s) for --do_predict, as --eval_split_name (logs test/...).")
+    test_dataset_name: str | None = option(None, "Dataset of the test sets, as --eval_dataset_name.")
     streaming: bool = option(False, "Stream the dataset instead of downloading it first.")
     audio_column_name: str = option("audio", "Column holding the audio.")
     text_column_name: str = option("text", "Column holding the transcript.")
@@ -164,63 +154,37 @@ class DataArguments:
     prefetch_batches: int = option(4, "Batches prepared ahead of the device.")
     read_retries: int = option(
         10,
-        "Failed reads of the dataset in a row (a dropped connection, a hub hiccup) before the run gives up; "
-        "each retry resumes after the last row read. On top of huggingface_hub's and datasets' own "
-        "retries of each file read.",
+        "Failed reads in a row before the run gives up, each retry resuming after the last row (beyond hub retries).",
     )
-    read_retry_wait_s: float = option(
-        1.0, "Wait before the first retry of a failed read; doubles with each failure in a row, up to 60 s."
-    )
+    read_retry_wait_s: float = option(1.0, "Wait before the first retry; doubles per failure in a row, up to 60 s.")
     language_column_name: str | None = option(
-        None,
-        "Column with each row's language (a Whisper code or name, e.g. no, nn, en); "
-        "--language for rows without one. Evaluation decodes each row in its own language.",
+        None, "Column with each row's language (no, nn, en, or a name; else --language), also for decoding it in eval."
     )
-    task_column_name: str | None = option(
-        None, "Column with each row's task (transcribe or translate); --task otherwise."
-    )
+    task_column_name: str | None = option(None, "Column with each row's task (transcribe or translate); else --task.")
     source_column_name: str | None = option(
         None,
-        "Evaluation column naming each row's source (e.g. nrk, stortinget): WER per source as "
-        "eval/<set>/source/<source>/wer... (default: a column named 'source', where a set has one).",
+        "Eval column with each row's source (nrk, ...): eval/<set>/source/<source>/wer... (default: 'source', if any).",
     )
     timestamp_column_name: str | None = option(
-        None,
-        "Training column with the transcript with Whisper timestamps inline, e.g. "
-        "'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>'; such rows train without <|notimestamps|>.",
+        None, "Training column of timestamped transcripts ('<|0.00|> Hei.<|1.52|>'), trained without <|notimestamps|>."
     )
     timestamp_probability: float = option(
-        1.0,
-        "Chance that a row with timestamps trains in timestamp mode (else on the plain text column); "
-        "drawn from (seed, epoch, example id), so a resumed run makes the same choices.",
+        1.0, "Chance a row with timestamps trains on them (else on its text), drawn per (seed, epoch, id): repeatable."
     )
-    prev_column_name: str | None = option(
-        None, "Training column with the previous segment's text, given as a <|startofprev|> prompt."
-    )
-    prompt_probability: float = option(
-        1.0, "Chance that a row with previous text gets its prompt (seeded like --timestamp_probability)."
-    )
+    prev_column_name: str | None = option(None, "Training column with the previous text, a <|startofprev|> prompt.")
+    prompt_probability: float = option(1.0, "Chance a row with previous text gets it as a prompt (seeded, repeatable).")
     max_prev_length: int = option(
-        120,
-        "Decoder positions for the prompt, <|startofprev|> included: the previous text is cut from the "
-        "left to max_prev_length - 1 tokens. With --prev_column_name every training row is "
-        "max_prev_length + max_label_length positions long.",
+        120, "Positions of <|startofprev|> + previous text (cut from the left), in every row with --prev_column_name."
     )
-    bpe_dropout: float = option(
-        0.0, "BPE dropout of the training labels (the release used 0.2); evaluation never has it."
-    )
+    bpe_dropout: float = option(0.0, "BPE dropout of the training labels (the release used 0.2), never in eval.")
 
     def __post_init__(self):
-        if self.task not in ("transcribe", "translate"):
-            raise ConfigError(f"--task {self.task!r} is not supported: use transcribe or translate.")
+        check_choice("--task", self.task, ("transcribe", "translate"))
         if self.max_label_length < 1:
             raise ConfigError("--max_label_length must be at least 1.")
-        for flag, value in (
-            ("--timestamp_probability", self.timestamp_probability),
-            ("--prompt_probability", self.prompt_probability),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{flag} {value} is not a probability: give a value from 0 to 1.")
+        for flag in ("timestamp_probability", "prompt_probability"):
+            if not 0.0 <= getattr(self, flag) <= 1.0:
+                raise ConfigError(f"--{flag} {getattr(self, flag)} is not a probability: give a value from 0 to 1.")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ConfigError(f"--bpe_dropout {self.bpe_dropout} must be at least 0 and below 1 (0: off).")
         if self.prev_column_name and self.max_prev_length < 2:
@@ -245,20 +209,14 @@ class TrainingArguments:
         "test/... metrics, predictions/test/<set>/, and the model card's model-index.",
     )
     train_batch_size: int | None = option(None, "Global training batch, over all hosts.")
-    per_device_train_batch_size: int | None = option(
-        None, "Hugging Face spelling: global batch = this x number of devices."
-    )
+    per_device_train_batch_size: int | None = option(None, "Hugging Face spelling: global batch = this x devices.")
     eval_batch_size: int | None = option(None, "Global evaluation batch (default: training batch).")
     gradient_accumulation_steps: int = option(1, "Micro-batches per step, inside the step.")
     learning_rate: float = option(3e-5, "Peak learning rate at --lr_reference_batch_size.")
     lr_scaling: str = option("none", "Scale the LR with the batch: none, linear or sqrt.")
-    lr_reference_batch_size: int | None = option(
-        None, "Global batch at which --learning_rate applies (needed with --lr_scaling)."
-    )
+    lr_reference_batch_size: int | None = option(None, "Global batch --learning_rate is for (with --lr_scaling).")
     lr_scheduler_type: str = option(
-        "linear",
-        "After the warmup: linear (decay to 0 at --num_train_steps) or constant (the peak); "
-        "constant_with_warmup is the same as constant.",
+        "linear", "After the warmup: linear (to 0 at --num_train_steps), constant or constant_with_warmup (= constant)."
     )
     warmup_steps: int = option(0, "Linear warmup from 0 over this many steps (any schedule).")
     num_train_steps: int = option(1000, "Optimizer steps in the whole run.")
@@ -266,9 +224,7 @@ class TrainingArguments:
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     adam_mu_dtype: str = option(
-        "float32",
-        "Dtype of AdamW's first moment (optax's mu_dtype): float32 or bfloat16. optax keeps the "
-        "second moment in the parameters' dtype (--param_dtype).",
+        "float32", "Dtype of AdamW's first moment: float32 or bfloat16 (the second is --param_dtype's, as optax does)."
     )
     weight_decay: float = option(0.0, "AdamW decoupled weight decay (not on biases or LayerNorm).")
     max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: no clipping).")
@@ -283,20 +239,15 @@ class TrainingArguments:
     )
     save_total_limit: int | None = option(2, "Checkpoints kept.")
     resume_from_checkpoint: bool = option(True, "Resume from the latest checkpoint in output_dir.")
-    predict_with_generate: bool = option(
-        False, "Decode in eval (greedy, or beam search with --generation_num_beams > 1) and compute WER/CER."
-    )
+    predict_with_generate: bool = option(False, "Decode in eval (greedy, or with beams) and compute WER/CER.")
     generation_max_length: int | None = option(None, "New tokens per decode (default: max_label_length).")
     generation_num_beams: int = option(1, "Beams per example in eval decoding (1: greedy), as transformers' num_beams.")
-    generation_length_penalty: float = option(
-        1.0, "With beams: a finished hypothesis scores sum_logprobs / new_tokens**this (transformers')."
-    )
+    generation_length_penalty: float = option(1.0, "With beams: a hypothesis scores sum_logprobs / new_tokens**this.")
     metric_for_best_model: str | None = option(
         None,
-        "The logged eval metric that picks the kept model, e.g. eval/wer_normalized (the mean over the "
-        "eval sets; the default with --predict_with_generate, else eval/loss) or eval/<set>/wer. The "
-        "exported model, model card and hub push are of the best evaluation so far; its checkpoint is "
-        "never deleted by --save_total_limit.",
+        "Eval metric that picks the kept model: eval/wer_normalized (the mean over sets; default with "
+        "--predict_with_generate, else eval/loss), eval/<set>/wer, ... The export, model card and hub push "
+        "are of the best evaluation so far, whose checkpoint --save_total_limit never deletes.",
     )
     greater_is_better: bool | None = option(
         None, "Whether a higher --metric_for_best_model is better (default: no for wer, cer and loss)."
@@ -311,28 +262,17 @@ class TrainingArguments:
     hub_model_id: str | None = option(None, "Hub repository to push to.")
     hub_private_repo: bool = option(True, "Create the hub repository private.")
     export_ctranslate2: str | None = option(
-        None,
-        "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper, quantized: float16, int8, int8_float16, "
-        "float32, ... (needs ctranslate2 and torch).",
+        None, "Also write OUTPUT_DIR/ctranslate2/ for faster-whisper: float16, int8, ... (needs ctranslate2, torch)."
     )
-    export_ggml: str | None = option(
-        None, "Also write OUTPUT_DIR/ggml-model.bin for whisper.cpp: f16, or q8_0 (8-bit, about half the size)."
-    )
+    export_ggml: str | None = option(None, "Also write OUTPUT_DIR/ggml-model.bin for whisper.cpp: f16 or q8_0 (8-bit).")
     dry_run: bool = option(False, "Print the plan and the compiled step's memory, then exit.")
-    dry_run_topology: str | None = option(
-        None, "With --dry_run: compile for a TPU slice (v4-32, v5p-64, v5e-16, v6e-8, ...) from any machine."
-    )
+    dry_run_topology: str | None = option(None, "With --dry_run: compile for a TPU slice (v4-32, ...) on any machine.")
     dry_run_compile: bool = option(True, "With --dry_run: compile the train step to report its memory per device.")
 
     def __post_init__(self):
-        if self.adam_mu_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"--adam_mu_dtype {self.adam_mu_dtype!r} is not supported: use float32 or bfloat16.")
-        if self.lr_scheduler_type not in ("linear", "constant", "constant_with_warmup"):
-            raise ConfigError(
-                f"--lr_scheduler_type {self.lr_scheduler_type!r} is not supported: use linear, constant or constant_with_warmup."
-            )
-        if self.lr_scaling not in ("none", "linear", "sqrt"):
-            raise ConfigError(f"--lr_scaling {self.lr_scaling!r} is not supported: use none, linear or sqrt.")
+        check_choice("--adam_mu_dtype", self.adam_mu_dtype, ("float32", "bfloat16"))
+        check_choice("--lr_scheduler_type", self.lr_scheduler_type, ("linear", "constant", "constant_with_warmup"))
+        check_choice("--lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
         if self.lr_scaling != "none" and not self.lr_reference_batch_size:
             raise ConfigError(
                 "--lr_scaling needs --lr_reference_batch_size: the global batch that --learning_rate is for."
@@ -396,14 +336,10 @@ class TrainingArguments:
 
 @dataclass
 class DistributedArguments:
-    coordinator_address: str | None = option(
-        None, "host:port of process 0, off TPU pods (TPU pods find it themselves)."
-    )
+    coordinator_address: str | None = option(None, "host:port of process 0, off TPU pods (which find it themselves).")
     num_processes: int | None = option(None, "Number of processes, with --coordinator_address.")
     process_id: int | None = option(None, "This process's index, with --coordinator_address.")
-    fsdp_size: int = option(
-        1, "Devices that shard parameters and optimizer state (1: pure data parallel; -1: all devices)."
-    )
+    fsdp_size: int = option(1, "Devices sharding params and optimizer state (1: pure data parallel; -1: all).")
     distributed_timeout_s: int = option(300, "Give up when a peer process stops answering.")
 
 
@@ -428,8 +364,7 @@ def parse_arguments(argv: list[str] | None = None, groups: tuple = ARGUMENT_GROU
             + (f"Did you mean: {', '.join(hints)}? " if hints else "")
             + "Every flag starts with -- and takes its value after a space; run with --help for the list."
         )
-    data_args, train_args = groups[1], groups[2]
-    for flag, value in (("--dataset_name", data_args.dataset_name), ("--output_dir", train_args.output_dir)):
+    for flag, value in (("--dataset_name", groups[1].dataset_name), ("--output_dir", groups[2].output_dir)):
         if not value:
             raise ConfigError(
                 f"{flag} is required: the dataset(s) to read and the directory for checkpoints, logs and the model "
@@ -501,9 +436,7 @@ def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) 
 
 # Why prepare_example skips a row, and the flag to look at when every example is skipped for it.
 SKIP_REASON_FLAGS = {
-    "undecodable": "--audio_column_name",
-    "empty_audio": "--audio_column_name",
-    "non_finite_audio": "--audio_column_name",
+    **dict.fromkeys(("undecodable", "empty_audio", "non_finite_audio"), "--audio_column_name"),
     "too_short": "--min_duration_in_seconds",
     "too_long": "--max_duration_in_seconds",
     "empty_text": "--text_column_name",
@@ -539,8 +472,7 @@ DEFAULT_SOURCE_COLUMN = "source"
 
 
 def columns_of(data_args: DataArguments, *, train: bool) -> Columns:
-    """The training stream's columns, or evaluation's: plain text in each row's own language and
-    task, no timestamps, no previous-text prompts, and the source for per-source WER."""
+    """The training stream's columns, or evaluation's: no timestamps or prompts, and the source for per-source WER."""
     prompts = train and data_args.prompt_probability > 0
     return Columns(
         audio=data_args.audio_column_name,
@@ -556,7 +488,7 @@ def columns_of(data_args: DataArguments, *, train: bool) -> Columns:
 
 @dataclass(frozen=True)
 class TextSettings:
-    """What turns a transcript into decoder tokens (the layout is decoder_tokens')."""
+    """What turns a transcript into decoder tokens (the layout is prepare_example's)."""
 
     do_lower_case: bool
     do_remove_punctuation: bool
@@ -610,16 +542,13 @@ ENGLISH_ONLY_VOCAB_SIZE = 51864  # the .en checkpoints' vocabulary: GPT-2's, one
 
 
 def is_english_only(config, generation_config=None) -> bool:
-    """An English-only (.en) Whisper: its generation config says so, or (without one) it has the .en
-    vocabulary size. (Small test vocabularies with language tokens count as multilingual.)"""
+    """A .en Whisper: its generation config says so, or without one it has the .en vocabulary size."""
     multilingual = getattr(generation_config, "is_multilingual", None)
     return not multilingual if multilingual is not None else config.vocab_size == ENGLISH_ONLY_VOCAB_SIZE
 
 
 def prompt_language_and_task(tokenizer, language: str, task: str, *, english_only: bool):
-    """(language, task) as the decoder prompt holds them: as given for a multilingual model; (None,
-    None) for an English-only one, whose prompt <|startoftranscript|><|notimestamps|> has no language
-    or task token (so any language but English, or translating, is an error there)."""
+    """(language, task) as the decoder prompt holds them: (None, None) for an English-only model, which has neither."""
     if not english_only:
         return language, task
     if language != "en" or task != "transcribe":
@@ -650,14 +579,10 @@ def text_settings_of(data_args: DataArguments, *, train: bool, language: str | N
 
 
 def training_tokenizer(tokenizer, bpe_dropout: float):
-    """The tokenizer of the training labels: a copy whose BPE model drops each merge with
-    probability `bpe_dropout` (tokenizers' own BPE dropout), so evaluation and decoding, which use
-    `tokenizer` itself, never see it. Special and timestamp tokens are added tokens, never merged,
-    so they are unaffected. The dropout draws from tokenizers' own unseeded generator: a resumed
-    run tokenizes at the same rate, not into the same pieces."""
+    """A copy of `tokenizer` with tokenizers' own BPE dropout, for the training labels only (special
+    tokens are never merged). Its RNG is unseeded: a resumed run drops merges as often, not the same ones."""
     if not bpe_dropout:
         return tokenizer
-
     dropped = copy.deepcopy(tokenizer)
     model = dropped.backend_tokenizer.model
     if not hasattr(model, "dropout"):
@@ -669,8 +594,7 @@ def training_tokenizer(tokenizer, bpe_dropout: float):
 
 
 def special_token_ids(tokenizer, tokens: list[str]) -> list[int]:
-    """Ids of whole tokens such as <|no|> or <|1.52|>, each one id; a token the tokenizer does not
-    have is a ConfigError (convert_tokens_to_ids alone would quietly return the unknown token)."""
+    """Ids of whole tokens such as <|no|> or <|1.52|>; a missing one is an error, not the unknown token."""
     ids = tokenizer.convert_tokens_to_ids(tokens)
     for token, token_id in zip(tokens, ids):
         if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
@@ -679,10 +603,8 @@ def special_token_ids(tokenizer, tokens: list[str]) -> list[int]:
 
 
 def decoder_prefix(tokenizer, language: str | None, task: str | None, *, timestamps: bool) -> list[int]:
-    """The forced start of every transcript: <|startoftranscript|> <|lang|> <|task|>, then
-    <|notimestamps|> unless the transcript has timestamps. language and task None (English-only
-    models, whose vocabulary has no language tokens): <|startoftranscript|> <|notimestamps|>.
-    The one place for this rule; computed per row, never through the tokenizer's prefix state."""
+    """<|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>]: the forced start of each row (never
+    through the tokenizer's prefix state); English-only models (language, task None) have no lang or task."""
     tokens = ["<|startoftranscript|>"]
     tokens += [f"<|{language}|>"] if language is not None else []
     tokens += [f"<|{task}|>"] if task is not None else []
@@ -691,12 +613,9 @@ def decoder_prefix(tokenizer, language: str | None, task: str | None, *, timesta
 
 
 def parse_timestamped_text(text: str, duration_s: float) -> list[tuple[float, str, float]] | None:
-    """'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>' -> [(0.0, ' Hei.', 1.52), (1.8, ' Takk.', 2.6)].
-
-    None if malformed: text outside a (start, end) pair, an odd number of timestamps, a value not
-    written with two decimals or off
-    the 0.02 s grid, past MAX_TIMESTAMP_S or past the audio (one grid step of slack for rounding),
-    or a timestamp before the one preceding it."""
+    """'<|0.00|> Hei.<|1.52|><|1.80|> Takk.<|2.60|>' -> [(0.0, ' Hei.', 1.52), (1.8, ' Takk.', 2.6)]; None if
+    text lies outside a pair, or a value is unpaired, not two decimals, off the grid, past 30 s or the audio
+    (one grid step of slack), or before its predecessor."""
     parts = TIMESTAMP_TOKEN.split(text)  # [outside, t0, inside, t1, outside, t2, inside, t3, outside]
     between = parts[0::2]
     if any(not re.fullmatch(r"\d+\.\d\d", v) for v in parts[1::2]):  # Whisper writes <|1.50|>, never <|1.5|>
@@ -714,47 +633,27 @@ def parse_timestamped_text(text: str, duration_s: float) -> list[tuple[float, st
     return [(values[i], between[i + 1], values[i + 1]) for i in range(0, len(values), 2)]
 
 
-def normalise_segment(segment: str, settings: TextSettings) -> str:
-    """normalise_transcript for a timestamped segment, keeping its leading space (part of
-    Whisper's segment tokens: ' Hei' is one token, 'Hei' another)."""
-    if not (settings.do_lower_case or settings.do_remove_punctuation):
-        return segment
-    text = normalise_transcript(segment, settings)
-    return " " + text if segment.startswith(" ") and text else text
-
-
 def timestamped_text_ids(tokenizer, segments: list[tuple[float, str, float]], settings: TextSettings) -> list[int]:
-    """<|start|> text <|end|> per segment. Timestamps are encoded as the single ids
-    special_token_ids finds, and the text between them separately, so this does not rely on the
-    tokenizer's handling of timestamp tokens inside text (some tokenizers split <|1.52|> into pieces)."""
+    """<|start|> text <|end|> per segment, timestamps as single ids (some tokenizers split <|1.52|> in text)."""
     ids = []
     for start_s, segment, end_s in segments:
         start, end = special_token_ids(tokenizer, [f"<|{start_s:.2f}|>", f"<|{end_s:.2f}|>"])
-        ids += [start, *tokenizer(normalise_segment(segment, settings), add_special_tokens=False).input_ids, end]
+        if settings.do_lower_case or settings.do_remove_punctuation:  # keep the leading space: ' Hei' != 'Hei'
+            text = normalise_transcript(segment, settings)
+            segment = " " + text if segment.startswith(" ") and text else text
+        ids += [start, *tokenizer(segment, add_special_tokens=False).input_ids, end]
     return ids
 
 
 def previous_text_prompt(tokenizer, text: str, max_prev_length: int) -> list[int]:
-    """<|startofprev|> and the previous text's last max_prev_length - 1 tokens (cut from the left:
-    the text nearest the segment matters most), with the leading space transformers'
-    get_prompt_ids gives it."""
+    """<|startofprev|> and the previous text's last max_prev_length - 1 tokens (nearest the segment), with
+    the leading space transformers' get_prompt_ids gives it."""
     ids = tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
     return special_token_ids(tokenizer, ["<|startofprev|>"]) + ids[max(0, len(ids) - (max_prev_length - 1)) :]
 
 
-def decoder_tokens(prefix: list[int], text_ids: list[int], eot_id: int, prompt: list[int] = ()) -> list[int]:
-    """A row's whole token sequence: [prompt] prefix text <|endoftext|>, where prompt is
-    <|startofprev|> + previous text (or nothing) and prefix decoder_prefix's. The model reads all
-    but the last token and predicts all but the first; collate gives the first len(prompt) label
-    positions (those whose input is a prompt token, predicting the prompt's next token or
-    <|startoftranscript|>) no loss, so a row's loss-bearing labels are the same with or without a prompt:
-    <|lang|> <|task|> [<|notimestamps|>] text <|endoftext|>."""
-    return [*prompt, *prefix, *text_ids, eot_id]
-
-
 def example_draw(seed: int, epoch: int, example_key: str, purpose: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, epoch, example, purpose): per-example random
-    choices that a resumed run, or another host, makes the same way without shared RNG state."""
+    """Uniform in [0, 1), fixed by its arguments: a resumed run or another host draws the same, with no RNG state."""
     digest = hashlib.blake2b(f"{seed}\0{epoch}\0{purpose}\0{example_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
@@ -822,13 +721,9 @@ def prepare_example(
     columns: Columns = Columns(),
     label_tokenizer=None,
 ):
-    """One dataset row -> (example dict, None) or (None, skip reason). Never raises on bad data.
-
-    `label_tokenizer` (default `tokenizer`) tokenizes the transcript and previous text: the
-    training stream passes training_tokenizer's BPE-dropout copy. The example carries `tokens`
-    (decoder_tokens' layout), `prompt_length` (its leading positions without loss) and
-    `decoding_prefix` (the forced prefix an evaluation decodes this row with: its own language and
-    task, no timestamps)."""
+    """One dataset row -> (example dict, None) or (None, skip reason); never raises on bad data.
+    `label_tokenizer` (training: training_tokenizer's) tokenizes the transcript and previous text;
+    `decoding_prefix` is what evaluation decodes the row with (its language and task, no timestamps)."""
     settings, label_tokenizer = text_settings, label_tokenizer or tokenizer
     audio, reason = decode_row_audio(row, columns.audio, audio_settings)
     language, task, reason = (None, None, reason) if reason else resolve_language_and_task(row, settings, columns)
@@ -868,7 +763,9 @@ def prepare_example(
         if previous and example_draw(settings.seed, epoch, example_key, "prompt") < settings.prompt_probability
         else []
     )
-    tokens = decoder_tokens(prefix, text_ids, tokenizer.convert_tokens_to_ids("<|endoftext|>"), prompt)
+    # The model reads all but the last token and predicts all but the first; collate gives the prompt's
+    # positions no loss, so the loss-bearing labels are the same with or without one.
+    tokens = [*prompt, *prefix, *text_ids, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     if len(tokens) - len(prompt) - 1 > settings.max_label_length:
         if not settings.cut_long_labels:
             return None, "too_many_tokens"
@@ -896,13 +793,8 @@ def collate(
     max_prev_length: int = 0,
     default_prompt_ids: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pad to fixed shapes so that no batch recompiles a step. Rows past len(examples) are
-    padding: silence, and labels all -100, so they carry no loss.
-
-    Every row is max_prev_length + max_label_length decoder positions, prompt or not; a row's
-    first prompt_length labels are -100 (see decoder_tokens). With default_prompt_ids, the batch
-    also carries `prompt_ids` (batch, len(default_prompt_ids)): each row's forced decoding prefix
-    (<|startoftranscript|> <|lang|> <|task|> <|notimestamps|>), the default's on padding rows."""
+    """Pad to fixed shapes, so that no batch recompiles a step: padding rows are silence with labels -100.
+    With default_prompt_ids the batch carries `prompt_ids`, each row's decoding_prefix (padding: the default)."""
     length = max_prev_length + max_label_length
     audio = np.zeros((batch_size, n_samples), np.float32)
     labels = np.full((batch_size, length), -100, np.int32)
@@ -915,10 +807,8 @@ def collate(
         decoder_input_ids[row, : len(tokens) - 1] = tokens[:-1]
     batch = {"audio": audio, "labels": labels, "decoder_input_ids": decoder_input_ids}
     if default_prompt_ids is not None:
-        prompt_ids = np.tile(np.asarray(default_prompt_ids, np.int32), (batch_size, 1))
-        for row, example in enumerate(examples):
-            prompt_ids[row] = example["decoding_prefix"]
-        batch["prompt_ids"] = prompt_ids
+        prompt_ids = [example["decoding_prefix"] for example in examples]
+        batch["prompt_ids"] = np.array(prompt_ids + [default_prompt_ids] * (batch_size - len(examples)), np.int32)
     return batch
 
 
@@ -938,8 +828,7 @@ class EvalSet:
 def evaluation_sets(
     splits_spec: str | None, datasets_spec: str | None, default_dataset: str, kind: str
 ) -> list[EvalSet]:
-    """--<kind>_split_name and --<kind>_dataset_name as EvalSets: one dataset serves every split, or one
-    dataset per split; without --<kind>_dataset_name every split is read from --dataset_name."""
+    """--<kind>_split_name and --<kind>_dataset_name (one for all splits, or one each) as EvalSets."""
     splits = split_names(splits_spec or "")
     datasets = split_names(datasets_spec or "") or [default_dataset]
     if len(datasets) == 1:
@@ -961,20 +850,14 @@ def evaluation_sets(
 
 
 COLUMN_FLAGS = {  # Columns field -> its flag
-    "audio": "--audio_column_name",
-    "text": "--text_column_name",
-    "id": "--id_column_name",
-    "source": "--source_column_name",
-    "language": "--language_column_name",
-    "task": "--task_column_name",
+    **{name: f"--{name}_column_name" for name in ("audio", "text", "id", "source", "language", "task")},
     "timestamps": "--timestamp_column_name",
     "previous_text": "--prev_column_name",
 }
 
 
 def select_columns(source, columns: Columns, name: str, split: str):
-    """The columns the stream reads, audio undecoded; a named column the dataset lacks is a
-    ConfigError (an id column, and the default source column, are optional)."""
+    """The columns read, audio undecoded; a missing one is an error, but for id and the default source."""
     have = list(source.column_names or [])
     for field_name, flag in COLUMN_FLAGS.items():
         column = getattr(columns, field_name)
@@ -1240,12 +1123,8 @@ class SpeechBatches:
 
 
 def log_mel(audio, mel_filters, *, n_fft: int = 400, hop_length: int = 160):
-    """Whisper's log-mel spectrogram on the device: (batch, samples) -> (batch, n_mels, samples // hop).
-
-    The same arithmetic as transformers' WhisperFeatureExtractor: centred STFT with reflect
-    padding and a periodic Hann window, power spectrum, slaney mel filters, log10 clamped at
-    1e-10, the last frame dropped, floor at (max - 8) per example, then (x + 4) / 4.
-    """
+    """Whisper's log-mel spectrogram on the device, (batch, samples) -> (batch, n_mels, samples // hop), with
+    transformers' WhisperFeatureExtractor's arithmetic."""
     padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
     num_frames = 1 + (padded.shape[1] - n_fft) // hop_length
     frame_starts = jnp.arange(num_frames)[:, None] * hop_length
@@ -2127,10 +2006,7 @@ def throughput_metrics(
 
 
 def transcription_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
-    """WER and CER x100 as written and after Whisper's BasicTextNormalizer (jiwer).
-
-    Pairs whose reference is empty after normalising are left out of the normalised scores
-    (WER is undefined for them)."""
+    """WER and CER x100 as written and after Whisper's BasicTextNormalizer; empty references are left out."""
     normalise = BasicTextNormalizer()
     metrics = {}
     for suffix, transform in (("", lambda s: s), ("_normalized", normalise)):
@@ -2145,27 +2021,22 @@ def transcription_metrics(references: list[str], predictions: list[str]) -> dict
 
 
 def metrics_by_group(rows: list[dict], key: str) -> dict[str, float]:
-    """transcription_metrics of the rows sharing each value of row[key] (rows carry reference,
-    prediction and key; rows whose value is None are in no group), keyed '<value>/<metric>', e.g.
-    'nn/wer' for key 'language'."""
+    """transcription_metrics of the rows with each (not None) row[key], as '<value>/<metric>': 'nn/wer'."""
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for row in rows:
         if row.get(key) is not None:
             groups[row[key]].append(row)
-    return {
-        f"{value}/{name}": metric
-        for value, group in sorted(groups.items())
-        for name, metric in transcription_metrics(
-            [r["reference"] for r in group], [r["prediction"] for r in group]
-        ).items()
-    }
+    results = {}
+    for value, group in sorted(groups.items()):
+        metrics = transcription_metrics([r["reference"] for r in group], [r["prediction"] for r in group])
+        results |= {f"{value}/{name}": metric for name, metric in metrics.items()}
+    return results
 
 
 def allgather_json(value) -> list:
     """Every host's JSON-serialisable value, in process order, on every host."""
     if jax.process_count() == 1:
         return [value]
-
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
     padded = np.zeros(int(lengths.max()), np.uint8)
@@ -2177,7 +2048,6 @@ def allgather_json(value) -> list:
 def any_host(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
-
     return bool(multihost_utils.process_allgather(np.array([flag], np.int32)).max())
 
 
@@ -2188,10 +2058,8 @@ def sync_hosts(name: str):
 
 
 def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, tokenizer, *, generate: bool):
-    """Loss (and WER/CER when `generate`) over one whole evaluation set, each example counted once:
-    hosts read disjoint shares, pad their last batch, and take part in every step until all are
-    done. Returns (metrics without a prefix, every host's prediction rows) on every host; rows
-    that could not be read are counted as skipped_<reason>."""
+    """(loss, WER/CER with `generate`, skipped_<reason> counts; every host's prediction rows) of one set, on
+    every host: hosts read disjoint shares and join every step, with empty batches, until all are done."""
     loss_sum, num_tokens, rows = 0.0, 0, []
     batch_iterator = iter(eval_batches)
     empty_batch = eval_batches.collate_fn([])
@@ -2205,9 +2073,8 @@ def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, 
         num_tokens += int(out["num_tokens"])
         if "generated" in out:
             mesh, spec = data_sharding.mesh, data_sharding.spec
-            generated = np.asarray(multihost_utils.global_array_to_host_local_array(out["generated"], mesh, spec))
-            generated = generated[: len(examples)]
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            generated = multihost_utils.global_array_to_host_local_array(out["generated"], mesh, spec)
+            texts = tokenizer.batch_decode(np.asarray(generated)[: len(examples)], skip_special_tokens=True)
             rows += [
                 {"id": e["id"], "language": e["language"], "reference": e["text"], "prediction": text.strip()}
                 | ({"source": e["source"]} if e.get("source") is not None else {})
@@ -2217,7 +2084,7 @@ def run_evaluation(eval_fn, params, eval_batches: SpeechBatches, data_sharding, 
     rows = [row for host in hosts for row in host["rows"]]
     skipped = sum((collections.Counter(host["skipped"]) for host in hosts), collections.Counter())
     results = {"loss": loss_sum / max(num_tokens, 1), "num_tokens": num_tokens}
-    results.update({f"skipped_{reason}": count for reason, count in sorted(skipped.items())})  # unreadable rows
+    results.update({f"skipped_{reason}": count for reason, count in sorted(skipped.items())})
     if generate:
         results["num_examples"] = len(rows)
         references, predictions = [r["reference"] for r in rows], [r["prediction"] for r in rows]
@@ -2232,8 +2099,7 @@ SUMMED_METRICS = ("num_tokens", "num_examples")
 
 
 def combine_set_metrics(kind: str, per_set: dict[str, dict]) -> dict[str, float]:
-    """Each set's metrics under <kind>/<set>/, plus <kind>/<metric>: the mean over the sets of the
-    AVERAGED_METRICS that every set has, the sum of the SUMMED_METRICS."""
+    """Each set's metrics as <kind>/<set>/..., and <kind>/<metric> over all sets (those every set has)."""
     results = {}
     for name in AVERAGED_METRICS + SUMMED_METRICS:
         values = [metrics[name] for metrics in per_set.values() if name in metrics]
@@ -2254,16 +2120,13 @@ def write_predictions(path: Path, rows: list[dict], limit: int | None):
 
 def is_better(value: float, best: dict | None, greater_is_better: bool) -> bool:
     """Whether an evaluation's metric beats the best so far (the earlier evaluation wins a tie)."""
-    if best is None:
-        return True
-    return value > best["value"] if greater_is_better else value < best["value"]
+    return best is None or (value > best["value"] if greater_is_better else value < best["value"])
 
 
 def gather_params(params):
     """Full parameters on every host, as numpy (a collective when parameters span hosts)."""
     if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(params)):
         return jax.device_get(params)
-
     return multihost_utils.process_allgather(params, tiled=True)
 
 
@@ -2291,7 +2154,6 @@ def resolve_checkpoint_dir(name_or_path: str, cache_dir: str | None = None) -> P
     """A local directory as is; a hub id through huggingface_hub (offline: from the local cache)."""
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
-
     patterns = ["*.json", "*.txt", "*.safetensors", "*.msgpack", "*.model"]
     try:
         directory = Path(huggingface_hub.snapshot_download(name_or_path, cache_dir=cache_dir, allow_patterns=patterns))
@@ -2411,8 +2273,7 @@ def unstack_layers(params: dict) -> dict:
         node = dict(node)
         if "layers" in node:
             stacked = node.pop("layers")
-            num_layers = jax.tree.leaves(stacked)[0].shape[0]
-            for i in range(num_layers):
+            for i in range(jax.tree.leaves(stacked)[0].shape[0]):
                 node[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
         out[part] = node
     return out
@@ -2434,9 +2295,8 @@ def check_parameter_tree(params: dict, expected: dict, source: str):
 
 
 def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights: bool = True) -> Pretrained:
-    """Config, weights (unstacked float32 numpy tree), tokenizer, feature extractor and generation
-    config from a local directory or a hub id, in transformers' format (safetensors, pytorch_model.bin,
-    or the 2023 runs' flax_model.msgpack)."""
+    """A transformers checkpoint (safetensors, pytorch_model.bin or the 2023 runs' flax_model.msgpack), weights
+    as an unstacked float32 numpy tree, from a directory or a hub id."""
     directory = resolve_checkpoint_dir(name_or_path, cache_dir)
     if not (directory / "config.json").exists():
         raise ConfigError(f"{directory} has no config.json: is {name_or_path!r} a Whisper checkpoint?")
@@ -2449,10 +2309,8 @@ def load_pretrained(name_or_path: str, *, cache_dir: str | None = None, weights:
             params = read_old_flax_checkpoint(directory / "flax_model.msgpack")
         else:
             params = torch_to_flax(read_torch_state_dict(directory))
-        model = build_model(config)
-        check_parameter_tree(
-            params, jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)), str(directory)
-        )
+        expected = jax.eval_shape(functools.partial(init_params, build_model(config)), jax.random.key(0))
+        check_parameter_tree(params, expected, str(directory))
     tokenizer = feature_extractor = generation_config = None
     if (directory / "tokenizer_config.json").exists() or (directory / "vocab.json").exists():
         tokenizer = WhisperTokenizer.from_pretrained(directory)
@@ -2469,17 +2327,13 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     generation_config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     vocab = tokenizer.get_vocab()
     if not getattr(generation_config, "lang_to_id", None) and not english_only:
-        generation_config.lang_to_id = {
-            f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab
-        }
+        generation_config.lang_to_id = {t: vocab[t] for t in (f"<|{code}|>" for code in LANGUAGES) if t in vocab}
     if not getattr(generation_config, "task_to_id", None) and not english_only:
         generation_config.task_to_id = {t: vocab[f"<|{t}|>"] for t in ("transcribe", "translate")}
     generation_config.no_timestamps_token_id = vocab["<|notimestamps|>"]
     generation_config.is_multilingual = not english_only
-    generation_config.decoder_start_token_id = config.decoder_start_token_id
-    generation_config.eos_token_id = config.eos_token_id
-    generation_config.pad_token_id = config.pad_token_id
-    generation_config.bos_token_id = config.bos_token_id
+    for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(generation_config, name, getattr(config, name))
     generation_config.max_length = config.max_target_positions
     if getattr(generation_config, "begin_suppress_tokens", None) is None:
         generation_config.begin_suppress_tokens = [vocab.get("Ġ", 220), config.eos_token_id]
@@ -2500,16 +2354,13 @@ def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, 
     host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
     state = flax_to_torch(unstack_layers(host_params))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-    generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    feature_extractor.save_pretrained(out_dir)
+    for part in (config, generation_config, tokenizer, feature_extractor):
+        part.save_pretrained(out_dir)
     return out_dir
 
 
 def export_ctranslate2(export_dir, quantization: str) -> Path:
-    """EXPORT_DIR/ctranslate2/: the transformers export converted by ctranslate2's own converter, for
-    faster-whisper (tokenizer.json and preprocessor_config.json copied along, which faster-whisper reads)."""
+    """EXPORT_DIR/ctranslate2/ for faster-whisper, by ctranslate2's converter, with the files faster-whisper reads."""
     from ctranslate2.converters import TransformersConverter
 
     out_dir = Path(export_dir) / "ctranslate2"
@@ -2597,9 +2448,8 @@ def export_ggml(params, config, tokenizer, feature_extractor, path, ggml_type: s
 def checkpoint_manager(
     output_dir: str, save_total_limit: int | None, best_metric: str = "eval/loss", greater_is_better: bool = False
 ):
-    """Keeps the --save_total_limit latest checkpoints and, beyond them, the best evaluated one by
-    `best_metric` (orbax's BestN over the metrics saved with each checkpoint, which hold the step;
-    checkpoints saved without an evaluation never count as best)."""
+    """Keeps the --save_total_limit latest checkpoints and the best evaluated one by `best_metric` (orbax's
+    BestN over the metrics saved with each checkpoint; one saved without an evaluation is never best)."""
 
     def metric_of(metrics: dict) -> tuple[float, int]:
         # orbax keeps the last of the sorted keys; the step breaks ties towards the earlier evaluation,
@@ -2607,48 +2457,38 @@ def checkpoint_manager(
         value = metrics.get(best_metric, -math.inf if greater_is_better else math.inf)
         return (value, -metrics["step"]) if greater_is_better else (value, metrics["step"])
 
+    # BestN sorts ascending and keeps the last n: descending when lower is better.
+    best = BestN(get_metric_fn=metric_of, reverse=not greater_is_better, n=1, keep_checkpoints_without_metrics=False)
     options = ocp.CheckpointManagerOptions(
         create=True,
         enable_async_checkpointing=True,
         best_fn=metric_of,  # makes orbax save and read the metrics (best_step()); retention is the policy's
         best_mode="max" if greater_is_better else "min",
-        preservation_policy=AnyPreservationPolicy(
-            [
-                LatestN(n=save_total_limit),
-                # BestN sorts ascending and keeps the last n: descending when lower is better.
-                BestN(
-                    get_metric_fn=metric_of, reverse=not greater_is_better, n=1, keep_checkpoints_without_metrics=False
-                ),
-            ]
-        ),
+        preservation_policy=AnyPreservationPolicy([LatestN(n=save_total_limit), best]),
     )
-    return ocp.CheckpointManager(
-        Path(output_dir).absolute() / "checkpoints", options=options, item_names=("state", "meta")
-    )
+    directory = Path(output_dir).absolute() / "checkpoints"
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 def save_checkpoint(manager, step: int, state: TrainState, meta: dict, metrics: dict | None = None):
     """Save asynchronously; `metrics` (an evaluation's results at this step) rank it for keeping."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args, metrics=metrics, force=True)
 
 
 def restore_checkpoint(manager, step: int, abstract_state):
-
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
     return restored["state"], restored["meta"]
 
 
-def model_index_results(eval_results: dict, sets: list[tuple[str, EvalSet]]) -> list:
-    """huggingface_hub EvalResults (the hub's model-index) of each (kind, set) with a WER: task
-    automatic-speech-recognition, the set's dataset and split, metrics wer and cer (raw and normalized)."""
-    return [
+def write_model_card(
+    out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict, sets: list[tuple[str, EvalSet]] = ()
+):
+    """README.md: metadata with the model-index of `sets` (the hub shows their WER), the results, how to run each
+    exported format, and the run's arguments."""
+    out_dir = Path(out_dir)
+    results = [
         EvalResult(
             task_type="automatic-speech-recognition",
             task_name="Automatic Speech Recognition",
@@ -2663,46 +2503,29 @@ def model_index_results(eval_results: dict, sets: list[tuple[str, EvalSet]]) -> 
         for metric in ("wer", "cer", "wer_normalized", "cer_normalized")
         if f"{kind}/{eval_set.name}/{metric}" in eval_results
     ]
-
-
-def write_model_card(
-    out_dir: Path, *, base_model: str, run_args: dict, eval_results: dict, sets: list[tuple[str, EvalSet]] = ()
-):
-    """README.md: huggingface_hub ModelCardData metadata (with the model-index of `sets`, so the hub
-    shows WER per set), the results list, how to run each exported format, and the run's arguments."""
-    results = model_index_results(eval_results, list(sets))
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="automatic-speech-recognition",
         tags=["whisper", "scream"],
-        model_name=Path(out_dir).name,
+        model_name=out_dir.name,
         eval_results=results or None,
     )
-    lines = [
-        f"# {Path(out_dir).name}",
-        "",
-        f"Whisper fine-tuned with Scream from `{base_model}`.",
-        "",
-        "## Evaluation",
-        "",
-    ]
+    lines = [f"# {out_dir.name}", "", f"Whisper fine-tuned with Scream from `{base_model}`.", "", "## Evaluation", ""]
     lines += [f"- {name}: {value:.4g}" for name, value in sorted(eval_results.items())] or ["- not evaluated"]
     language = run_args.get("resolved", {}).get("language", "no")
     lines += ["", "## Use", "", "Scream's tests check each of these formats as it writes them:", "", "```python"]
     lines += ["from transformers import pipeline  # long recordings too, with segment or word timestamps", ""]
     lines += ['asr = pipeline("automatic-speech-recognition", model=".")']
     lines += ['print(asr("audio.wav", return_timestamps=True, generate_kwargs={"language": "' + language + '"}))']
-    if (Path(out_dir) / "ctranslate2").is_dir():
+    if (out_dir / "ctranslate2").is_dir():
         lines += ["", "from faster_whisper import WhisperModel  # ctranslate2/, written by --export_ctranslate2", ""]
         lines += ['segments, _ = WhisperModel("ctranslate2").transcribe("audio.wav", language="' + language + '")']
-    if (Path(out_dir) / "ggml-model.bin").exists():
+    if (out_dir / "ggml-model.bin").exists():
         lines += ["```", "", "whisper.cpp (`ggml-model.bin`, written by `--export_ggml`):", "", "```sh"]
         lines += [f"whisper-cli -m ggml-model.bin -l {language} -f audio.wav"]
-    lines += ["```"]
-    lines += ["", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    card.save(Path(out_dir) / "README.md")
+    lines += ["```", "", "## Training arguments", "", "```json", json.dumps(run_args, indent=2, default=str), "```", ""]
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)).save(out_dir / "README.md")
 
 
 # --- main ---

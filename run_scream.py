@@ -2548,26 +2548,18 @@ def drop_metrics_after(path: Path, step: int):
 class RunLog:
     """Process 0's metrics: OUTPUT_DIR/metrics.jsonl, TensorBoard, optionally Weights & Biases."""
 
-    def __init__(self, output_dir: str, report_to: str, config: dict, train: TrainingArguments, enabled: bool):
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        targets = set(split_names(report_to))
-        self.tensorboard = self.wandb = None
-        if not enabled:
-            return
-        if "tensorboard" in targets:
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+    def __init__(self, train: TrainingArguments, config: dict, enabled: bool):
+        self.enabled, self.path = enabled, Path(train.output_dir) / "metrics.jsonl"
+        targets = set(split_names(train.report_to)) if enabled else set()
+        self.tensorboard = (
+            SummaryWriter(str(Path(train.output_dir) / "tensorboard")) if "tensorboard" in targets else None
+        )
+        self.wandb = None
         if "wandb" in targets:
             import wandb
 
-            self.wandb = wandb.init(
-                project=train.wandb_project,
-                entity=train.wandb_entity,
-                name=train.run_name,
-                notes=train.run_description,
-                config=config,
-                resume="allow",
-            )
+            run = dict(project=train.wandb_project, entity=train.wandb_entity, name=train.run_name)
+            self.wandb = wandb.init(**run, notes=train.run_description, config=config, resume="allow")
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -3261,7 +3253,7 @@ def check_finite(step: int, metrics: dict, manager, global_batch_size: int) -> t
     return loss, grad_norm
 
 
-def train_loop(setup: RunSetup, state: TrainState, *, train_batches, manager, log: RunLog, stop_requested, best=None):
+def train_loop(setup: RunSetup, state: TrainState, train_batches, manager, log: RunLog, stop_requested, best=None):
     """Steps until --num_train_steps or a stop request; logs, evaluates and checkpoints on cadence,
     and with --push_to_hub exports and pushes each evaluation that is a new best. `best` (from the
     checkpoint's metadata when resuming) is the best evaluation so far. Returns (state, the best
@@ -3402,56 +3394,41 @@ def run(argv: list[str] | None = None) -> int:
 
 def execute(setup: RunSetup) -> int:
     """Train, evaluate, test and export as the flags say, resuming from --output_dir's checkpoints."""
-    data_args, train_args = setup.data_args, setup.train_args
+    train_args = setup.train_args
     prepare_output_dir(setup)
     manager = None
     if train_args.do_train:
-        manager = checkpoint_manager(
-            train_args.output_dir,
-            train_args.save_total_limit,
-            train_args.metric_for_best_model,
-            train_args.greater_is_better,
-        )
-    state, restored_meta = init_or_restore(setup, manager)
+        best_by = (train_args.metric_for_best_model, train_args.greater_is_better)
+        manager = checkpoint_manager(train_args.output_dir, train_args.save_total_limit, *best_by)
+    state, restored = init_or_restore(setup, manager)
     check_eval_sets(setup)
-    log = RunLog(train_args.output_dir, train_args.report_to, setup.run_config, train_args, enabled=setup.is_main)
-
+    log = RunLog(train_args, setup.run_config, enabled=setup.is_main)
+    step = int(jax.device_get(state.step))
     if not train_args.do_train:  # evaluate and/or test the given model
-        step = int(jax.device_get(state.step))
         if train_args.do_eval:
             evaluate(setup, state.params, step, log)
         if train_args.do_predict:
             evaluate(setup, state.params, step, log, kind="test")
         log.close()
         return 0
-
+    data_state = restored["data_states"][jax.process_index()] if restored else None
     train_batches = make_batches(
-        setup,
-        data_args.train_split_name,
-        train=True,
-        batch_size=setup.plan.per_host_batch_size,
-        state=restored_meta["data_states"][jax.process_index()] if restored_meta else None,
+        setup, setup.data_args.train_split_name, train=True, batch_size=setup.plan.per_host_batch_size, state=data_state
     )
-    state, best, stopped_early = train_loop(
-        setup,
-        state,
-        train_batches=train_batches,
-        manager=manager,
-        log=log,
-        stop_requested=stop_on_sigterm(),
-        best=restored_meta.get("best") if restored_meta else None,
-    )
+    best = restored.get("best") if restored else None
+    state, best, stopped_early = train_loop(setup, state, train_batches, manager, log, stop_on_sigterm(), best)
+    step = int(jax.device_get(state.step))
     if not stopped_early:  # the final export: the best evaluation's model (the last one without --do_eval)
-        params = kept_params(setup, manager, state, best)
-        results = dict(best["results"]) if best else {}
+        params, results = kept_params(setup, manager, state, best), dict(best["results"]) if best else {}
         if train_args.do_predict:
-            results.update(evaluate(setup, params, int(jax.device_get(state.step)), log, kind="test"))
-        wait_for_pushes([export(setup, params, best["step"] if best else int(jax.device_get(state.step)), results)])
+            results.update(evaluate(setup, params, step, log, kind="test"))
+        wait_for_pushes([export(setup, params, best["step"] if best else step, results)])
     log.close()
-    if stopped_early:
-        say(f"stopped by SIGTERM after step {int(jax.device_get(state.step))}; checkpoint saved, relaunch to resume")
-    else:
-        say(f"done: model exported to {setup.output_dir}")
+    say(
+        f"stopped by SIGTERM after step {step}; checkpoint saved, relaunch to resume"
+        if stopped_early
+        else f"done: model exported to {setup.output_dir}"
+    )
     return 0
 
 

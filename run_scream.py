@@ -1145,12 +1145,12 @@ datasets.utils.logging.get_logger("datasets.iterable_dataset").addFilter(
 
 
 class ShuffleBuffer:
-    """The rows of `source` (an IterableDataset) in the order of datasets' shuffle buffer: read until
-    `size` rows are held, emit them in a random order but for size // 2 that stay for the next
-    round, repeat; at the end emit the rest. Its state names each held row by its position in the
-    source rather than holding it (no audio in a checkpoint): a resume reads the source again from
-    the oldest held row, without decoding, and continues exactly as the uninterrupted run would.
-    Each round's order comes from `key` and the round's number, so the state needs no RNG state."""
+    """The rows of `source` (an IterableDataset) shuffled by datasets' (5.2) buffer algorithm: read
+    until `size` rows are held, emit them in a random order but for size // 2 that stay for the
+    next round, repeat; at the end emit the rest. Its state names each held row by its position in
+    the source rather than holding it (no audio in a checkpoint): a resume reads the source again
+    from the oldest held row, without decoding, and continues exactly as the uninterrupted run
+    would. Each round's order comes from `key` and the round's number, so no RNG state is kept."""
 
     def __init__(self, source, size: int, key: tuple[int, ...]):
         self.source, self.size, self.key = source, size, key

@@ -64,9 +64,9 @@ def splits(tmp_path_factory):
         }
 
 
-def training_stream(dataset: str, buffer: int, *, state=None, host=0, hosts=1, probabilities=None):
+def training_stream(dataset: str, buffer: int, *, state=None, host=0, hosts=1, probabilities=None, wrap=None):
     """This host's SpeechBatches of the train split, wired as make_batches wires a training run,
-    each example reduced to its id and epoch."""
+    each example reduced to its id and epoch; `wrap` wraps each source opened."""
     args = run_scream.DataArguments(
         dataset_name=dataset, streaming=True, shuffle_buffer_size=buffer, dataset_probabilities=probabilities
     )
@@ -74,7 +74,7 @@ def training_stream(dataset: str, buffer: int, *, state=None, host=0, hosts=1, p
         run_scream.load_source, args, "train", process_index=host, process_count=hosts, seed=SEED, shuffle=True
     )
     return run_scream.SpeechBatches(
-        lambda epoch: make_source(epoch=epoch),
+        lambda epoch: (wrap or (lambda source: source))(make_source(epoch=epoch)),
         lambda row: ({"id": row["id"], "epoch": row[run_scream.EPOCH_FIELD]}, None),
         batch_size=BATCH_SIZE,
         collate_fn=lambda examples: None,
@@ -82,6 +82,7 @@ def training_stream(dataset: str, buffer: int, *, state=None, host=0, hosts=1, p
         num_workers=1,
         prefetch_batches=1,
         state=state,
+        read_retry_wait_s=0.0,
     )
 
 
@@ -158,6 +159,36 @@ def test_datasets_mixed_by_probability_resume_exactly(splits):
     boundary = next(k for k, (batch, _) in enumerate(reference) if batch[-1][1] == 1)
     points = [random.Random(1).randint(1, boundary - 1), boundary, random.Random(2).randint(boundary + 1, 20)]
     resumed_equals_uninterrupted(mixed, 16, reference, points, probabilities="0.7,0.3")
+
+
+class DropsOnce:
+    """A source whose connection drops once, after `rows` rows of the epoch it was opened for."""
+
+    def __init__(self, source, rows: int, dropped: list):
+        self.source, self.rows, self.dropped = source, rows, dropped
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+    def __iter__(self):
+        for number, row in enumerate(self.source, 1):
+            yield row
+            if number == self.rows and not self.dropped:
+                self.dropped.append(number)
+                raise ConnectionError("the connection dropped")
+
+
+def test_a_read_failing_mid_epoch_is_retried_without_losing_or_repeating_examples(splits, capsys):
+    """A dropped connection mid-epoch reopens the source at the state after the last row read:
+    the shuffle buffer is read again, and the stream goes on exactly as the undisturbed one."""
+    reference = examples(take(training_stream(splits["four_shards"], 16), 10))
+    dropped = []
+    disturbed = training_stream(splits["four_shards"], 16, wrap=lambda source: DropsOnce(source, 23, dropped))
+    assert examples(take(disturbed, 10)) == reference
+    assert dropped == [23] and "reading the dataset failed (ConnectionError" in capsys.readouterr().err
 
 
 def mixing(order: list[str]) -> dict[str, float]:

@@ -943,11 +943,75 @@ def load_source(
             )
         source = datasets.distributed.split_dataset_by_node(source, rank=process_index, world_size=process_count)
     if shuffle and data_args.shuffle_buffer_size > 0:
-        source = source.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+        # datasets' shuffle for the parts its state holds exactly: the shard order (by seed, and by
+        # epoch through set_epoch) and reading up to 10 shards at once. Its buffer of 1 row never
+        # holds one between reads (each round emits all but buffer_size // 2 = 0 rows), so the row
+        # shuffle, whose buffer its state lacks, is ShuffleBuffer's.
+        source = source.shuffle(seed=seed, buffer_size=1)
         # Only here: datasets reorders the shards of any epoch > 0, shuffled or not, which would
         # break --shuffle_buffer_size 0's promise of the files' own order.
         source.set_epoch(epoch)
+        source = ShuffleBuffer(source, data_args.shuffle_buffer_size, (seed, epoch, process_index))
     return source
+
+
+# datasets warns, on loading any state of a shuffled dataset, that its buffer's rows are lost; the
+# buffer of 1 that load_source asks for holds none between rows, so the warning would be false.
+datasets.utils.logging.get_logger("datasets.iterable_dataset").addFilter(
+    lambda record: "without the buffer content" not in record.getMessage()
+)
+
+
+class ShuffleBuffer:
+    """The rows of `source` (an IterableDataset) shuffled by datasets' (5.2) buffer algorithm: read
+    until `size` rows are held, emit them in a random order but for size // 2 that stay for the
+    next round, repeat; at the end emit the rest. Its state names each held row by its position in
+    the source rather than holding it (no audio in a checkpoint): a resume reads the source again
+    from the oldest held row, without decoding, and continues exactly as the uninterrupted run
+    would. Each round's order comes from `key` and the round's number, so no RNG state is kept."""
+
+    def __init__(self, source, size: int, key: tuple[int, ...]):
+        self.source, self.size, self.key = source, size, key
+        # positions of the held rows, rows emitted of this round's order, rows read, and the
+        # source's state before the oldest held row (or before the next row, holding none)
+        self._state = {"round": 0, "held": [], "emitted": 0, "read": 0, "source": None}
+
+    def state_dict(self) -> dict:
+        return self._state  # a new dict after every row, never changed after: safe to keep
+
+    def load_state_dict(self, state: dict):
+        self._state = state
+
+    def __iter__(self):
+        round_, held, emitted, read, before = (self._state[k] for k in ("round", "held", "emitted", "read", "source"))
+        if before is not None:
+            self.source.load_state_dict(before)
+        reader, wanted, rows = iter(self.source), set(held), {}  # rows: position -> (row, source state before it)
+        for position in range(min(held, default=read), read):  # a resume: the held rows again
+            row = next(reader)
+            if position in wanted:
+                rows[position] = (row, before)
+            if position + 1 in wanted or position + 1 == read:
+                before = self.source.state_dict()
+        while True:
+            held = list(held)  # a new list: states already handed out name the old one
+            while len(held) < self.size and (row := next(reader, None)) is not None:
+                rows[read] = (row, before)
+                held.append(read)
+                read, before = read + 1, self.source.state_dict()
+            if not held:
+                return
+            order = np.random.default_rng((*self.key, round_)).permutation(len(held))
+            out = len(held) - (self.size // 2 if len(held) == self.size else 0)  # the source's end: all
+            kept = [held[i] for i in order[out:]]
+            this_round = {"round": round_, "held": held, "read": read, "source": rows[min(held)][1]}
+            next_round = {"round": round_ + 1, "held": kept, "emitted": 0, "read": read}
+            next_round["source"] = rows[min(kept)][1] if kept else before
+            for j in range(emitted, out):
+                row = rows.pop(held[order[j]])[0]
+                self._state = next_round if j + 1 == out else {**this_round, "emitted": j + 1}
+                yield row
+            round_, held, emitted = round_ + 1, kept, 0
 
 
 class SpeechBatches:
@@ -955,10 +1019,10 @@ class SpeechBatches:
 
     A reader thread pulls rows (remembering the source's state after each row), a thread pool
     decodes them in order, and finished batches wait in a bounded queue. The state of a batch is
-    the source state after its last row, so a restored iterator continues with the next batch.
-    With a shuffle buffer, the buffer's contents are not in the state (datasets' limitation): after
-    a resume, the order continues from a freshly filled buffer. A failed read is retried from the
-    state after the last row read (see _rows), so a flaky network loses and repeats nothing.
+    the source state after its last row (with a shuffle buffer, ShuffleBuffer's), so a restored
+    iterator continues with the next batch, exactly as without the interruption. A failed read is
+    retried from the state after the last row read (see _rows), so a flaky network loses and
+    repeats nothing.
     """
 
     def __init__(

@@ -121,7 +121,7 @@ def test_generation_takes_each_rows_prefix(model_generation_dir, num_beams):
     # eval_step computes log-mel from the waveform: 100 mel frames of this 50-position model = 16,000 samples
     mel_filters = np.asarray(WhisperFeatureExtractor(feature_size=80).mel_filters, np.float32)
     audio = np.random.default_rng(6).normal(scale=0.1, size=(4, 16000)).astype(np.float32)
-    features = np.asarray(rs.log_mel(audio, mel_filters))
+    features = np.array(rs.log_mel(audio, mel_filters))  # a writable copy, for torch
     assert features.shape == (4, 80, 100)
     languages, swapped = ["no", "en", "sv", "no"], ["sv", "no", "en", "en"]
     prompts = np.stack([model_prompts(pretrained, 1, language)[0] for language in languages])

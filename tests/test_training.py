@@ -77,9 +77,9 @@ def train_step_runs(demo_dir):
     )
     optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-3, 0, 100, "constant"))
     mel_filters = np.asarray(feature_extractor.mel_filters, np.float32)
-    params = jax.device_get(rs.init_params(model, jax.random.PRNGKey(0)))
+    params = jax.device_get(jax.jit(functools.partial(rs.init_params, model))(jax.random.PRNGKey(0)))
     initial = rs.TrainState(
-        np.int32(0), params, jax.device_get(optimizer.init(params)), np.asarray(jax.random.PRNGKey(1))
+        np.int32(0), params, jax.device_get(jax.jit(optimizer.init)(params)), np.asarray(jax.random.PRNGKey(1))
     )
 
     def run(mesh, accumulation_steps):
@@ -175,8 +175,9 @@ def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
     """Step 1's loss = sum of token losses / label tokens over all 8 rows, computed here from logits."""
     model, initial = train_step_runs["model"], train_step_runs["initial"]
     batch = train_step_runs["batches"][0]
-    features = rs.log_mel(jnp.asarray(batch["audio"]), train_step_runs["mel_filters"])
-    logits = np.asarray(model.apply({"params": initial.params}, features, batch["decoder_input_ids"]), np.float64)
+    mel_filters = train_step_runs["mel_filters"]
+    forward = jax.jit(lambda params, audio, ids: model.apply({"params": params}, rs.log_mel(audio, mel_filters), ids))
+    logits = np.asarray(forward(initial.params, batch["audio"], batch["decoder_input_ids"]), np.float64)
     labels = batch["labels"]
     mask = labels != -100
     log_probs = logits - logits.max(-1, keepdims=True)
@@ -378,8 +379,8 @@ def nb_model(nb_tokenizer):
 
 
 def nb_state(model, optimizer, param_dtype="float32"):
-    params = rs.cast_params(rs.init_params(model, jax.random.PRNGKey(0)), param_dtype)
-    return rs.TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.PRNGKey(1))
+    params = jax.jit(lambda rng: rs.cast_params(rs.init_params(model, rng), param_dtype))(jax.random.PRNGKey(0))
+    return rs.TrainState(jnp.int32(0), params, jax.jit(optimizer.init)(params), jax.random.PRNGKey(1))
 
 
 def nb_optimizer(mu_dtype="float32"):
@@ -429,18 +430,23 @@ def test_nb_mixed_batches_train_in_one_compiled_step(nb_tokenizer, nb_model):
         assert sorted(batch["labels"][batch["labels"] != -100]) == sorted(plain["labels"][plain["labels"] != -100])
 
 
+NB_JITTED_STEPS: dict = {}  # one per (model, optimizer): a resumed run steps with the compiled one
+
+
 def nb_three_steps(model, optimizer, batches, mel_filters, param_dtype, state=None):
-    step = jax.jit(
-        functools.partial(
-            rs.train_step,
-            model=model,
-            optimizer=optimizer,
-            mel_filters=mel_filters,
-            accumulation_steps=2,
-            label_smoothing=0.0,
-        ),
-        donate_argnums=0,
-    )
+    if (model, optimizer) not in NB_JITTED_STEPS:
+        NB_JITTED_STEPS[model, optimizer] = jax.jit(
+            functools.partial(
+                rs.train_step,
+                model=model,
+                optimizer=optimizer,
+                mel_filters=mel_filters,
+                accumulation_steps=2,
+                label_smoothing=0.0,
+            ),
+            donate_argnums=0,
+        )
+    step = NB_JITTED_STEPS[model, optimizer]
     state = state if state is not None else nb_state(model, optimizer, param_dtype)
     losses = []
     for batch in batches:

@@ -1,7 +1,7 @@
 """The smoke test: one path through Scream end to end, on tiny shapes, in about a minute on two cores.
 
 A tiny demo (make_demo_dataset's tokenizer, weightless model and clips) trains for a few steps on 8
-fake CPU devices (data parallel, scanned layers), is stopped by SIGTERM and resumed from the checkpoint
+fake CPU devices (data parallel), is stopped by SIGTERM and resumed from the checkpoint
 that saved, evaluates with generation (WER), and exports a model that transformers loads with our
 logits. Every feature's own tests are in tests/ (tests/support.py says which file tests what).
 

@@ -264,13 +264,13 @@ def demo_dir(tmp_path_factory):
 
 
 def train_command(demo_root: Path, output_dir: Path, *extra: str) -> list[str]:
-    """The command of the 8-device whole-run tests: train with scanned layers (as on a pod), evaluate
-    with generation at the end, checkpoint every SAVE_STEPS. No shuffle buffer, so the data order is fixed."""
+    """The command of the 8-device whole-run tests: train, evaluate with generation at the end,
+    checkpoint every SAVE_STEPS. No shuffle buffer, so that the data order is fixed."""
     return [
         *("--config_name", str(demo_root / "model"), "--dataset_name", str(demo_root / "data")),
         *("--output_dir", str(output_dir), "--do_train", "--do_eval", "--predict_with_generate"),
         *("--train_batch_size", str(GLOBAL_BATCH), "--eval_batch_size", str(EVAL_BATCH)),
-        *("--num_train_steps", str(NUM_STEPS), "--logging_steps", "1", "--scan_layers"),
+        *("--num_train_steps", str(NUM_STEPS), "--logging_steps", "1"),
         *("--save_steps", str(SAVE_STEPS), "--save_total_limit", str(SAVE_LIMIT)),
         *("--learning_rate", str(PEAK_LR), "--warmup_steps", str(WARMUP), "--weight_decay", "0.01"),
         *("--max_label_length", "32", "--shuffle_buffer_size", "0", "--preprocessing_num_workers", "2"),

@@ -1,22 +1,28 @@
-"""How test_run_scream.py's tests are spread over pytest-xdist workers (`-n 2 --dist loadgroup`).
+"""How the tests (test_run_scream.py and tests/) are spread over pytest-xdist workers (`-n 2 --dist loadgroup`).
 
 A session fixture is built once per worker that asks for it, and the expensive ones (a whole
-training run, whisper-base read and exported, the three-mesh train steps) take tens of seconds.
+training run, whisper-base converted and read, the three-mesh train steps) take tens of seconds.
 So every test that uses one of them is put in that fixture's group, and a group runs on one
 worker: each is still built once per suite, while the other worker runs the rest.
-"""
 
-import os
+The harness and the fixtures every test file shares live in tests/support.py, loaded here as a
+plugin so that the smoke test at the top and the feature files in tests/ see the same fixtures.
+"""
 
 import pytest
 
+pytest_plugins = ["tests.support"]
+
 # fixture -> group; tests sharing a group run on one worker. Fixtures that use another listed
-# fixture share its group (train_two_processes' test also reads train_straight).
+# fixture share its group (train_two_processes' test also reads train_straight). Listed in order
+# of precedence: a test is put in the group of the first one it uses.
 SHARED_FIXTURE_GROUPS = {
+    "whisper_base_dir": "whisper_base",
     "whisper_base": "whisper_base",
-    "espeak_clips": "whisper_base",
-    "tiny_en": "whisper_base",
-    "tiny_en_ct2_dir": "whisper_base",
+    "whisper_base_torch": "whisper_base",
+    "whisper_base_joined_dir": "whisper_base",
+    "tiny_en_dir": "tiny_en",
+    "tiny_en": "tiny_en",
     "train_straight": "train_straight",
     "train_two_processes": "train_straight",
     "train_step_runs": "train_step_runs",
@@ -53,33 +59,3 @@ def pytest_xdist_node_collection_finished(node, ids):
             "--dist loadgroup received no grouped test ids from the xdist workers, so each shared fixture "
             "would be built on both; install the pytest and pytest-xdist pinned in requirements-dev.txt"
         )
-
-
-# Entries at most this large in all: the limit turns on JAX's file lock around every cache read and
-# write, which two processes writing one entry at once (two workers, two hosts of one run) need.
-COMPILATION_CACHE_MAX_BYTES = 8 << 30
-
-
-@pytest.fixture(scope="session")
-def suite_compilation_cache(tmp_path_factory) -> dict:
-    """One persistent compilation cache directory per kind of process for the whole suite, shared
-    by both xdist workers: a program compiled for a test on one worker then loads on the other.
-    (Runs of two joined processes use none: test_run_scream.joined_process_env says why.)
-    Without xdist this session's own temporary directory holds it (never an older session's)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # this session's directory, above popen-gw0 and popen-gw1
-    return {kind: root / f"jax_cache_{kind}" for kind in ("in_process", "subprocess")}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def in_process_compilation_cache(suite_compilation_cache):
-    """JAX's persistent compilation cache for the tests that run in this process: many build the
-    same step again (a resumed run, float32 then bfloat16 then float32), which then loads instead
-    of compiling (measured: 11% off those tests). Whole-run subprocesses have run_env's cache."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(suite_compilation_cache["in_process"]))
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -72,7 +72,7 @@ def test_a_demo_run_trains_evaluates_resumes_and_exports(demo_dir, run_env, trai
 def assert_the_files_a_user_reads(out, final: dict):
     """metrics.jsonl's eval WER is jiwer's over the predictions written (each eval example once, with
     its reference); the last SAVE_LIMIT checkpoints; scream_config.json; the model card."""
-    rows = prediction_rows(out / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl")
+    rows = prediction_rows(out / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl")
     references = {f"validation-{i:06d}": demo.make_example(0, "validation", i, CHUNK_S)[0] for i in range(NUM_EVAL)}
     assert {row["id"]: row["reference"] for row in rows} == references
     assert all(isinstance(row["prediction"], str) for row in rows)
@@ -81,7 +81,7 @@ def assert_the_files_a_user_reads(out, final: dict):
     assert final["eval/num_examples"] == NUM_EVAL
     assert complete_checkpoints(out) == [NUM_STEPS - SAVE_STEPS, NUM_STEPS]
     resolved = json.loads((out / "scream_config.json").read_text())["resolved"]
-    assert (resolved["devices"], resolved["processes"], resolved["global_batch_size"]) == (8, 1, 8)
+    assert (resolved["devices"], resolved["hosts"], resolved["global_batch"]) == (8, 1, 8)
     card = (out / "README.md").read_text()
     assert f"- eval/wer: {final['eval/wer']:.4g}" in card and f"- eval/loss: {final['eval/loss']:.4g}" in card
 

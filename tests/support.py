@@ -663,15 +663,18 @@ def nb_wav(seconds: float, seed: int = 0) -> bytes:
     return demo.encode_flac(waveform)
 
 
-def nb_prepare(tokenizer, *, n_samples=3 * NB_SAMPLE_RATE, label_tokenizer=None, **settings):
-    defaults = dict(language_column="language", task_column="task", max_label_length=40)
-    defaults.update(settings)
-    text_settings = rs.TextSettings(False, False, **defaults)
+def nb_prepare(
+    tokenizer, *, n_samples=3 * NB_SAMPLE_RATE, label_tokenizer=None, timestamp_column=None, prev_column=None, **settings
+):
+    """prepare_example of the 2024 recipe's columns (language and task per row; timestamps and
+    previous text where named) with TextSettings(**settings)."""
+    columns = rs.Columns(language="language", task="task", timestamps=timestamp_column, previous_text=prev_column)
     return functools.partial(
         rs.prepare_example,
         tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, n_samples, 0.0, n_samples / NB_SAMPLE_RATE),
-        text_settings=text_settings,
+        text_settings=rs.TextSettings(False, False, **{"max_label_length": 40, **settings}),
+        columns=columns,
         label_tokenizer=label_tokenizer,
     )
 

@@ -20,8 +20,8 @@ def test_checkpoints_config_and_model_card(train_straight):
         assert not list((straight / "checkpoints").glob(f"{step}.*tmp*"))
     config = json.loads((straight / "scream_config.json").read_text())
     resolved = config["resolved"]
-    assert resolved["devices"] == 8 and resolved["processes"] == 1 and resolved["mesh"] == {"data": 8, "fsdp": 1}
-    assert (resolved["global_batch_size"], resolved["per_device_batch_size"], resolved["eval_batch_size"]) == (8, 1, 8)
+    assert resolved["devices"] == 8 and resolved["hosts"] == 1 and resolved["mesh"] == {"data": 8, "fsdp": 1}
+    assert (resolved["global_batch"], resolved["per_device_batch"], resolved["eval_batch"]) == (8, 1, 8)
     assert resolved["effective_learning_rate"] == PEAK_LR
     assert resolved["total_train_examples"] == GLOBAL_BATCH * NUM_STEPS
     assert config["training"]["num_train_steps"] == NUM_STEPS and config["training"]["save_total_limit"] == SAVE_LIMIT

@@ -55,7 +55,7 @@ def test_predictions_each_eval_example_once(demo_dir, train_straight):
     straight, _ = train_straight
     rows = [
         json.loads(line)
-        for line in (straight / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+        for line in (straight / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
     ]
     assert all(
         row.keys() == {"id", "language", "source", "reference", "prediction"}
@@ -110,7 +110,7 @@ def test_eval_only_of_the_exported_model(demo_dir, one_device_env, train_straigh
     (final,), (again,) = eval_lines(straight), eval_lines(out)
     assert again["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     assert again["eval/num_examples"] == NUM_EVAL
-    rows = (out / "predictions" / "validation" / "step_0.jsonl").read_text().splitlines()
+    rows = (out / "predictions" / "eval" / "validation" / "step_0.jsonl").read_text().splitlines()
     assert len(rows) == 3
 
 
@@ -176,7 +176,7 @@ def test_evalsets_two_sets_and_a_test_set_on_two_processes(evalsets_two_processe
                 assert line[f"{kind}/{metric}"] == pytest.approx(np.mean(per_set))  # the mean over sets
             assert line[f"{kind}/num_examples"] == sum(EVALSETS_SIZES[name] for name in sets)
             for name in sets:
-                directory = out / "predictions" / ("test" if kind == "test" else "") / name
+                directory = out / "predictions" / kind / name
                 rows = prediction_rows(directory / f"step_{step}.jsonl")
                 # each example of the set once, over both processes
                 assert sorted(r["id"] for r in rows) == [f"{name}-{i:06d}" for i in range(EVALSETS_SIZES[name])]
@@ -296,6 +296,6 @@ def test_evalsets_predict_alone_on_the_exported_model(demo_dir, one_device_env, 
     assert test["test/validation/loss"] == test["test/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     assert test["test/validation/num_examples"] == NUM_EVAL
     rows = prediction_rows(out / "predictions" / "test" / "validation" / "step_0.jsonl")
-    trained = prediction_rows(straight / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl")
+    trained = prediction_rows(straight / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl")
     assert {r["id"]: r["prediction"] for r in rows} == {r["id"]: r["prediction"] for r in trained}
     assert test["test/wer"] == pytest.approx(final["eval/wer"])

@@ -188,8 +188,8 @@ def dry_run(script: Path, cache: Path, *extra: str) -> dict:
 def test_experiment_script_pins_the_seed_values(script, scripts_hub_cache):
     plan = dry_run(REPO / script, scripts_hub_cache)
     expected = EXPERIMENTS[script]
-    assert plan["model"] == expected["model"]
-    assert plan["dataset"] == expected["dataset"]
+    assert plan["model_name_or_path"] == expected["model"]
+    assert plan["dataset_name"] == expected["dataset"]
     assert plan["language"] == "no" and plan["task"] == "transcribe"
     assert plan["global_batch"] == expected["global_batch"]
     assert plan["eval_batch"] == expected["eval_batch"]
@@ -229,7 +229,7 @@ def test_a_copied_script_writes_elsewhere(scripts_hub_cache, tmp_path):
 def test_lr_search_runs_the_four_seed_settings(scripts_hub_cache):
     for name, (learning_rate, schedule) in LR_SEARCH.items():
         plan = dry_run(REPO / "run_lr_search_v4-8.sh", scripts_hub_cache, name)
-        assert plan["model"] == "openai/whisper-tiny" and plan["dataset"] == "NbAiLab/NCC_speech_all_v5"
+        assert plan["model_name_or_path"] == "openai/whisper-tiny" and plan["dataset_name"] == "NbAiLab/NCC_speech_all_v5"
         assert plan["global_batch"] == 512 and plan["eval_batch"] == 128
         assert plan["effective_learning_rate"] == pytest.approx(learning_rate)
         assert plan["lr_scheduler_type"] == schedule

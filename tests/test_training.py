@@ -229,7 +229,7 @@ def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_tw
     straight, _ = train_straight
     out, logs = train_two_processes
     config = json.loads((out / "scream_config.json").read_text())["resolved"]
-    assert (config["processes"], config["devices"], config["per_host_batch_size"]) == (2, 8, 4)
+    assert (config["hosts"], config["devices"], config["per_host_batch"]) == (2, 8, 4)
     one_process, two_processes = train_lines(straight), train_lines(out)
     assert sorted(two_processes) == list(range(1, NUM_STEPS + 1))  # process 0 wrote each step once
     # Measured: equal to 2e-7 relative (float32 sums in another order).
@@ -243,7 +243,7 @@ def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_tw
     assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
     predictions = [
         json.loads(line)
-        for line in (out / "predictions" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+        for line in (out / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
     ]
     assert sorted(row["id"] for row in predictions) == [f"validation-{i:06d}" for i in range(NUM_EVAL)]
     assert max_abs_diff(exported_arrays(out), exported_arrays(straight)) < PARAM_ATOL

@@ -664,7 +664,13 @@ def nb_wav(seconds: float, seed: int = 0) -> bytes:
 
 
 def nb_prepare(
-    tokenizer, *, n_samples=3 * NB_SAMPLE_RATE, label_tokenizer=None, timestamp_column=None, prev_column=None, **settings
+    tokenizer,
+    *,
+    n_samples=3 * NB_SAMPLE_RATE,
+    label_tokenizer=None,
+    timestamp_column=None,
+    prev_column=None,
+    **settings,
 ):
     """prepare_example of the 2024 recipe's columns (language and task per row; timestamps and
     previous text where named) with TextSettings(**settings)."""
@@ -995,7 +1001,7 @@ def ctranslate2_whisper_config(variables: dict, scalars: dict, vocab: dict, ct2_
     )
 
 
-def ctranslate2_generation_config(config: WhisperConfig, vocab: dict) -> GenerationConfig:
+def ctranslate2_generation_config(config: WhisperConfig, vocab: dict, alignment_heads=None) -> GenerationConfig:
     """Whisper's generation config for transformers' generate(); the .en vocabulary size marks an
     English-only model, which has no language or task tokens in its prompt. (config.json's lang_ids
     are not used: converters have written bogus ones for .en models.)"""
@@ -1012,6 +1018,7 @@ def ctranslate2_generation_config(config: WhisperConfig, vocab: dict) -> Generat
         "begin_suppress_tokens": config.begin_suppress_tokens,
         "is_multilingual": multilingual,
         "return_timestamps": False,
+        "alignment_heads": alignment_heads,  # word timestamps' cross-attention heads (config.json's)
     }
     if multilingual:
         generation["lang_to_id"] = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
@@ -1030,11 +1037,12 @@ def convert_ctranslate2(model_files: list[Path], directory: Path, out_dir: Path)
     state, scalars = ctranslate2_to_torch(variables, aliases)
     tokenizer = WhisperTokenizer(tokenizer_file=str(directory / "tokenizer.json"))
     vocab = tokenizer.get_vocab()
-    config = ctranslate2_whisper_config(variables, scalars, vocab, json.loads((directory / "config.json").read_text()))
+    ct2_config = json.loads((directory / "config.json").read_text())
+    config = ctranslate2_whisper_config(variables, scalars, vocab, ct2_config)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out_dir)
-    ctranslate2_generation_config(config, vocab).save_pretrained(out_dir)
+    ctranslate2_generation_config(config, vocab, ct2_config.get("alignment_heads")).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
     return out_dir

@@ -934,12 +934,14 @@ def test_nb_evaluation_rows_are_plain_and_carry_their_own_prefix(nb_tokenizer):
     train = rs.text_settings_of(data_args, train=True, language="no", task="transcribe", seed=0)
     evaluation = rs.text_settings_of(data_args, train=False, language="no", task="transcribe", seed=0)
     assert train.decoder_length == NB_MAX_PREV + NB_MAX_LABELS and evaluation.decoder_length == NB_MAX_LABELS
-    assert (evaluation.timestamp_column, evaluation.prev_column) == (None, None)
+    columns = rs.columns_of(data_args, train=False)
+    assert (columns.timestamps, columns.previous_text, columns.language) == (None, None, "language")
     prepare = functools.partial(
         rs.prepare_example,
         tokenizer=nb_tokenizer,
         audio_settings=rs.AudioSettings(NB_SAMPLE_RATE, NB_SAMPLE_RATE, 0.0, 1.0),
         text_settings=evaluation,
+        columns=columns,
     )
     rows = [row for batch in nb_mixed_rows()[:1] for row in batch]
     examples = [prepare(row)[0] for row in rows]
@@ -986,6 +988,7 @@ def test_nb_demo_dataset_exercises_the_recipe_columns(tmp_path, data_hf_cache):
         tokenizer=tokenizer,
         audio_settings=rs.AudioSettings(16000, 48000, 0.0, 3.0),
         text_settings=rs.text_settings_of(data_args, train=True, language="no", task="transcribe", seed=0),
+        columns=rs.columns_of(data_args, train=True),
     )
     rows = list(source)
     examples = [prepare(row) for row in rows]

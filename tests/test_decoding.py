@@ -187,7 +187,9 @@ def test_beam_search_eval_run_predicts_what_transformers_generates(model_generat
     )
     predictions = {
         row["id"]: row["prediction"]
-        for row in map(json.loads, (out / "predictions" / "eval" / "validation" / "step_0.jsonl").read_text().splitlines())
+        for row in map(
+            json.loads, (out / "predictions" / "eval" / "validation" / "step_0.jsonl").read_text().splitlines()
+        )
     }
     assert len(predictions) == NUM_EVAL
     pretrained = rs.load_pretrained(str(directory))

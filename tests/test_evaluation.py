@@ -55,7 +55,9 @@ def test_predictions_each_eval_example_once(demo_dir, train_straight):
     straight, _ = train_straight
     rows = [
         json.loads(line)
-        for line in (straight / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()
+        for line in (straight / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl")
+        .read_text()
+        .splitlines()
     ]
     assert all(
         row.keys() == {"id", "language", "source", "reference", "prediction"}
@@ -299,3 +301,33 @@ def test_evalsets_predict_alone_on_the_exported_model(demo_dir, one_device_env, 
     trained = prediction_rows(straight / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl")
     assert {r["id"]: r["prediction"] for r in rows} == {r["id"]: r["prediction"] for r in trained}
     assert test["test/wer"] == pytest.approx(final["eval/wer"])
+
+
+def test_every_eval_example_is_scored_and_unreadable_ones_are_counted(
+    demo_dir, one_device_env, train_straight, tmp_path
+):
+    """An eval transcript longer than --max_label_length is decoded and in the WER (its loss over
+    the tokens that fit); a row whose audio cannot be read is a counted skip in metrics.jsonl,
+    per set and reason."""
+    straight, _ = train_straight
+    table = pq.read_table(demo_dir / "data" / "data" / "validation-00000-of-00001.parquet")
+    rows = table.to_pylist()
+    long_text = " ".join(["hei du"] * 40)  # far over 16 label tokens
+    rows += [{**rows[0], "id": "long", "text": long_text}, {**rows[1], "id": "unreadable"}]
+    rows[-1]["audio"] = {**rows[-1]["audio"], "bytes": b"not audio at all"}
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=table.schema),
+        tmp_path / "data" / "data" / "validation-00000-of-00001.parquet",
+    )
+    out = tmp_path / "eval"
+    flags = ["--model_name_or_path", str(straight), "--dataset_name", str(tmp_path / "data"), "--output_dir", str(out)]
+    flags += ["--do_eval", "--predict_with_generate", "--eval_batch_size", str(EVAL_BATCH), "--max_label_length", "16"]
+    run_to_end(one_device_env, [*flags, "--preprocessing_num_workers", "1", "--report_to", "none"], tmp_path)
+    (line,) = eval_lines(out)
+    assert line["eval/validation/num_examples"] == NUM_EVAL + 1 and line["eval/validation/skipped_undecodable"] == 1
+    predictions = {r["id"]: r for r in prediction_rows(out / "predictions" / "eval" / "validation" / "step_0.jsonl")}
+    assert predictions["long"]["reference"] == long_text and "unreadable" not in predictions
+    assert (line["eval/validation/wer"], line["eval/validation/cer"]) == pytest.approx(
+        evalsets_jiwer(list(predictions.values()))
+    )

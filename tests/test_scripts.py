@@ -13,6 +13,7 @@ import pytest
 from transformers import WhisperConfig, WhisperFeatureExtractor
 
 import make_demo_dataset as demo
+import run_scream as rs
 from tests.support import REPO, runtime_only_pythonpath
 
 HUB_MODELS = {
@@ -229,7 +230,9 @@ def test_a_copied_script_writes_elsewhere(scripts_hub_cache, tmp_path):
 def test_lr_search_runs_the_four_seed_settings(scripts_hub_cache):
     for name, (learning_rate, schedule) in LR_SEARCH.items():
         plan = dry_run(REPO / "run_lr_search_v4-8.sh", scripts_hub_cache, name)
-        assert plan["model_name_or_path"] == "openai/whisper-tiny" and plan["dataset_name"] == "NbAiLab/NCC_speech_all_v5"
+        assert (
+            plan["model_name_or_path"] == "openai/whisper-tiny" and plan["dataset_name"] == "NbAiLab/NCC_speech_all_v5"
+        )
         assert plan["global_batch"] == 512 and plan["eval_batch"] == 128
         assert plan["effective_learning_rate"] == pytest.approx(learning_rate)
         assert plan["lr_scheduler_type"] == schedule
@@ -273,3 +276,50 @@ def test_nb_large_v3_script_pins_the_release_recipe(scripts_hub_cache):
         "--prev_column_name previous_text",
     ):
         assert flag + " \\\n" in script
+
+
+def script_flags(script: Path) -> dict[str, str | bool]:
+    """The flags a run script pins with literal values (`--name value` or a bare `--name`, one per
+    line), as the script's author wrote them; values built from shell variables are left out."""
+    flags = {}
+    for line in script.read_text().splitlines():
+        parts = line.strip().rstrip("\\").split()
+        if parts and parts[0].startswith("--") and len(parts) <= 2 and not any("$" in p for p in parts):
+            flags[parts[0][2:]] = parts[1].strip("'\"") if len(parts) == 2 else True
+    return flags
+
+
+@pytest.mark.parametrize("script", [*sorted(EXPERIMENTS), "run_lr_search_v4-8.sh"])
+def test_dry_run_shows_every_value_the_script_pins(script, scripts_hub_cache):
+    """The plan of --dry_run holds every flag the script pins, with the script's value (so AdamW's
+    beta2, the previous-text length, the probabilities ... are on the page a researcher checks)."""
+    extra = ("tiny_8tpu_1e5_constant",) if "lr_search" in script else ()
+    plan, flags = dry_run(REPO / script, scripts_hub_cache, *extra), script_flags(REPO / script)
+    assert len(flags) >= 20, flags
+    for name, value in flags.items():
+        if name in ("language",):  # the plan shows the code the run resolved, e.g. norwegian -> no
+            assert plan[name] == rs.language_code(value)
+        elif value is True:
+            assert plan[name] is True, name
+        elif isinstance(plan[name], (int, float)) and not isinstance(plan[name], bool):
+            assert plan[name] == pytest.approx(float(value)), name
+        else:
+            assert str(plan[name]) == value, name
+
+
+@pytest.mark.parametrize("topology,kind,usable_gib", [("v5e-4", "TPU v5 lite", 16), ("v4-8", "TPU v4", 30.75)])
+def test_dry_run_judges_fit_by_the_topologys_own_memory(topology, kind, usable_gib, demo_dir, tmp_path):
+    """--dry_run_topology compiles for that TPU (compile only, libtpu) and judges "fits" against its
+    chips' own memory: 16 GiB on a v5e, 30.75 usable on a v4."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.update(PYTHONPATH=runtime_only_pythonpath(), XLA_FLAGS="")
+    command = [sys.executable, str(REPO / "run_scream.py"), "--config_name", str(demo_dir / "model")]
+    command += ["--dataset_name", str(demo_dir / "data"), "--output_dir", str(tmp_path), "--do_train"]
+    command += ["--train_batch_size", "8", "--dry_run", "--dry_run_topology", topology]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("plan_json: "))[11:])
+    assert plan["device_kind"] == kind and plan["usable_memory_per_device_gib"] == usable_gib
+    assert 0 < plan["memory_per_device_bytes"] and plan["fits"] is (
+        plan["memory_per_device_bytes"] <= usable_gib * 2**30
+    )

@@ -26,7 +26,6 @@ SHARED_FIXTURE_GROUPS = {
     "train_straight": "train_straight",
     "train_two_processes": "train_straight",
     "train_step_runs": "train_step_runs",
-    "evalsets_two_processes": "evalsets_two_processes",
     "reliability_reference": "reliability_reference",
     "model_generation_dir": "model_generation_dir",
     "model_checkpoints": "model_generation_dir",

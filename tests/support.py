@@ -385,6 +385,45 @@ def run_two_processes(run_env: dict, command: list[str], out: Path) -> list[str]
     return logs
 
 
+EVALSETS_SIZES = {"other": 5, "test": 6}  # odd sizes: the hosts' last batches are ragged
+EVALSETS_SOURCES = ("nrk", "stortinget", "fleurs")
+
+
+@pytest.fixture(scope="session")
+def evalsets_dataset(tmp_path_factory) -> Path:
+    """A dataset of an evaluation and a test split only (other, test) in demo_dir's format, every row
+    with a source column (three sources, in turn)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("evalsets_data")
+    (root / "data").mkdir()
+    for seed, (split, size) in enumerate(EVALSETS_SIZES.items(), start=1):
+        rows = []
+        for i in range(size):
+            row = demo.make_row(seed, "validation", i, CHUNK_S)
+            rows.append({**row, "id": f"{split}-{i:06d}", "source": EVALSETS_SOURCES[i % len(EVALSETS_SOURCES)]})
+        table = pa.Table.from_pylist(rows, schema=demo.FEATURES.arrow_schema)
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_two_processes(demo_dir, evalsets_dataset, run_env, tmp_path_factory):
+    """The straight run's command on 2 processes x 4 devices (run_two_processes), its evaluation at the
+    end on a second set too ("other" of evalsets_dataset), and a test set (its "test"). Evaluating
+    changes no training step, so its losses and parameters are still the straight run's."""
+    out = tmp_path_factory.mktemp("train_two_processes") / "out"
+    data = demo_dir / "data"
+    command = train_command(
+        demo_dir,
+        out,
+        *("--eval_split_name", "validation,other", "--eval_dataset_name", f"{data},{evalsets_dataset}"),
+        *("--do_predict", "--test_split_name", "test", "--test_dataset_name", str(evalsets_dataset)),
+    )
+    return out, run_two_processes(run_env, command, out)
+
+
 @pytest.fixture(scope="session")
 def train_straight(demo_dir, run_env, tmp_path_factory):
     """The reference run: one process, 8 devices, NUM_STEPS steps straight through, evaluated at the end."""

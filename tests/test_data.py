@@ -696,38 +696,6 @@ def test_collate_pads_a_ragged_last_batch(data_env):
     assert token_id("<|no|>") == 287 and token_id("<|startoftranscript|>") == 257  # the demo's canonical ids
 
 
-def test_train_step_compiles_once(data_env):
-    """Batches of clips from 0.1 s to the full chunk and labels from 5 to 30 tokens, a ragged one
-    included, through run()'s jitted step (two devices): one trace, one compiled executable (jit
-    traces again only for a new input signature, and each new signature is a new executable)."""
-    config = data_env["config"]
-    model = rs.build_model(config)
-    train_args = rs.TrainingArguments(learning_rate=1e-3, num_train_steps=10)
-    optimizer = rs.make_optimizer(train_args, rs.learning_rate_schedule(1e-3, 0, 10, "linear"))
-    mel_filters = np.asarray(data_env["feature_extractor"].mel_filters, np.float32)
-    jitted = rs.jit_train_step(model, optimizer, rs.make_mesh(1, jax.devices()[:2]), mel_filters=mel_filters)
-    state = rs.initial_train_state(jitted, model, seed=0)
-    step = jitted.fn
-    collate = functools.partial(
-        rs.collate,
-        batch_size=2,
-        n_samples=DATA_CHUNK_S * DATA_SAMPLE_RATE,
-        max_label_length=DATA_MAX_LABEL_LENGTH,
-        pad_token_id=config.pad_token_id,
-    )
-    batches = [
-        collate(data_examples(data_env, [("a", 0.1), ("Vi går hjem til mor og far nå", 3.0)])),
-        collate(data_examples(data_env, [("Hei du", 1.2), ("Katt", 0.4)])),
-        collate(data_examples(data_env, [("Stor hund i skogen", 2.2)])),  # ragged: one row masked
-    ]
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, rs.to_global_batch(batch, jitted.data_sharding))
-        losses.append(float(metrics["loss"]))
-    assert step._cache_size() == 1
-    assert int(state.step) == 3 and all(np.isfinite(losses))
-
-
 def nb_reference(tokenizer, language, task, *, timestamps, previous, max_prev_length):
     """The row as transformers builds it: its own prefix state (set_prefix_tokens on a copy),
     timestamps kept as single tokens, and get_prompt_ids for the previous text."""

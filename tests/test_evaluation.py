@@ -10,8 +10,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import make_demo_dataset as demo
@@ -19,6 +17,8 @@ import run_scream as rs
 from tests.support import (
     CHUNK_S,
     EVAL_BATCH,
+    EVALSETS_SIZES,
+    EVALSETS_SOURCES,
     GLOBAL_BATCH,
     NUM_EVAL,
     NUM_STEPS,
@@ -34,7 +34,6 @@ from tests.support import (
     prediction_rows,
     resumed_step,
     run_to_end,
-    run_two_processes,
     train_command,
 )
 
@@ -116,86 +115,43 @@ def test_eval_only_of_the_exported_model(demo_dir, one_device_env, train_straigh
     assert len(rows) == 3
 
 
-EVALSETS_SIZES = {"validation": 7, "other": 5, "test": 6}  # odd sizes: the hosts' last batches are ragged
-EVALSETS_SOURCES = ("nrk", "stortinget", "fleurs")
-
-
-@pytest.fixture(scope="session")
-def evalsets_dataset(tmp_path_factory) -> Path:
-    """A dataset of evaluation and test splits only (validation, other, test) in demo_dir's
-    format, every row with a source column (three sources, in turn)."""
-    root = tmp_path_factory.mktemp("evalsets_data")
-    (root / "data").mkdir()
-    for seed, (split, size) in enumerate(EVALSETS_SIZES.items(), start=1):
-        rows = []
-        for i in range(size):
-            row = demo.make_row(seed, "validation", i, CHUNK_S)
-            rows.append({**row, "id": f"{split}-{i:06d}", "source": EVALSETS_SOURCES[i % len(EVALSETS_SOURCES)]})
-        table = pa.Table.from_pylist(rows, schema=demo.FEATURES.arrow_schema)
-        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
-    return root
-
-
-@pytest.fixture(scope="session")
-def evalsets_two_processes(demo_dir, evalsets_dataset, run_env, tmp_path_factory):
-    """Two eval sets and one test set, two processes x 4 devices, evaluated at steps 1 and 2."""
-    out = tmp_path_factory.mktemp("evalsets_two_processes") / "out"
-    command = train_command(
-        demo_dir,
-        out,
-        "--num_train_steps",
-        "2",
-        "--eval_steps",
-        "1",
-        "--eval_split_name",
-        "validation,other",
-        "--eval_dataset_name",
-        str(evalsets_dataset),
-        "--do_predict",
-        "--test_split_name",
-        "test",
-        "--test_dataset_name",
-        str(evalsets_dataset),
-        "--report_to",
-        "none",
-    )
-    return out, run_two_processes(run_env, command, out)
-
-
-def test_evalsets_two_sets_and_a_test_set_on_two_processes(evalsets_two_processes):
-    out, _ = evalsets_two_processes
+def test_evalsets_two_sets_and_a_test_set_on_two_processes(train_two_processes):
+    """The two-process run's evaluation at the end on two sets (the demo's validation split, and
+    "other" of a second dataset, with three sources) and its test set: per set, per language and per
+    source, WER as jiwer computes it from each set's predictions, which hold each example once over
+    both processes; the mean over the sets."""
+    out, _ = train_two_processes
     lines = metrics_lines(out)
-    evals = [m for m in lines if "eval/loss" in m]
+    (final,) = [m for m in lines if "eval/loss" in m]
     (test,) = [m for m in lines if "test/loss" in m]
-    assert [m["step"] for m in evals] == [1, 2] and test["step"] == 2
-    for kind, sets, line_of in (
-        ("eval", ("validation", "other"), {m["step"]: m for m in evals}),
-        ("test", ("test",), {2: test}),
-    ):
-        for step, line in line_of.items():
-            for metric in ("loss", "wer", "cer", "wer_normalized", "cer_normalized"):
-                per_set = [line[f"{kind}/{name}/{metric}"] for name in sets]
-                assert line[f"{kind}/{metric}"] == pytest.approx(np.mean(per_set))  # the mean over sets
-            assert line[f"{kind}/num_examples"] == sum(EVALSETS_SIZES[name] for name in sets)
-            for name in sets:
-                directory = out / "predictions" / kind / name
-                rows = prediction_rows(directory / f"step_{step}.jsonl")
-                # each example of the set once, over both processes
-                assert sorted(r["id"] for r in rows) == [f"{name}-{i:06d}" for i in range(EVALSETS_SIZES[name])]
-                assert line[f"{kind}/{name}/num_examples"] == EVALSETS_SIZES[name]
-                assert (line[f"{kind}/{name}/wer"], line[f"{kind}/{name}/cer"]) == pytest.approx(evalsets_jiwer(rows))
-                assert line[f"{kind}/{name}/no/wer"] == pytest.approx(line[f"{kind}/{name}/wer"])  # one language
-                for source in EVALSETS_SOURCES:
-                    wer, cer = evalsets_jiwer([r for r in rows if r["source"] == source])
-                    assert line[f"{kind}/{name}/source/{source}/wer"] == pytest.approx(wer)
-                    assert line[f"{kind}/{name}/source/{source}/cer"] == pytest.approx(cer)
-                    assert f"{kind}/{name}/source/{source}/wer_normalized" in line
+    assert final["step"] == test["step"] == NUM_STEPS
+    sizes = {"validation": NUM_EVAL, **EVALSETS_SIZES}
+    sources = {"validation": ("demo",), "other": EVALSETS_SOURCES, "test": EVALSETS_SOURCES}
+    for kind, sets, line in (("eval", ("validation", "other"), final), ("test", ("test",), test)):
+        for metric in ("loss", "wer", "cer", "wer_normalized", "cer_normalized"):
+            per_set = [line[f"{kind}/{name}/{metric}"] for name in sets]
+            assert line[f"{kind}/{metric}"] == pytest.approx(np.mean(per_set))  # the mean over sets
+        assert line[f"{kind}/num_examples"] == sum(sizes[name] for name in sets)
+        for name in sets:
+            directory = out / "predictions" / kind / name
+            rows = prediction_rows(directory / f"step_{NUM_STEPS}.jsonl")
+            # each example of the set once, over both processes
+            assert sorted(r["id"] for r in rows) == [f"{name}-{i:06d}" for i in range(sizes[name])]
+            assert line[f"{kind}/{name}/num_examples"] == sizes[name]
+            assert (line[f"{kind}/{name}/wer"], line[f"{kind}/{name}/cer"]) == pytest.approx(evalsets_jiwer(rows))
+            assert line[f"{kind}/{name}/no/wer"] == pytest.approx(line[f"{kind}/{name}/wer"])  # one language
+            assert {r["source"] for r in rows} == set(sources[name])
+            for source in sources[name]:
+                wer, cer = evalsets_jiwer([r for r in rows if r["source"] == source])
+                assert line[f"{kind}/{name}/source/{source}/wer"] == pytest.approx(wer)
+                assert line[f"{kind}/{name}/source/{source}/cer"] == pytest.approx(cer)
+                assert f"{kind}/{name}/source/{source}/wer_normalized" in line
 
 
-def test_evalsets_model_card_model_index_holds_the_test_wers(evalsets_two_processes):
+def test_evalsets_model_card_model_index_holds_the_test_wers(train_two_processes):
     from huggingface_hub import ModelCard
 
-    out, _ = evalsets_two_processes
+    out, _ = train_two_processes
     (test,) = [m for m in metrics_lines(out) if "test/loss" in m]
     card = ModelCard.load(out / "README.md")
     (model_index,) = card.data.to_dict()["model-index"]

@@ -143,7 +143,8 @@ def our_greedy(pretrained, features: np.ndarray, prompts: list[tuple[int, ...]])
 @pytest.fixture(scope="session")
 def whisper_base_parity(whisper_base, espeak_clips) -> dict:
     """Our greedy decoding of the parity clips (4 nb, 4 en), once for the tests that compare it:
-    the clips, their features and prompts, our encoder output and our tokens."""
+    the clips, their features and prompts, our encoder output, our tokens, and our logits of their
+    labels (real_labels)."""
     clips = espeak_clips[REAL_PARITY]
     assert [c["language"] for c in clips] == ["no"] * 4 + ["en"] * 4
     prompts = [real_prompt(whisper_base, c["language"]) for c in clips]
@@ -151,7 +152,9 @@ def whisper_base_parity(whisper_base, espeak_clips) -> dict:
     encoded = real_encode(rs.build_model(whisper_base.config), whisper_base.params, features)
     sequences = our_decoding(whisper_base, encoded, prompts, REAL_MAX_NEW_TOKENS)
     tokens = new_tokens(sequences, len(prompts[0]), whisper_base.config.eos_token_id)
-    return dict(clips=clips, prompts=prompts, features=features, encoded=encoded, greedy=tokens)
+    inputs, labels = real_labels(whisper_base, clips, prompts)
+    logits = np.asarray(real_decoder_logits(rs.build_model(whisper_base.config), whisper_base.params, inputs, encoded))
+    return dict(clips=clips, prompts=prompts, features=features, encoded=encoded, greedy=tokens, logits=logits)
 
 
 def ctranslate2_greedy(
@@ -263,7 +266,7 @@ def test_whisper_base_greedy_and_beam_search_decode_as_ctranslate2_and_transform
     assert prompts[0] == tuple(ids(["<|startoftranscript|>", "<|no|>", "<|transcribe|>", "<|notimestamps|>"]))
     assert len(whisper_base.generation_config.suppress_tokens) > 50  # whisper's own list, exercised
     inputs, labels = real_labels(whisper_base, clips, prompts)
-    logits = np.asarray(real_decoder_logits(rs.build_model(config), whisper_base.params, inputs, encoded))
+    logits = parity["logits"]
     their_encoded = torch_encoded(whisper_base_torch, features)  # the encoder once, for every call below
     texts = whisper_base.tokenizer.batch_decode(ours, skip_special_tokens=True)
     print("\n".join(f"{c['text']} -> {t}" for c, t in zip(clips, texts)))
@@ -278,7 +281,9 @@ def test_whisper_base_greedy_and_beam_search_decode_as_ctranslate2_and_transform
     assert np.abs(logits - reference_logits).max() < 1e-3  # float32 over 6+6 layers of a 74 M model
 
     rows = list(BEAM_CLIPS)
-    beams = our_decoding(whisper_base, encoded[rows], [prompts[row] for row in rows], BEAM_MAX_NEW_TOKENS, **BEAM)
+    beams = our_decoding(
+        whisper_base, encoded[np.asarray(rows)], [prompts[row] for row in rows], BEAM_MAX_NEW_TOKENS, **BEAM
+    )
     theirs = transformers_generate(
         whisper_base_torch,
         features[rows],
@@ -422,7 +427,7 @@ def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str,
 
 
 def test_whisper_base_fine_tunes_on_norwegian_and_exports(
-    whisper_base_dir, whisper_base, espeak_clips, optimised_env, tmp_path
+    whisper_base_dir, whisper_base, whisper_base_parity, espeak_clips, optimised_env, tmp_path
 ):
     """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base, 4 steps of one
     synthesized Norwegian clip each (scanned layers); the eval loss on 2 other clips falls below 0.9x
@@ -435,16 +440,19 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     flags = [*real_flags(whisper_base_dir, data, out, "no", 4, 1), "--export_ctranslate2", "float32"]
     run_to_end(optimised_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
-    prompts = [real_prompt(whisper_base, "no")] * len(validation)
-    inputs, labels = real_labels(whisper_base, validation, prompts)
-    features = real_features(whisper_base, validation)
-    base_loss = our_loss(whisper_base, features, inputs, labels)
+    # The base model's eval loss on these clips, from its logits of the parity clips (which hold them).
+    parity, rows = whisper_base_parity, [2, 3]
+    assert [parity["clips"][row]["text"] for row in rows] == [c["text"] for c in validation]
+    labels = real_labels(whisper_base, parity["clips"], parity["prompts"])[1][rows]
+    base_loss = token_mean_loss(parity["logits"][rows], labels)
+    features, prompts = parity["features"][rows], [real_prompt(whisper_base, "no")] * len(validation)
     evals = [line for line in metrics_lines(out) if "eval/loss" in line]
     print(f"eval loss: base {base_loss:.4f}, after 4 steps {evals[-1]['eval/loss']:.4f}")
     assert evals[-1]["eval/loss"] < 0.9 * base_loss
 
     predictions = [
-        json.loads(line) for line in (out / "predictions" / "validation" / "step_4.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (out / "predictions" / "eval" / "validation" / "step_4.jsonl").read_text().splitlines()
     ]
     assert sorted(p["reference"] for p in predictions) == sorted(c["text"] for c in validation)
     by_text = {p["reference"]: p["prediction"] for p in predictions}
@@ -501,7 +509,7 @@ def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
     ]
     run_to_end(optimised_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
-    rows = {r["id"]: r for r in prediction_rows(out / "predictions" / "validation" / "step_0.jsonl")}
+    rows = {r["id"]: r for r in prediction_rows(out / "predictions" / "eval" / "validation" / "step_0.jsonl")}
     assert [rows[f"validation-{i}"]["language"] for i in range(len(clips))] == [c["language"] for c in clips]
     languages = [c["language"] for c in clips]
     # transformers decodes the run's own input: the clips as read back from FLAC (16-bit), padded to

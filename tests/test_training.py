@@ -35,8 +35,6 @@ from tests.support import (
     metrics_lines,
     nb_batch,
     nb_mixed_rows,
-    run_two_processes,
-    train_command,
     train_lines,
 )
 
@@ -89,7 +87,14 @@ def train_step_runs(demo_dir):
         for batch in batches:
             state, metrics = step.fn(state, rs.to_global_batch(batch, step.data_sharding))
             losses.append(float(metrics["loss"]))
-        return {"losses": np.array(losses), "params": jax.device_get(state.params), "state": state}
+        # jit traces again only for a new input signature, and each new signature is a new executable
+        compiled = step.fn._cache_size()
+        return {
+            "losses": np.array(losses),
+            "params": jax.device_get(state.params),
+            "state": state,
+            "compiled": compiled,
+        }
 
     devices = jax.devices()
     assert len(devices) == 8, "the tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
@@ -110,7 +115,10 @@ def train_step_runs(demo_dir):
 
 @pytest.mark.parametrize("name", ["data_parallel_8x1", "fsdp_4x2", "accumulate_4_on_1x2"])
 def test_train_step_same_loss_and_params_on_every_mesh(train_step_runs, name):
+    """Three steps on the demo's batches (clips and labels of every length, the last batch ragged):
+    each mesh compiles its step once and ends with the one-device run's losses and parameters."""
     reference, run = train_step_runs["runs"]["one_device"], train_step_runs["runs"][name]
+    assert reference["compiled"] == run["compiled"] == 1
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=LOSS_RTOL)
     assert (
         max_abs_diff(traverse_util.flatten_dict(run["params"]), traverse_util.flatten_dict(reference["params"]))
@@ -192,13 +200,6 @@ def test_loss_is_token_mean_over_the_global_batch(train_step_runs):
         assert run["losses"][0] == pytest.approx(token_mean, rel=1e-5), name
 
 
-@pytest.fixture(scope="session")
-def train_two_processes(demo_dir, run_env, tmp_path_factory):
-    """The straight run's command on 2 processes x 4 devices (run_two_processes)."""
-    out = tmp_path_factory.mktemp("train_two_processes") / "out"
-    return out, run_two_processes(run_env, train_command(demo_dir, out), out)
-
-
 def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_two_processes):
     # The global batch is host 0's rows, then host 1's. Both layouts must see the same *set* of
     # examples per step, or the losses would differ for a legitimate reason. The train split is
@@ -236,11 +237,14 @@ def test_two_processes_give_the_losses_of_one(demo_dir, train_straight, train_tw
     for step in range(1, NUM_STEPS + 1):
         assert two_processes[step]["train/loss"] == pytest.approx(one_process[step]["train/loss"], rel=LOSS_RTOL)
         assert two_processes[step]["train/grad_norm"] == pytest.approx(one_process[step]["train/grad_norm"], rel=1e-4)
-    # Eval data is split across the hosts; every example counted once.
+    # Eval data is split across the hosts; every example counted once. (The two-process run evaluates
+    # a second set too: its validation set's numbers are the straight run's.)
     (eval_one,), (eval_two,) = eval_lines(straight), eval_lines(out)
-    assert eval_two["eval/num_tokens"] == eval_one["eval/num_tokens"]
-    assert eval_two["eval/num_examples"] == eval_one["eval/num_examples"] == NUM_EVAL
-    assert eval_two["eval/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
+    for key in ("num_tokens", "num_examples", "loss"):
+        assert eval_one[f"eval/validation/{key}"] == eval_one[f"eval/{key}"]  # one set: its numbers are the run's
+    assert eval_two["eval/validation/num_tokens"] == eval_one["eval/num_tokens"]
+    assert eval_two["eval/validation/num_examples"] == eval_one["eval/num_examples"] == NUM_EVAL
+    assert eval_two["eval/validation/loss"] == pytest.approx(eval_one["eval/loss"], rel=LOSS_RTOL)
     predictions = [
         json.loads(line)
         for line in (out / "predictions" / "eval" / "validation" / f"step_{NUM_STEPS}.jsonl").read_text().splitlines()

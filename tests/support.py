@@ -390,14 +390,16 @@ EVALSETS_SOURCES = ("nrk", "stortinget", "fleurs")
 
 
 @pytest.fixture(scope="session")
-def evalsets_dataset(tmp_path_factory) -> Path:
-    """A dataset of an evaluation and a test split only (other, test) in demo_dir's format, every row
-    with a source column (three sources, in turn)."""
+def evalsets_dataset(demo_dir, tmp_path_factory) -> Path:
+    """A dataset of evaluation and test splits only: the demo's validation split, and "other" and
+    "test" in its format, every row with a source column (three sources, in turn)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("evalsets_data")
     (root / "data").mkdir()
+    (validation,) = (demo_dir / "data").glob("**/validation-*.parquet")
+    shutil.copy(validation, root / "data" / validation.name)
     for seed, (split, size) in enumerate(EVALSETS_SIZES.items(), start=1):
         rows = []
         for i in range(size):
@@ -410,15 +412,14 @@ def evalsets_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_two_processes(demo_dir, evalsets_dataset, run_env, tmp_path_factory):
-    """The straight run's command on 2 processes x 4 devices (run_two_processes), its evaluation at the
-    end on a second set too ("other" of evalsets_dataset), and a test set (its "test"). Evaluating
-    changes no training step, so its losses and parameters are still the straight run's."""
+    """The straight run's command on 2 processes x 4 devices (run_two_processes), evaluated at the end
+    on a second set too (evalsets_dataset's "other", beside the demo's validation split) and tested on
+    a test set (its "test"). Evaluating changes no training step: the losses are the straight run's."""
     out = tmp_path_factory.mktemp("train_two_processes") / "out"
-    data = demo_dir / "data"
     command = train_command(
         demo_dir,
         out,
-        *("--eval_split_name", "validation,other", "--eval_dataset_name", f"{data},{evalsets_dataset}"),
+        *("--eval_split_name", "validation,other", "--eval_dataset_name", str(evalsets_dataset)),
         *("--do_predict", "--test_split_name", "test", "--test_dataset_name", str(evalsets_dataset)),
     )
     return out, run_two_processes(run_env, command, out)

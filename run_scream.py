@@ -3039,6 +3039,7 @@ class RunSetup:
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
     eval_sets: tuple[EvalSet, ...]  # --eval_split_name's sets (evaluated with --do_eval)
     test_sets: tuple[EvalSet, ...]  # --test_split_name's (with --do_predict)
+    wrap_train_prepare: Any = None  # prepare -> prepare of the training rows (distil_scream.py's WER filter)
 
     @property
     def is_main(self) -> bool:
@@ -3349,6 +3350,8 @@ def make_batches(
         columns=columns,
         label_tokenizer=label_tokenizer,
     )
+    if train and setup.wrap_train_prepare is not None:
+        prepare = setup.wrap_train_prepare(prepare)
     make_source = functools.partial(
         load_source,
         data_args,

@@ -50,54 +50,42 @@ class DistilArguments:
     teacher_model_name_or_path: str | None = option(None, "Required. The teacher: hub id or directory of a Whisper.")
     student_decoder_layers: int | None = option(
         None,
-        "Build the student from the teacher: its encoder, embeddings, final layer norm and this many of its "
-        "decoder layers, at np.linspace(0, L-1, N) rounded down, the last the teacher's last (2: first and last), "
-        "as distil-whisper's create_student_model. Recorded as --config_name (the teacher's config, N decoder "
-        "layers). Without it, --model_name_or_path is the student (an earlier student's export).",
+        "Build the student from the teacher: its encoder, embeddings, final layer norm and N of its decoder layers "
+        "(decoder_layer_map: 2 = first and last), recorded as --config_name. Without it --model_name_or_path is "
+        "the student.",
     )
     freeze_encoder: bool = option(
-        False,
-        "Train no encoder parameter (no gradients, no optimizer state). The teacher then reuses the student's "
-        "encoder output, so it costs only its decoder; the student's encoder must equal the teacher's.",
+        False, "No gradients, no optimizer state for the encoder; the teacher then reuses the student's encoder output."
     )
     ce_weight: float = option(0.8, "Weight of the cross-entropy on the labels.")
-    kl_weight: float = option(1.0, "Weight of KL(teacher || student) on the logits at --temperature, times T^2.")
-    temperature: float = option(2.0, "Softmax temperature T of the KL term.")
+    kl_weight: float = option(1.0, "Weight of KL(teacher || student) at --temperature T, times T^2.")
+    temperature: float = option(2.0, "Softmax temperature of the KL term.")
     pseudo_label_column_name: str | None = option(
-        None,
-        f"Training column with the teacher's transcripts (--do_pseudo_label writes {PSEUDO_LABEL_COLUMN}, "
-        "distil-whisper's name, unless told otherwise).",
+        None, f"Column of the teacher's transcripts (e.g. {PSEUDO_LABEL_COLUMN})."
     )
     train_on_pseudo_labels: bool = option(
-        True,
-        "With --pseudo_label_column_name: the labels are the teacher's transcripts (distil-whisper's way), and "
-        "--text_column_name is only the WER filter's reference (and evaluation's).",
+        True, "Train on --pseudo_label_column_name (distil-whisper's way); --text_column_name is then the reference."
     )
     wer_threshold: float | None = option(
         None,
-        "Skip training rows whose WER (x100, after Whisper's BasicTextNormalizer, as eval's wer_normalized) "
-        "between --text_column_name and --pseudo_label_column_name is above this, or cannot be measured (an "
-        f"empty reference); counted as data/skipped_{OVER_WER}. distil-whisper's paper: 10.",
+        "Skip (and count) training rows whose normalised WER x100 (eval's wer_normalized) between the text and "
+        "pseudo-label columns is above this, or has no reference. distil-whisper's paper: 10.",
     )
     do_pseudo_label: bool = option(
         False,
-        "Decode --pseudo_label_split_name with the teacher into OUTPUT_DIR/data/<split>-XXXXX-of-YYYYY.parquet: "
-        "every column, the transcript and <column>_wer (as --wer_threshold measures it); a relaunch resumes.",
+        "Decode --pseudo_label_split_name with the teacher into OUTPUT_DIR/data/<split>-XXXXX-of-YYYYY.parquet: every "
+        "column plus the transcript and <column>_wer; a relaunch resumes.",
     )
     pseudo_label_split_name: str | None = option(None, "Splits to pseudo-label, comma-separated (default: train).")
-    pseudo_label_shard_rows: int = option(
-        1000, "Rows per parquet shard each host writes; a killed run redoes at most one shard's worth."
-    )
+    pseudo_label_shard_rows: int = option(1000, "Rows per shard a host writes (a killed run redoes at most these).")
 
     def __post_init__(self):
-        if self.temperature <= 0 or self.ce_weight < 0 or self.kl_weight < 0:
-            raise ConfigError("--temperature must be above 0, --ce_weight and --kl_weight at least 0.")
+        if self.temperature <= 0 or min(self.ce_weight, self.kl_weight) < 0 or self.pseudo_label_shard_rows < 1:
+            raise ConfigError("--temperature and --pseudo_label_shard_rows must be positive, the weights at least 0.")
         if self.wer_threshold is not None and not self.pseudo_label_column_name:
             raise ConfigError("--wer_threshold compares with --pseudo_label_column_name: give that column too.")
-        if self.student_decoder_layers is not None and self.student_decoder_layers < 1:
+        if (self.student_decoder_layers or 1) < 1:
             raise ConfigError("--student_decoder_layers must be at least 1.")
-        if self.pseudo_label_shard_rows < 1:
-            raise ConfigError("--pseudo_label_shard_rows must be at least 1.")
 
 
 # --- student ---
@@ -208,7 +196,7 @@ def micro_batch_losses(trained, frozen, teacher_params, batch, rng, *, student, 
     logits, _ = student.apply({"params": params}, ids, encoded, train=True, rngs=rngs, method=rs.Whisper.decode)
     teacher_logits, _ = teacher.apply({"params": teacher_params}, ids, teacher_encoded, method=rs.Whisper.decode)
     sums = distillation_loss(logits, jax.lax.stop_gradient(teacher_logits), batch["labels"], weights)
-    return sums["loss"], sums
+    return sums["loss"], sums["num_tokens"]
 
 
 def distil_train_step(
@@ -226,7 +214,7 @@ def distil_train_step(
     mesh=None,
 ):
     """run_scream.train_step with the distillation loss: gradients of the trained part only, the
-    teacher's logits computed here (no gradient), metrics loss, ce, kl (means per label token)."""
+    teacher's logits computed here (no gradient); the loss is per label token of the global batch."""
     with rs.on_mesh(mesh):
         step_rng = jax.random.fold_in(state.rng, state.step)
         trained = trained_part(state.params, freeze_encoder)
@@ -236,7 +224,7 @@ def distil_train_step(
         )
         gradient_of = jax.value_and_grad(lambda p, b, rng: losses(p, frozen, teacher_params, b, rng), has_aux=True)
         if accumulation_steps == 1:
-            (_, sums), grads = gradient_of(trained, batch, step_rng)
+            (loss_sum, num_tokens), grads = gradient_of(trained, batch, step_rng)
         else:  # as run_scream.train_step: micro-batch a takes rows a, a+A, ...; gradients summed in float32
 
             def split(x):
@@ -245,19 +233,17 @@ def distil_train_step(
                 return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
             def accumulate(carry, inputs):
-                (_, micro_sums), micro_grads = gradient_of(trained, inputs[0], jax.random.fold_in(step_rng, inputs[1]))
-                return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
+                micro, micro_grads = gradient_of(trained, inputs[0], jax.random.fold_in(step_rng, inputs[1]))
+                return jax.tree.map(jnp.add, carry, (micro_grads, *micro)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-            sums0 = {"loss": jnp.float32(0), "ce": jnp.float32(0), "kl": jnp.float32(0), "num_tokens": jnp.int32(0)}
+            zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained), jnp.float32(0), jnp.int32(0))
             inputs = (jax.tree.map(split, batch), jnp.arange(accumulation_steps))
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), inputs)
-        denominator = jnp.maximum(sums["num_tokens"], 1).astype(jnp.float32)
+            (grads, loss_sum, num_tokens), _ = jax.lax.scan(accumulate, zeros, inputs)
+        denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, trained)
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         params = {**state.params, **optax.apply_updates(trained, updates)}
-        metrics = {name: sums[name] / denominator for name in ("loss", "ce", "kl")}
-        metrics.update(grad_norm=optax.tree.norm(grads), num_tokens=sums["num_tokens"])
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "num_tokens": num_tokens}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -276,9 +262,10 @@ class WithTeacher:
         return self.jitted.lower(state, self.teacher, batch)
 
 
-def host_params(params, model: rs.Whisper, dtype, *, scan_layers: bool):
-    """Unstacked host parameters in `dtype` (cast on the host), stacked for --scan_layers."""
-    params = rs.stack_layers(params, model.dims) if scan_layers else params
+def host_params(params, model: rs.Whisper, dtype, *, scan_layers: bool, freeze_encoder: bool = False):
+    """Host parameters (unstacked) as the step takes them: stacked for --scan_layers, the frozen
+    encoder left out, cast on the host to `dtype`."""
+    params = trained_part(rs.stack_layers(params, model.dims) if scan_layers else params, freeze_encoder)
     return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
 
 
@@ -316,8 +303,10 @@ def jit_distil_step(setup: rs.RunSetup, distil_args: DistilArguments, teacher: r
     if teacher.params is None:  # a dry run: shapes only
         value = rs.with_shardings(abstract, sharding)
     else:
-        value = host_params(teacher.params, teacher_model, model_args.dtype, scan_layers=model_args.scan_layers)
-        value = jax.device_put(trained_part(value, freeze), sharding)
+        value = host_params(
+            teacher.params, teacher_model, model_args.dtype, scan_layers=model_args.scan_layers, freeze_encoder=freeze
+        )
+        value = jax.device_put(value, sharding)
     return dataclasses.replace(base, fn=WithTeacher(jitted, value))
 
 
@@ -365,9 +354,8 @@ WORK_DIR = "pseudo_labels"
 SUMMARY_FILE = "pseudo_labels.json"
 
 
-def labelling_source(data_args, split: str, *, process_index: int = 0, process_count: int = 1):
-    """(this host's share of `split` with every column, audio undecoded, streamed in file order;
-    the split's features)."""
+def labelling_source(data_args, split: str):
+    """(this host's share of `split`: every column, audio undecoded, streamed in file order; its features)."""
     try:
         source = datasets.load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, split=split, streaming=True
@@ -376,10 +364,9 @@ def labelling_source(data_args, split: str, *, process_index: int = 0, process_c
         raise ConfigError(
             f"Cannot read split {split!r} of --dataset_name {data_args.dataset_name!r}: {error}"
         ) from None
-    features = source.features
-    source = source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
-    if process_count > 1:
-        source = datasets.distributed.split_dataset_by_node(source, rank=process_index, world_size=process_count)
+    features, source = source.features, source.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
+    if jax.process_count() > 1:
+        source = datasets.distributed.split_dataset_by_node(source, jax.process_index(), jax.process_count())
     return source, features
 
 
@@ -423,32 +410,25 @@ def write_shard(path: Path, rows: list[dict], features, state: dict):
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def labelling_batches(setup: rs.RunSetup, split: str, state: dict | None):
-    """This host's SpeechBatches of `split` for labelling (one pass, every column) and the output features."""
-    data_args, rate = setup.data_args, setup.sampling_rate
+def labelling_batches(setup: rs.RunSetup, split: str, state: dict | None) -> rs.SpeechBatches:
+    """This host's SpeechBatches of `split` for labelling: one pass, every column, eval's batch size."""
+    data_args, rate, batch_size = setup.data_args, setup.sampling_rate, setup.plan.per_host_eval_batch_size
     max_s = min(data_args.max_duration_in_seconds, setup.n_samples / rate)
     audio_settings = rs.AudioSettings(rate, setup.n_samples, data_args.min_duration_in_seconds, max_s)
-    make_source = functools.partial(
-        labelling_source, data_args, split, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    prepare = functools.partial(
-        labelling_example,
-        tokenizer=setup.components.tokenizer,
-        audio_settings=audio_settings,
-        text_settings=setup.text_settings[False],
-        columns=setup.columns[False],
-    )
-    collate = functools.partial(
-        labelling_collate,
-        batch_size=setup.plan.per_host_eval_batch_size,
-        n_samples=setup.n_samples,
-        default_prefix=setup.prompt_ids,
-    )
-    batches = rs.SpeechBatches(
-        lambda epoch: make_source()[0],
-        prepare,
-        batch_size=setup.plan.per_host_eval_batch_size,
-        collate_fn=collate,
+    tokenizer, settings, columns = setup.components.tokenizer, setup.text_settings[False], setup.columns[False]
+    return rs.SpeechBatches(
+        lambda epoch: labelling_source(data_args, split)[0],
+        functools.partial(
+            labelling_example,
+            tokenizer=tokenizer,
+            audio_settings=audio_settings,
+            text_settings=settings,
+            columns=columns,
+        ),
+        batch_size=batch_size,
+        collate_fn=functools.partial(
+            labelling_collate, batch_size=batch_size, n_samples=setup.n_samples, default_prefix=setup.prompt_ids
+        ),
         repeat=False,
         num_workers=data_args.preprocessing_num_workers,
         prefetch_batches=data_args.prefetch_batches,
@@ -456,7 +436,6 @@ def labelling_batches(setup: rs.RunSetup, split: str, state: dict | None):
         read_retries=data_args.read_retries,
         read_retry_wait_s=data_args.read_retry_wait_s,
     )
-    return batches, make_source()[1]
 
 
 def pseudo_label_split(setup: rs.RunSetup, params, label_fn, split: str, distil_args: DistilArguments) -> dict:
@@ -467,8 +446,8 @@ def pseudo_label_split(setup: rs.RunSetup, params, label_fn, split: str, distil_
     work.mkdir(parents=True, exist_ok=True)
     shards = sorted(work.glob(f"host{host:05d}-*.parquet"))
     state = json.loads(shards[-1].with_suffix(".json").read_text()) if shards else None
-    batches, features = labelling_batches(setup, split, state)
-    if features is not None:
+    batches, features = labelling_batches(setup, split, state), labelling_source(setup.data_args, split)[1]
+    if features is not None:  # the dataset's own (Audio and all), so load_dataset reads the output alike
         features = datasets.Features(
             {**features, column: datasets.Value("string"), f"{column}_wer": datasets.Value("float64")}
         )
@@ -485,9 +464,11 @@ def pseudo_label_split(setup: rs.RunSetup, params, label_fn, split: str, distil_
         for example, text in zip(examples, texts):
             wer = row_wer(example["row"].get(text_column), text.strip())
             rows.append({**example["row"], column: text.strip(), f"{column}_wer": wer})
-        if len(rows) >= distil_args.pseudo_label_shard_rows or (item is None and rows):
+        if len(rows) >= distil_args.pseudo_label_shard_rows:
             write_shard(work / f"host{host:05d}-{written:05d}.parquet", rows, features, batches.state_dict())
             rows, written = [], written + 1
+    if rows:  # the last rows, fewer than a shard's worth
+        write_shard(work / f"host{host:05d}-{written:05d}.parquet", rows, features, batches.state_dict())
     return dict(batches.skipped)
 
 
@@ -512,8 +493,8 @@ def pseudo_label(setup: rs.RunSetup, distil_args: DistilArguments) -> int:
     Writes OUTPUT_DIR/pseudo_labels.json: rows written and rows skipped (by reason) per split."""
     output_dir, is_main = setup.output_dir, setup.is_main
     if setup.train_args.overwrite_output_dir and is_main:
-        shutil.rmtree(output_dir / "data", ignore_errors=True)
-        shutil.rmtree(output_dir / WORK_DIR, ignore_errors=True)
+        for stale in ("data", WORK_DIR):
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
         (output_dir / SUMMARY_FILE).unlink(missing_ok=True)
     rs.sync_hosts("pseudo-label output checked")
     model_args, params_sharding = setup.model_args, setup.train_step.state_sharding.params
@@ -531,10 +512,7 @@ def pseudo_label(setup: rs.RunSetup, distil_args: DistilArguments) -> int:
     summary_path = output_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for split in rs.split_names(distil_args.pseudo_label_split_name or setup.data_args.train_split_name):
-        finished = not (output_dir / WORK_DIR / split).is_dir() and any(
-            (output_dir / "data").glob(f"{split}-*-of-*.parquet")
-        )
-        if finished:
+        if not (output_dir / WORK_DIR / split).is_dir() and any((output_dir / "data").glob(f"{split}-*-of-*.parquet")):
             rs.say(f"{split}: already pseudo-labelled, kept")
             continue
         skipped = rs.allgather_json(pseudo_label_split(setup, params, label_fn, split, distil_args))
@@ -614,15 +592,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """run() with run_scream's exits: a ConfigError exits 2, TrainingStopped 1."""
-    try:
-        return run(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    except rs.TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+    return rs.main(argv, run=run)  # run_scream's exits: a ConfigError exits 2, TrainingStopped 1
 
 
 if __name__ == "__main__":

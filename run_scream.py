@@ -3794,8 +3794,8 @@ def execute(setup: RunSetup) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """run() with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
+def main(argv: list[str] | None = None, run=run) -> int:
+    """run() (or distil_scream.py's) with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
     try:
         return run(argv)
     except ConfigError as error:

@@ -351,6 +351,7 @@ def distil_prepare(prepare, *, text_column: str, distil_args: DistilArguments):
 # OUTPUT_DIR/data/<split>-XXXXX-of-YYYYY.parquet, which load_dataset(OUTPUT_DIR) reads.
 
 WORK_DIR = "pseudo_labels"
+FINISHED = "finished.json"  # in a split's work directory: its labelling is done, its final shard names
 SUMMARY_FILE = "pseudo_labels.json"
 
 
@@ -472,20 +473,26 @@ def pseudo_label_split(setup: rs.RunSetup, params, label_fn, split: str, distil_
     return dict(batches.skipped)
 
 
-def finish_split(output_dir: Path, split: str) -> int:
-    """Rename the hosts' shards to OUTPUT_DIR/data/<split>-XXXXX-of-YYYYY.parquet (resuming a rename
-    that was cut short); returns the split's rows."""
+def finish_split(output_dir: Path, split: str, skipped: dict | None) -> dict:
+    """Process 0, once every host is done: move the hosts' shards to OUTPUT_DIR/data/<split>-XXXXX-of-
+    YYYYY.parquet. The names (and the skips) are fixed in FINISHED first, so a relaunch after a kill
+    in here completes the same renames instead of labelling again. Returns the split's summary."""
     work, data = output_dir / WORK_DIR / split, output_dir / "data"
+    if not (work / FINISHED).exists():
+        shards = sorted(path.name for path in work.glob("host*.parquet"))
+        names = {name: f"{split}-{i:05d}-of-{len(shards):05d}.parquet" for i, name in enumerate(shards)}
+        (work / "finished.tmp").write_text(json.dumps({"shards": names, "skipped": skipped}))
+        os.replace(work / "finished.tmp", work / FINISHED)
+    finished = json.loads((work / FINISHED).read_text())
     data.mkdir(parents=True, exist_ok=True)
-    done = sorted(data.glob(f"{split}-[0-9]*-of-[0-9]*.parquet"))
-    pending = sorted(work.glob("host*.parquet"))
-    total = len(done) + len(pending)
-    for index, path in enumerate(pending, start=len(done)):
-        os.replace(path, data / f"{split}-{index:05d}-of-{total:05d}.parquet")
+    for name, final in finished["shards"].items():
+        if (work / name).exists():
+            os.replace(work / name, data / final)
     shutil.rmtree(work)
     if not any(work.parent.iterdir()):
         work.parent.rmdir()
-    return sum(pq.read_metadata(path).num_rows for path in data.glob(f"{split}-[0-9]*-of-[0-9]*.parquet"))
+    rows = sum(pq.read_metadata(data / final).num_rows for final in finished["shards"].values())
+    return {"rows": rows, "skipped": finished["skipped"]}
 
 
 def pseudo_label(setup: rs.RunSetup, distil_args: DistilArguments) -> int:
@@ -512,14 +519,17 @@ def pseudo_label(setup: rs.RunSetup, distil_args: DistilArguments) -> int:
     summary_path = output_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for split in rs.split_names(distil_args.pseudo_label_split_name or setup.data_args.train_split_name):
-        if not (output_dir / WORK_DIR / split).is_dir() and any((output_dir / "data").glob(f"{split}-*-of-*.parquet")):
+        work = output_dir / WORK_DIR / split
+        if not work.is_dir() and any((output_dir / "data").glob(f"{split}-*-of-*.parquet")):
             rs.say(f"{split}: already pseudo-labelled, kept")
             continue
-        skipped = rs.allgather_json(pseudo_label_split(setup, params, label_fn, split, distil_args))
+        skipped = None
+        if not (work / FINISHED).exists():
+            hosts = rs.allgather_json(pseudo_label_split(setup, params, label_fn, split, distil_args))
+            skipped = dict(sorted(sum((collections.Counter(host) for host in hosts), collections.Counter()).items()))
         rs.sync_hosts(f"{split} pseudo-labelled")
         if is_main:
-            total = sum((collections.Counter(host) for host in skipped), collections.Counter())
-            summary[split] = {"rows": finish_split(output_dir, split), "skipped": dict(sorted(total.items()))}
+            summary[split] = finish_split(output_dir, split, skipped)
             summary_path.write_text(json.dumps(summary, indent=2))
             rs.say(f"{split}: {summary[split]['rows']} rows pseudo-labelled, skipped {summary[split]['skipped']}")
         rs.sync_hosts(f"{split} written")

@@ -486,13 +486,44 @@ def test_pseudo_labels_resume_after_kill_without_repeating_or_dropping_a_row(
     assert not (killed / ds.WORK_DIR).exists()
 
 
+def test_pseudo_labels_finish_completes_after_a_kill_between_renames(tmp_path, monkeypatch):
+    """The hosts' shards get their final names in host order; a kill after the first rename, and a
+    relaunch, end in the same files (no shard labelled again, the skips kept)."""
+    work = tmp_path / ds.WORK_DIR / "train"
+    work.mkdir(parents=True)
+    shards = {"host00000-00000.parquet": [0, 1], "host00000-00001.parquet": [2], "host00001-00000.parquet": [3, 4]}
+    for name, ids in shards.items():
+        pq.write_table(pa.Table.from_pylist([{"id": i} for i in ids]), work / name)
+    real_replace, moved = os.replace, []
+
+    def killed_after_one_move(source, target):
+        if Path(target).parent.name == "data":
+            if moved:
+                raise KeyboardInterrupt("killed")
+            moved.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(ds.os, "replace", killed_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        ds.finish_split(tmp_path, "train", {"undecodable": 1})
+    monkeypatch.setattr(ds.os, "replace", real_replace)
+    assert len(moved) == 1 and (work / ds.FINISHED).exists()
+    summary = ds.finish_split(tmp_path, "train", None)  # the relaunch: labelling is not redone
+    assert summary == {"rows": 5, "skipped": {"undecodable": 1}}
+    files = sorted((tmp_path / "data").iterdir())
+    assert [f.name for f in files] == [f"train-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert [row["id"] for f in files for row in pq.read_table(f).to_pylist()] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / ds.WORK_DIR).exists()
+
+
 # --- whole runs ---
 
 
 def test_run_distils_evaluates_resumes_exactly_and_exports(distil_demo, distil_env, tmp_path):
     """A 4-step distillation straight, and the same as 2 steps then a relaunch to 4: the same
-    losses and the same exported student (an ordinary 2-layer Whisper, in whisper.cpp's format
-    too). The WER filter's skips are logged with the other skipped rows."""
+    losses and the same exported student: an ordinary 2-layer Whisper, whose CTranslate2 export
+    decodes as we do and whose whisper.cpp file says 2 layers. The WER filter's skips are logged
+    with the other skipped rows."""
     args = [
         "--do_train", "--do_eval", "--predict_with_generate", "--freeze_encoder",
         "--pseudo_label_column_name", "whisper_transcript", "--wer_threshold", "20",
@@ -501,7 +532,8 @@ def test_run_distils_evaluates_resumes_exactly_and_exports(distil_demo, distil_e
     ]  # fmt: skip
     teacher, data = distil_demo["teachers"][4], distil_demo["labelled"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_to_end(distil_env, distil_args(teacher, data, straight, *args, "--num_train_steps", "4"), tmp_path / "a.log")
+    exports = ["--num_train_steps", "4", "--export_ctranslate2", "float32"]
+    run_to_end(distil_env, distil_args(teacher, data, straight, *args, *exports), tmp_path / "a.log")
     run_to_end(distil_env, distil_args(teacher, data, resumed, *args, "--num_train_steps", "2"), tmp_path / "b.log")
     stdout = run_to_end(
         distil_env, distil_args(teacher, data, resumed, *args, "--num_train_steps", "4"), tmp_path / "c.log"
@@ -522,9 +554,33 @@ def test_run_distils_evaluates_resumes_exactly_and_exports(distil_demo, distil_e
     assert config["decoder_layers"] == 2 and config["encoder_layers"] == 2
     header = struct.unpack("<12i", (straight / "ggml-model.bin").read_bytes()[:48])
     assert header[9] == 2  # whisper.cpp's n_text_layer
+    ours, theirs = greedy_and_ctranslate2(straight)
+    assert len(theirs[0]) >= 4 and all(list(o[: len(t)]) == t for o, t in zip(ours, theirs))
     saved = json.loads((straight / "scream_config.json").read_text())
     assert saved["distillation"]["student_decoder_layers"] == 2 and saved["model"]["config_name"] == str(teacher)
     assert any("eval/wer" in m for m in metrics(straight))
+
+
+def greedy_and_ctranslate2(export_dir: Path):
+    """Our greedy decoding of two noise clips with the exported model, and ctranslate2's of its
+    CTranslate2 export (float32, nothing suppressed): (our new tokens per row, theirs)."""
+    import ctranslate2
+
+    pretrained = rs.load_pretrained(str(export_dir))
+    extractor = pretrained.feature_extractor
+    audio = np.random.default_rng(0).normal(scale=0.1, size=(2, extractor.n_samples)).astype(np.float32)
+    features = np.asarray(extractor(list(audio), sampling_rate=16000, return_tensors="np").input_features, np.float32)
+    prompt = rs.decoder_prefix(pretrained.tokenizer, "no", "transcribe", timestamps=False)
+    config = pretrained.config
+    settings = rs.DecodingSettings(len(prompt), 8, config.eos_token_id, config.pad_token_id)
+    prompts = np.tile(np.asarray(prompt, np.int32), (2, 1))
+    ours = np.asarray(rs.generate(rs.build_model(config), pretrained.params, features, prompts, settings))
+    model = ctranslate2.models.Whisper(str(export_dir / "ctranslate2"), device="cpu", compute_type="float32")
+    results = model.generate(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), [prompt, prompt], beam_size=1,
+        max_length=len(prompt) + 8, suppress_blank=False, suppress_tokens=[],
+    )  # fmt: skip
+    return ours[:, len(prompt) :], [list(result.sequences_ids[0]) for result in results]
 
 
 # --- scripts ---

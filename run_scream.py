@@ -2758,6 +2758,7 @@ class RunSetup:
     eval_step: Any  # jitted eval_step: (params, global batch) -> loss sum, token count (and generated ids)
     eval_sets: tuple[EvalSet, ...]  # --eval_split_name's sets (evaluated with --do_eval)
     test_sets: tuple[EvalSet, ...]  # --test_split_name's (with --do_predict)
+    wrap_train_prepare: Any = None  # prepare -> prepare of the training rows (distil_scream.py's WER filter)
 
     @property
     def is_main(self) -> bool:
@@ -3068,6 +3069,8 @@ def make_batches(
         columns=columns,
         label_tokenizer=label_tokenizer,
     )
+    if train and setup.wrap_train_prepare is not None:
+        prepare = setup.wrap_train_prepare(prepare)
     make_source = functools.partial(
         load_source,
         data_args,
@@ -3496,8 +3499,8 @@ def execute(setup: RunSetup) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """run() with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
+def main(argv: list[str] | None = None, run=run) -> int:
+    """run() (or distil_scream.py's) with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
     try:
         return run(argv)
     except ConfigError as error:

@@ -25,6 +25,7 @@ import soundfile as sf
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 import tests.support as T
+from tests.test_export_formats import NORWEGIAN
 
 PROB = sys.argv[1] if len(sys.argv) > 1 else "0.5"
 STEPS = sys.argv[2] if len(sys.argv) > 2 else "40"
@@ -34,24 +35,7 @@ base = root.parent / "whisper_base"
 if not (base / "model.safetensors").exists():
     first, second = T.whisper_base_wheel_dirs()
     T.convert_ctranslate2([first / "model.bin.part1", second / "model.bin.part2"], second, base)
-NO = [
-    "Det regner i Bergen i dag.",
-    "Jeg liker å gå på tur i skogen.",
-    "Toget til Oslo går klokken ni.",
-    "Hun kjøpte brød og melk i butikken.",
-    "Vi skal spise middag sammen i kveld.",
-    "Barna leker ute i snøen.",
-    "Kan du hjelpe meg med dette?",
-    "Sola skinner over fjorden.",
-    "Bestefar leser avisen hver morgen.",
-    "Katten sover på sofaen.",
-    "Vi reiser til fjellet i påsken.",
-    "Butikken stenger klokken åtte.",
-    "Hunden løper etter ballen.",
-    "Det er kaldt ute om vinteren.",
-    "Mamma lager pannekaker til frokost.",
-    "Skolen begynner i august.",
-]
+NO = list(NORWEGIAN)  # the 16 sentences of the whisper.cpp check
 clips = T.espeak_synthesize([("no", "nb", s) for s in NO])
 rows = []
 wrng = random.Random(1)

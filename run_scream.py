@@ -1878,13 +1878,23 @@ def token_losses(logits, labels, label_smoothing: float = 0.0):
     return jnp.where(mask, losses, 0.0), mask
 
 
+def on_mesh(mesh):
+    """Make `mesh` the current one while a step is traced, for keep_batch_sharded (None: no mesh)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs that carry their shardings: what a restore and .lower() need."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 def train_step(
     state: TrainState, batch: dict, *, model, optimizer, mel_filters, accumulation_steps, label_smoothing, mesh=None
 ):
     """One optimizer step on the global batch: loss = sum of token losses / number of label tokens
     over the whole batch, whatever the sharding or the number of micro-batches."""
     # The mesh, current while tracing, lets keep_batch_sharded pin activations (the backward pass's too).
-    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with on_mesh(mesh):
         step_rng = jax.random.fold_in(state.rng, state.step)
 
         def summed_loss(params, micro_batch, rng):
@@ -1962,11 +1972,7 @@ def jit_train_step(
         out_shardings=(state_sharding, None),
         donate_argnums=0,
     )
-    # ShapeDtypeStructs that carry their shardings: what restore and .lower() need.
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-    )
-    return JittedTrainStep(fn, abstract_state, state_sharding, data_sharding, optimizer)
+    return JittedTrainStep(fn, with_shardings(abstract_state, state_sharding), state_sharding, data_sharding, optimizer)
 
 
 def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, params=None) -> TrainState:
@@ -1988,7 +1994,7 @@ def initial_train_state(step: JittedTrainStep, model: Whisper, *, seed: int, par
 def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: DecodingSettings | None, mesh=None):
     """Summed token loss and token count of a batch (padded rows carry no labels), and with
     `decoding` the transcripts (greedy, or beam search with decoding.num_beams > 1)."""
-    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with on_mesh(mesh):
         features = log_mel(batch["audio"], mel_filters)
         logits = model.apply({"params": params}, features, batch["decoder_input_ids"])
         losses, mask = token_losses(logits, batch["labels"])

@@ -434,7 +434,8 @@ def plan_batches(args: TrainingArguments, num_devices: int, num_processes: int) 
 # Hosts do only what needs a CPU: read rows, decode audio, resample, tokenize, pad to fixed
 # shapes. Log-mel features are computed on the device inside the jitted steps (see log_mel).
 
-# Why prepare_example skips a row, and the flag to look at when every example is skipped for it.
+# Why prepare_example skips a row, and the flag to look at when every example is skipped for it
+# (distil_scream.py adds its WER filter's).
 SKIP_REASON_FLAGS = {
     **dict.fromkeys(("undecodable", "empty_audio", "non_finite_audio"), "--audio_column_name"),
     "too_short": "--min_duration_in_seconds",

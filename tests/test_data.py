@@ -517,7 +517,12 @@ def data_bad_dataset(data_env):
     ]
     assert collections.Counter(reason for *_, reason in bad) == DATA_BAD_COUNTS
     # Every kind there is, but those of the recipe's optional columns (test_nb_bad_rows_are_counted_skips).
-    assert set(DATA_BAD_COUNTS) == set(rs.SKIP_REASON_FLAGS) - {"unknown_language", "unknown_task", "bad_timestamps"}
+    assert set(DATA_BAD_COUNTS) == set(rs.SKIP_REASON_FLAGS) - {
+        "unknown_language",
+        "unknown_task",
+        "bad_timestamps",
+        "over_wer_threshold",
+    }
     rows = []
     for i in range(max(len(good), len(bad))):  # interleaved, so bad rows sit inside batches
         for table, kind in ((good, "good"), (bad, "bad")):

@@ -884,11 +884,9 @@ def load_source(
     max_samples: int | None = None,
     dataset_name: str | None = None,
 ):
-    """The rows of `split` that host `process_index` of `process_count` reads (default: a run on one
-    host, unshuffled, epoch 0, all rows), as a datasets IterableDataset with a state_dict, holding
-    `columns` (default: the training stream's).
-    `dataset_name` (default --dataset_name) is an evaluation set's own dataset(s); a name also in
-    --dataset_name keeps its --dataset_config_name."""
+    """The rows of `split` that host `process_index` of `process_count` reads, as a resumable
+    IterableDataset of `columns` (default: the training stream's). `dataset_name` (default
+    --dataset_name): an evaluation set's own; a name also in --dataset_name keeps its config."""
     columns = columns or columns_of(data_args, train=True)
     train_names = split_names(data_args.dataset_name)
     configs = split_names(data_args.dataset_config_name or "") or [None] * len(train_names)
@@ -1015,6 +1013,7 @@ class ShuffleBuffer:
             round_, held, emitted = round_ + 1, kept, 0
 
 
+@dataclass(eq=False)
 class SpeechBatches:
     """This host's stream of fixed-shape batches with a state a checkpoint can store.
 
@@ -1026,32 +1025,22 @@ class SpeechBatches:
     repeats nothing.
     """
 
-    def __init__(
-        self,
-        make_source,
-        prepare,
-        *,
-        batch_size: int,
-        collate_fn,
-        repeat: bool,
-        num_workers: int,
-        prefetch_batches: int,
-        state: dict | None = None,
-        read_retries: int = 10,
-        read_retry_wait_s: float = 1.0,
-    ):
-        self.make_source = make_source  # epoch -> IterableDataset
-        self.prepare = prepare
-        self.batch_size = batch_size
-        self.collate_fn = collate_fn
-        self.repeat = repeat
-        self.num_workers = max(1, num_workers)
-        self.prefetch_batches = max(1, prefetch_batches)
-        self.read_retries = read_retries
-        self.read_retry_wait_s = read_retry_wait_s
-        state = state or {}
-        self.epoch = state.get("epoch", 0)
-        self.source_state = state.get("source")
+    make_source: Any  # epoch -> IterableDataset
+    prepare: Any  # row -> (example, None) or (None, skip reason)
+    _: dataclasses.KW_ONLY
+    batch_size: int
+    collate_fn: Any  # examples -> fixed-shape host batch
+    repeat: bool
+    num_workers: int
+    prefetch_batches: int
+    state: dict | None = None  # a state_dict() to resume from
+    read_retries: int = 10
+    read_retry_wait_s: float = 1.0
+
+    def __post_init__(self):
+        self.num_workers, self.prefetch_batches = max(1, self.num_workers), max(1, self.prefetch_batches)
+        state = self.state or {}
+        self.epoch, self.source_state = state.get("epoch", 0), state.get("source")
         self.skipped = collections.Counter(state.get("skipped", {}))
         self.examples_read = state.get("examples_read", 0)
         self._queue: queue.Queue | None = None
@@ -1067,14 +1056,10 @@ class SpeechBatches:
         }
 
     def _rows(self):
-        """(row, epoch, source state after the row), epoch after epoch when repeating.
-
-        datasets and huggingface_hub retry a dropped connection within one file read, but not every
-        request (opening the dataset, which happens every epoch and every evaluation, is not
-        retried), so a read that still fails reopens the source at the state after the last row
-        read, after a doubling wait: nothing is lost or read twice. Only `read_retries` failures
-        in a row stop the run.
-        """
+        """(row, epoch, source state after the row), epoch after epoch when repeating. datasets retries
+        within a file read, not every request (opening the dataset each epoch and evaluation is not
+        retried), so a failed read reopens the source after the last row read, after a doubling wait:
+        nothing is lost or read twice. Only `read_retries` failures in a row stop the run."""
         epoch, state = self.epoch, self.source_state
         produced = state is not None  # a resumed epoch may have no rows left
         failures = 0
@@ -2001,6 +1986,9 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
         losses, mask = token_losses(logits, batch["labels"])
         out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
         if decoding is not None:
+            # The loss's all-reduces finish before decoding's begin: XLA:CPU could otherwise run one
+            # inside generate's loop beside one outside it and deadlock its 8-device rendezvous.
+            out, features = jax.lax.optimization_barrier((out, features))
             # Each row's forced prefix; until collate emits "prompt_ids", the start of its decoder input.
             prompt_ids = batch.get("prompt_ids", batch["decoder_input_ids"][:, : decoding.prompt_length])
             out["generated"] = generate(model, params, features, prompt_ids, decoding)
@@ -2013,11 +2001,8 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
 # convention), except float32 on GPUs, where XLA runs matmuls as TF32. --dry_run judges fit by the memory.
 DEVICE_SPECS = (  # (device_kind prefix, bfloat16 peak, float32/TF32 peak or None, usable GiB)
     ("TPU v6 lite", 918e12, None, 32),  # v6e (Trillium)
-    ("TPU v6e", 918e12, None, 32),
     ("TPU v5 lite", 197e12, None, 16),  # v5e
-    ("TPU v5e", 197e12, None, 16),
-    ("TPU v5p", 459e12, None, 95),
-    ("TPU v5", 459e12, None, 95),  # v5p reports itself as "TPU v5"
+    ("TPU v5", 459e12, None, 95),  # v5p, which reports itself as "TPU v5" (or "TPU v5p")
     ("TPU v4", 275e12, None, 30.75),  # 32 GiB of HBM, of which XLA can use 30.75
     ("NVIDIA H200", 989e12, 494e12, 141),
     ("NVIDIA H100", 989e12, 494e12, 80),  # SXM; the PCIe card peaks lower
@@ -2418,14 +2403,14 @@ def whisper_generation_config(tokenizer, config, language: str, task: str, base=
     return generation_config
 
 
-def export_pretrained(params, config, out_dir, *, tokenizer, feature_extractor, generation_config) -> Path:
-    """Write a directory that transformers' from_pretrained and pipeline() load unchanged."""
+def export_pretrained(params, components: Pretrained, out_dir, generation_config) -> Path:
+    """Write `params` with the components' config, tokenizer and feature extractor, and
+    `generation_config`: a directory that transformers' from_pretrained and pipeline() load unchanged."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    state = flax_to_torch(unstack_layers(host_params))
+    state = flax_to_torch(unstack_layers(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    for part in (config, generation_config, tokenizer, feature_extractor):
+    for part in (components.config, generation_config, components.tokenizer, components.feature_extractor):
         part.save_pretrained(out_dir)
     return out_dir
 
@@ -2488,9 +2473,10 @@ def ggml_tensor(name: str, weight: np.ndarray, ggml_type: str) -> bytes:
     return header + name.encode() + data
 
 
-def export_ggml(params, config, tokenizer, feature_extractor, path, ggml_type: str = "f16") -> Path:
+def export_ggml(params, components: Pretrained, path, ggml_type: str = "f16") -> Path:
     """A whisper.cpp model file of `params` (unstacked numpy or device arrays), written directly:
     no torch, no conversion script, the feature extractor's own mel filters."""
+    config, tokenizer, feature_extractor = components.config, components.tokenizer, components.feature_extractor
     state = flax_to_torch(unstack_layers(jax.tree.map(np.asarray, jax.device_get(params))))
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # whisper.cpp adds the special tokens itself
@@ -2901,12 +2887,8 @@ def setup_run(
     if train_args.do_predict and not test_sets:
         raise ConfigError("--do_predict needs --test_split_name: the split(s) to evaluate the kept model on.")
     check_best_metric_name(train_args, eval_sets)
-    text_settings = {
-        train: text_settings_of(
-            data_args, train=train, language=prompt_language, task=prompt_task, seed=train_args.seed
-        )
-        for train in (True, False)
-    }
+    prompt = dict(language=prompt_language, task=prompt_task, seed=train_args.seed)
+    text_settings = {train: text_settings_of(data_args, train=train, **prompt) for train in (True, False)}
     check_lengths(components, data_args, text_settings[True])
 
     devices = tpu_topology_devices(train_args.dry_run_topology) if train_args.dry_run_topology else jax.devices()
@@ -2958,14 +2940,9 @@ def setup_run(
     )
 
 
-RUN_IDENTITY = (
-    ("model", "model_name_or_path"),
-    ("model", "config_name"),
-    ("data", "dataset_name"),
-    ("data", "language"),
-    ("data", "task"),
-    ("training", "seed"),
-)
+# The flags that make a run that run: a relaunch that changes one is refused, not resumed.
+RUN_IDENTITY = [("model", "model_name_or_path"), ("model", "config_name"), ("data", "dataset_name")]
+RUN_IDENTITY += [("data", "language"), ("data", "task"), ("training", "seed")]
 
 
 def check_same_run(saved: dict, current: dict, path: Path):
@@ -3167,27 +3144,11 @@ def export(setup: RunSetup, params, step: int, eval_results: dict) -> concurrent
     params = gather_params(params)
     if not setup.is_main:
         return None
-    export_pretrained(
-        params,
-        setup.components.config,
-        setup.output_dir,
-        tokenizer=setup.components.tokenizer,
-        feature_extractor=setup.components.feature_extractor,
-        generation_config=setup.generation_config,
-    )
+    export_pretrained(params, setup.components, setup.output_dir, setup.generation_config)
     if setup.train_args.export_ctranslate2:
         export_ctranslate2(setup.output_dir, setup.train_args.export_ctranslate2)
     if setup.train_args.export_ggml:
-        components = setup.components
-        path = setup.output_dir / "ggml-model.bin"
-        export_ggml(
-            params,
-            components.config,
-            components.tokenizer,
-            components.feature_extractor,
-            path,
-            setup.train_args.export_ggml,
-        )
+        export_ggml(params, setup.components, setup.output_dir / "ggml-model.bin", setup.train_args.export_ggml)
     tested = any(name.startswith("test/") for name in eval_results)
     write_model_card(
         setup.output_dir,
@@ -3328,13 +3289,10 @@ def check_finite(step: int, metrics: dict, manager, global_batch_size: int) -> t
 
 
 def train_loop(setup: RunSetup, state: TrainState, train_batches, manager, log: RunLog, stop_requested, best=None):
-    """Steps until --num_train_steps or a stop request; logs, evaluates and checkpoints on cadence,
-    and with --push_to_hub exports and pushes each evaluation that is a new best. `best` (from the
-    checkpoint's metadata when resuming) is the best evaluation so far. Returns (state, the best
-    evaluation or None, whether it stopped early).
-
-    Each step's metrics are read one step later, so the host never stalls the device; a
-    non-finite loss still stops the run before the state after it can be checkpointed."""
+    """Steps until --num_train_steps or a stop request; logs, evaluates, checkpoints (and with
+    --push_to_hub exports each new best) on cadence. `best`: the best evaluation so far. Returns
+    (state, best, whether it stopped early). Each step's metrics are read one step later, so the
+    host never stalls the device, yet a non-finite loss stops the run before it is checkpointed."""
     train_args, num_steps = setup.train_args, setup.train_args.num_train_steps
     step = int(jax.device_get(state.step))
     bar = tqdm(total=num_steps, initial=step, disable=not setup.is_main, desc="train", dynamic_ncols=True)

@@ -839,6 +839,17 @@ def espeak_clips() -> list[dict]:
     return espeak_synthesize(ESPEAK_SENTENCES)
 
 
+def whisper_cpp(path, clips, language: str) -> list[str]:
+    """whisper.cpp's greedy transcripts (pywhispercpp's bundled whisper.cpp), temperature fallback off."""
+    from pywhispercpp.model import Model
+
+    model = Model(str(path), n_threads=2, print_progress=False, print_realtime=False, no_timestamps=True)
+    return [
+        " ".join(s.text.strip() for s in model.transcribe(c["audio"], language=language, temperature_inc=0.0))
+        for c in clips
+    ]
+
+
 def write_speech_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path:
     """Clips as a local datasets directory that --dataset_name reads: one parquet file per split with
     `audio` (FLAC bytes), `text` and `language` columns."""

@@ -64,14 +64,8 @@ def toy_teacher(directory: Path, tokenizer, *, decoder_layers: int, seed: int = 
         tokenizer, config, "no", "transcribe", GenerationConfig.from_pretrained(directory)
     )
     feature_extractor = demo.make_feature_extractor(CHUNK_S, 80)
-    rs.export_pretrained(
-        params,
-        config,
-        directory,
-        tokenizer=tokenizer,
-        feature_extractor=feature_extractor,
-        generation_config=generation_config,
-    )
+    components = rs.Pretrained(config, params, tokenizer, feature_extractor, generation_config, str(directory))
+    rs.export_pretrained(params, components, directory, generation_config)
     return directory
 
 
@@ -227,10 +221,7 @@ def test_student_export_loads_in_transformers_with_our_logits(distil_demo, tmp_p
     generation_config = rs.whisper_generation_config(
         student.tokenizer, student.config, "no", "transcribe", student.generation_config
     )
-    rs.export_pretrained(
-        student.params, student.config, tmp_path, tokenizer=student.tokenizer,
-        feature_extractor=student.feature_extractor, generation_config=generation_config,
-    )  # fmt: skip
+    rs.export_pretrained(student.params, student, tmp_path, generation_config)
     torch_model = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert torch_model.config.decoder_layers == 2 and len(torch_model.model.decoder.layers) == 2
     rng = np.random.default_rng(0)
@@ -660,9 +651,10 @@ def speech_dataset(directory: Path, clips: list[dict], split: str = "validation"
 
 @pytest.fixture(scope="session")
 def real_pseudo_labels(whisper_base_dir, espeak_clips, distil_env, tmp_path_factory):
-    """The clips pseudo-labelled by whisper-base (optimised XLA, one device): (dataset, output dir)."""
+    """Four clips (2 Norwegian, 2 English) pseudo-labelled by whisper-base (optimised XLA, one
+    device): (dataset, output dir)."""
     root = tmp_path_factory.mktemp("real_distil")
-    data = speech_dataset(root / "clips", espeak_clips)
+    data = speech_dataset(root / "clips", espeak_clips[:2] + espeak_clips[-2:])
     args = [
         "--teacher_model_name_or_path", str(whisper_base_dir), "--do_pseudo_label",
         "--pseudo_label_split_name", "validation", "--dataset_name", str(data), "--output_dir", str(root / "labelled"),
@@ -686,14 +678,14 @@ def test_real_pseudo_labels_equal_eval_transcripts(whisper_base_dir, real_pseudo
     predictions = tmp_path / "eval" / "predictions" / "eval" / "validation" / "step_0.jsonl"
     evaluated = {row["id"]: row["prediction"] for row in map(json.loads, predictions.read_text().splitlines())}
     rows = pq.read_table(labelled / "data" / "validation-00000-of-00001.parquet").to_pylist()
-    assert {r["id"]: r["whisper_transcript"] for r in rows} == evaluated and len(evaluated) == 12
+    assert {r["id"]: r["whisper_transcript"] for r in rows} == evaluated and len(evaluated) == 4
     for row in rows:
         assert row["whisper_transcript_wer"] == pytest.approx(normalised_wer(row["text"], row["whisper_transcript"]))
 
 
-# A 2-layer student memorises the teacher's transcripts of 4 clips in 36 steps of 2 (measured: WER
-# 100 -> 3; at 18 steps it still repeats words, WER 313); a step takes ~7 s on one loaded CPU core pair.
-REAL_STEPS, REAL_CLIPS, REAL_BATCH = 36, 4, 2
+# A 2-layer student memorises the teacher's transcripts of 2 clips in batches of both; a step takes
+# ~2 s on this 2-core CPU. (At commit 5047274, 4 clips in batches of 2 needed 36 steps: WER 100 -> 3.)
+REAL_STEPS, REAL_CLIPS, REAL_BATCH = 12, 2, 2
 
 
 def median_steps_per_s(output_dir: Path) -> float:
@@ -704,9 +696,9 @@ def median_steps_per_s(output_dir: Path) -> float:
 
 def test_real_whisper_base_distils_into_a_two_layer_student(whisper_base_dir, real_pseudo_labels, distil_env, tmp_path):
     """A 2-layer student of whisper-base (its first and last decoder layers, frozen encoder)
-    distilled on the teacher's transcripts of 4 clips: its WER against them falls from the initial
-    student's. Its steps/s (with the teacher's decoder) beat plain fine-tuning of the same student,
-    whose encoder's backward pass costs more than the teacher's forward; both are printed."""
+    distilled on the teacher's transcripts of 2 clips: its WER against them falls below half the
+    initial student's. Speed is a benchmark's, not a test's: with SCREAM_DISTIL_VS_PLAIN=1 it also
+    times plain fine-tuning of the same student and prints both steps/s (BENCHMARKS.md)."""
     _, labelled = real_pseudo_labels
     env = one_device(distil_env, optimised=True)
     data = [
@@ -731,23 +723,25 @@ def test_real_whisper_base_distils_into_a_two_layer_student(whisper_base_dir, re
     run_to_end(env, [*student, *data, *evaluation, *steps, "--do_eval", "--output_dir", str(tmp_path / "distil")],
                tmp_path / "distil.log", timeout=900)  # fmt: skip
     after = [m for m in metrics(tmp_path / "distil") if "eval/wer_normalized" in m][-1]["eval/wer_normalized"]
+    distil_rate = median_steps_per_s(tmp_path / "distil")
+    print(f"\nwhisper-base -> 2 decoder layers: WER vs the teacher {before:.1f} -> {after:.1f} in {REAL_STEPS} steps "
+          f"of {REAL_BATCH} 30 s windows, {distil_rate:.3f} distillation steps/s on one CPU device")  # fmt: skip
     assert after < before / 2, (before, after)
-    # Plain fine-tuning of the same initial student (its encoder trained too), timed the same way.
-    initial = ds.student_from_teacher(rs.load_pretrained(str(whisper_base_dir)), 2)
-    generation_config = rs.whisper_generation_config(
-        initial.tokenizer, initial.config, "no", "transcribe", initial.generation_config
-    )
-    rs.export_pretrained(
-        initial.params, initial.config, tmp_path / "student", tokenizer=initial.tokenizer,
-        feature_extractor=initial.feature_extractor, generation_config=generation_config,
-    )  # fmt: skip
-    plain = [str(REPO / "run_scream.py"), "--model_name_or_path", str(tmp_path / "student"), *data]
-    plain += ["--do_train", "--num_train_steps", "4", "--logging_steps", "1", "--output_dir", str(tmp_path / "plain")]
-    result = subprocess.run([sys.executable, *plain], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    distil_rate, plain_rate = median_steps_per_s(tmp_path / "distil"), median_steps_per_s(tmp_path / "plain")
-    print(
-        f"\nwhisper-base -> 2 decoder layers, batch {REAL_BATCH} of 30 s windows, one CPU device: distillation "
-        f"{distil_rate:.3f} steps/s, plain fine-tuning {plain_rate:.3f} steps/s; WER vs the teacher {before:.1f} -> {after:.1f}"
-    )
-    assert distil_rate > plain_rate
+    if os.environ.get("SCREAM_DISTIL_VS_PLAIN") == "1":  # plain fine-tuning of the same initial student
+        initial = ds.student_from_teacher(rs.load_pretrained(str(whisper_base_dir)), 2)
+        generation_config = rs.whisper_generation_config(
+            initial.tokenizer, initial.config, "no", "transcribe", initial.generation_config
+        )
+        rs.export_pretrained(initial.params, initial, tmp_path / "student", generation_config)
+        plain = [str(REPO / "run_scream.py"), "--model_name_or_path", str(tmp_path / "student"), *data]
+        plain += [
+            "--do_train",
+            "--num_train_steps",
+            "6",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "plain"),
+        ]
+        subprocess.run([sys.executable, *plain], env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
+        print(f"plain fine-tuning of the same student: {median_steps_per_s(tmp_path / 'plain'):.3f} steps/s")

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, pipeline
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 import run_scream as rs
-from tests.support import REAL_SAMPLE_RATE, espeak_synthesize
+from tests.support import REAL_SAMPLE_RATE, espeak_synthesize, whisper_cpp
 from tests.test_real_weights import our_greedy, real_export, real_features, real_prompt
 
 # Sentences whisper-base hears clearly from espeak-ng (its greedy text is the sentence itself), so
@@ -53,17 +53,6 @@ def english_clips() -> list[dict]:
     return espeak_synthesize([("en", "en", sentence) for sentence in CLEAR_ENGLISH])
 
 
-def whisper_cpp(path, clips, language: str) -> list[str]:
-    """whisper.cpp's greedy transcripts (pywhispercpp's bundled whisper.cpp), temperature fallback off."""
-    from pywhispercpp.model import Model
-
-    model = Model(str(path), n_threads=2, print_progress=False, print_realtime=False, no_timestamps=True)
-    return [
-        " ".join(s.text.strip() for s in model.transcribe(c["audio"], language=language, temperature_inc=0.0))
-        for c in clips
-    ]
-
-
 def ours(pretrained, clips, language: str) -> list[str]:
     prompts = [real_prompt(pretrained, language)] * len(clips)
     tokens = our_greedy(pretrained, real_features(pretrained, clips), prompts)
@@ -79,13 +68,7 @@ def test_ggml_export_of_whisper_base_transcribes_in_whisper_cpp_as_we_do(whisper
     """Must show 1: the f16 file of unchanged whisper-base, written by export_ggml, loads and runs in
     whisper.cpp; on clips the model hears clearly its text is ours, word for word; on Norwegian
     espeak-ng clips, where whisper-base is unsure, its WER is within 10 points of ours."""
-    path = rs.export_ggml(
-        whisper_base.params,
-        whisper_base.config,
-        whisper_base.tokenizer,
-        whisper_base.feature_extractor,
-        tmp_path / "m.bin",
-    )
+    path = rs.export_ggml(whisper_base.params, whisper_base, tmp_path / "m.bin")
     english = ours(whisper_base, english_clips, "en")
     assert [BasicTextNormalizer()(t) for t in english] == [BasicTextNormalizer()(s) for s in CLEAR_ENGLISH]
     assert whisper_cpp(path, english_clips, "en") == english

@@ -27,6 +27,7 @@ from tests.support import (
     metrics_lines,
     prediction_rows,
     run_to_end,
+    whisper_cpp,
     write_speech_dataset,
 )
 
@@ -83,14 +84,7 @@ def real_generation_config(pretrained, language: str = "no"):
 
 def real_export(pretrained, out_dir: Path) -> Path:
     """The model as run_scream exports it (export_pretrained, with the generation config run() builds)."""
-    return rs.export_pretrained(
-        pretrained.params,
-        pretrained.config,
-        out_dir,
-        tokenizer=pretrained.tokenizer,
-        feature_extractor=pretrained.feature_extractor,
-        generation_config=real_generation_config(pretrained),
-    )
+    return rs.export_pretrained(pretrained.params, pretrained, out_dir, real_generation_config(pretrained))
 
 
 def real_features(pretrained, clips) -> np.ndarray:
@@ -429,15 +423,19 @@ def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str,
 def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     whisper_base_dir, whisper_base, whisper_base_parity, espeak_clips, optimised_env, tmp_path
 ):
-    """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base, 4 steps of one
-    synthesized Norwegian clip each (scanned layers); the eval loss on 2 other clips falls below 0.9x
-    the base model's (measured: 2.24 -> 1.58); OUTPUT_DIR/ctranslate2 (float32, ctranslate2's converter
-    on the export) decodes the eval clips as our eval did, and the model card says how to run it."""
+    """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base, 10 steps of one
+    synthesized Norwegian clip each (scanned layers) over 5 clips; the eval loss on 2 other clips
+    falls below 0.9x the base model's (measured: 2.24 -> 1.28); OUTPUT_DIR/ctranslate2 (float32, ctranslate2's converter on
+    the export) decodes the eval clips as our eval did, and the model card says how to run it.
+    The fine-tune makes the model sure of its 5 clips, where whisper-base was not: whisper.cpp on
+    OUTPUT_DIR/ggml-model.bin (--export_ggml f16) gives our evaluation's text on at least 4 of them
+    (measured: all 5; whisper-base itself: WER 80 on such clips)."""
     norwegian = [c for c in espeak_clips if c["language"] == "no"]
-    train, validation = norwegian[:4], norwegian[6:]
+    train, validation = norwegian[:5], norwegian[6:]
     data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})
     out = tmp_path / "run"
-    flags = [*real_flags(whisper_base_dir, data, out, "no", 4, 1), "--export_ctranslate2", "float32"]
+    flags = [*real_flags(whisper_base_dir, data, out, "no", 10, 1)]
+    flags += ["--eval_split_name", "validation,train", "--export_ctranslate2", "float32", "--export_ggml", "f16"]
     run_to_end(optimised_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
     # The base model's eval loss on these clips, from its logits of the parity clips (which hold them).
@@ -446,21 +444,28 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     labels = real_labels(whisper_base, parity["clips"], parity["prompts"])[1][rows]
     base_loss = token_mean_loss(parity["logits"][rows], labels)
     features, prompts = parity["features"][rows], [real_prompt(whisper_base, "no")] * len(validation)
-    evals = [line for line in metrics_lines(out) if "eval/loss" in line]
-    print(f"eval loss: base {base_loss:.4f}, after 4 steps {evals[-1]['eval/loss']:.4f}")
-    assert evals[-1]["eval/loss"] < 0.9 * base_loss
+    evals = [line for line in metrics_lines(out) if "eval/validation/loss" in line]
+    print(f"eval loss: base {base_loss:.4f}, after 10 steps {evals[-1]['eval/validation/loss']:.4f}")
+    assert evals[-1]["eval/validation/loss"] < 0.9 * base_loss
 
-    predictions = [
-        json.loads(line)
-        for line in (out / "predictions" / "eval" / "validation" / "step_4.jsonl").read_text().splitlines()
-    ]
-    assert sorted(p["reference"] for p in predictions) == sorted(c["text"] for c in validation)
-    by_text = {p["reference"]: p["prediction"] for p in predictions}
+    def predictions(eval_set: str) -> dict[str, str]:
+        lines = (out / "predictions" / "eval" / eval_set / "step_10.jsonl").read_text().splitlines()
+        return {row["reference"]: row["prediction"] for row in map(json.loads, lines)}
+
+    by_text = predictions("validation")
+    assert sorted(by_text) == sorted(c["text"] for c in validation)
     decoded = ctranslate2_greedy(out / "ctranslate2", features, prompts)
     texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(decoded, skip_special_tokens=True)]
     assert texts == [by_text[c["text"]] for c in validation]
     card = (out / "README.md").read_text()
     assert "from faster_whisper import WhisperModel" in card and 'language="no"' in card
+    assert "whisper-cli -m ggml-model.bin -l no" in card
+
+    ours = predictions("train")
+    cpp = whisper_cpp(out / "ggml-model.bin", train, "no")
+    same = sum(ours[c["text"]] == text for c, text in zip(train, cpp))
+    print(f"after the fine-tune, whisper.cpp gives our text on {same} of {len(train)} clips: {cpp} vs {ours}")
+    assert same >= 0.8 * len(train)
 
 
 def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(

@@ -1912,11 +1912,8 @@ def train_step(
                 return (grads, loss_sum + micro_loss, num_tokens + micro_tokens), None
 
             # Summed in float32 even for bfloat16 parameters: micro-batch gradients add up without rounding.
-            start = (
-                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-                jnp.float32(0),
-                jnp.int32(0),
-            )
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            start = (zeros, jnp.float32(0), jnp.int32(0))
             micro_batches = (jax.tree.map(split, batch), jnp.arange(accumulation_steps))
             (grads, loss_sum, num_tokens), _ = jax.lax.scan(accumulate, start, micro_batches)
         denominator = jnp.maximum(num_tokens, 1).astype(jnp.float32)
@@ -2642,10 +2639,8 @@ class RunLog:
 def initialise_distributed(dist: DistributedArguments):
     """Join the other hosts: explicitly off TPU, by itself on a multi-host TPU slice; either way a
     dead peer stops the others within --distributed_timeout_s."""
-    timeouts = dict(
-        initialization_timeout=dist.distributed_timeout_s,
-        heartbeat_timeout_seconds=max(10, dist.distributed_timeout_s // 10),
-    )
+    timeout_s = dist.distributed_timeout_s
+    timeouts = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=max(10, timeout_s // 10))
     if dist.coordinator_address:
         if dist.num_processes is None or dist.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id.")
@@ -3092,21 +3087,15 @@ def make_batches(
 
 def eval_batches(setup: RunSetup, eval_set: EvalSet):
     """One evaluation set, this host's share, one pass."""
-    return make_batches(
-        setup,
-        eval_set.split,
-        train=False,
-        batch_size=setup.plan.per_host_eval_batch_size,
-        dataset_name=eval_set.dataset_name,
-    )
+    batch_size = setup.plan.per_host_eval_batch_size
+    return make_batches(setup, eval_set.split, train=False, batch_size=batch_size, dataset_name=eval_set.dataset_name)
 
 
 def check_eval_sets(setup: RunSetup):
     """Open every evaluation and test set now: a typo in a split fails at start-up, not after hours of training."""
     train_args = setup.train_args
-    for eval_set in (setup.eval_sets if train_args.do_eval else ()) + (
-        setup.test_sets if train_args.do_predict else ()
-    ):
+    sets = (setup.eval_sets if train_args.do_eval else ()) + (setup.test_sets if train_args.do_predict else ())
+    for eval_set in sets:
         eval_batches(setup, eval_set).make_source(0)
 
 
@@ -3374,12 +3363,8 @@ def compiled_step_memory(setup: RunSetup) -> int | None:
     """Bytes per device of the compiled train step (compile only, no data); None when XLA finds
     that it cannot fit (RESOURCE_EXHAUSTED, as a TPU compile says)."""
     step = setup.train_step
-    batch = abstract_batch(
-        setup.plan.global_batch_size,
-        n_samples=setup.n_samples,
-        max_label_length=setup.decoder_length,
-        sharding=step.data_sharding,
-    )
+    sizes = dict(n_samples=setup.n_samples, max_label_length=setup.decoder_length)
+    batch = abstract_batch(setup.plan.global_batch_size, sharding=step.data_sharding, **sizes)
     try:
         return compiled_memory_bytes(step.fn.lower(step.abstract_state, batch).compile())
     except Exception as error:
@@ -3468,12 +3453,9 @@ def main(argv: list[str] | None = None, run=run) -> int:
     """run() (or distil_scream.py's) with its errors as the user sees them: a ConfigError exits 2, TrainingStopped 1."""
     try:
         return run(argv)
-    except ConfigError as error:
+    except (ConfigError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if isinstance(error, ConfigError) else 1
 
 
 if __name__ == "__main__":

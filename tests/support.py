@@ -871,6 +871,34 @@ def write_speech_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path
     return directory
 
 
+# nb, en, nb, en: each eval batch of 2 holds both languages
+EVALSETS_REAL_CLIPS = (0, 8, 1, 9)
+REAL_EVAL_FLAGS = ["--language_column_name", "language", "--eval_batch_size", "2", "--generation_max_length", "40"]
+
+
+@pytest.fixture(scope="session")
+def whisper_base_language_eval(whisper_base_dir, espeak_clips, optimised_env, tmp_path_factory) -> tuple[Path, Path]:
+    """whisper-base evaluated (greedy) on EVALSETS_REAL_CLIPS with their language column, once per
+    session: (dataset, output dir). The per-row language test checks its transcripts against
+    transformers', and pseudo-labelling the same dataset must give the same ones."""
+    root = tmp_path_factory.mktemp("whisper_base_language_eval")
+    data = write_speech_dataset(root / "data", {"validation": [espeak_clips[i] for i in EVALSETS_REAL_CLIPS]})
+    flags = [
+        *(
+            "--model_name_or_path",
+            str(whisper_base_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(root / "run"),
+        ),
+        *("--language", "no", "--do_eval", "--predict_with_generate", "--max_label_length", "32", *REAL_EVAL_FLAGS),
+        *("--preprocessing_num_workers", "1", "--report_to", "none"),
+    ]
+    run_to_end(optimised_env, flags, root / "logs", timeout=900)
+    return data, root / "run"
+
+
 def package_dir(package: str) -> Path:
     """The directory of an installed (data-only) package, wherever pip put it."""
     return Path(str(importlib.resources.files(package)))

@@ -19,7 +19,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses
-import io
 import json
 import signal
 import struct
@@ -35,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import soundfile as sf
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 import distil_scream as ds
 import make_demo_dataset as demo
 import run_scream as rs
+from tests.support import REAL_EVAL_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK_S = 1  # the toy models' window: 100 mel frames
@@ -637,47 +636,25 @@ def test_script_nb_distil_pins_nbs_values(nb_hub_cache):
 # synthesised clips, 8 Norwegian then 4 English) are tests/support.py's session fixtures.
 
 
-def speech_dataset(directory: Path, clips: list[dict], split: str = "validation") -> Path:
-    rows = []
-    for i, clip in enumerate(clips):
-        buffer = io.BytesIO()
-        sf.write(buffer, clip["audio"], 16000, format="FLAC")
-        audio = {"bytes": buffer.getvalue(), "path": f"{i}.flac"}
-        rows.append({"id": f"clip-{i}", "audio": audio, "text": clip["text"], "language": clip["language"]})
-    (directory / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), directory / "data" / f"{split}-00000-of-00001.parquet")
-    return directory
-
-
 @pytest.fixture(scope="session")
-def real_pseudo_labels(whisper_base_dir, espeak_clips, distil_env, tmp_path_factory):
-    """Four clips (2 Norwegian, 2 English) pseudo-labelled by whisper-base (optimised XLA, one
-    device): (dataset, output dir)."""
+def real_pseudo_labels(whisper_base_dir, whisper_base_language_eval, distil_env, tmp_path_factory):
+    """The clips of whisper_base_language_eval (2 Norwegian, 2 English) pseudo-labelled by
+    whisper-base with its evaluation's settings (optimised XLA, one device): the labelled dataset."""
+    data, _ = whisper_base_language_eval
     root = tmp_path_factory.mktemp("real_distil")
-    data = speech_dataset(root / "clips", espeak_clips[:2] + espeak_clips[-2:])
     args = [
-        "--teacher_model_name_or_path", str(whisper_base_dir), "--do_pseudo_label",
-        "--pseudo_label_split_name", "validation", "--dataset_name", str(data), "--output_dir", str(root / "labelled"),
-        "--language_column_name", "language", "--eval_batch_size", "4", "--generation_max_length", "40",
+        "--teacher_model_name_or_path", str(whisper_base_dir), "--do_pseudo_label", "--pseudo_label_split_name",
+        "validation", "--dataset_name", str(data), "--output_dir", str(root / "labelled"), *REAL_EVAL_FLAGS,
     ]  # fmt: skip
     run_to_end(one_device(distil_env, optimised=True), args, root / "label.log")
-    return data, root / "labelled"
+    return root / "labelled"
 
 
-def test_real_pseudo_labels_equal_eval_transcripts(whisper_base_dir, real_pseudo_labels, distil_env, tmp_path):
-    data, labelled = real_pseudo_labels
-    args = [
-        str(REPO / "run_scream.py"), "--model_name_or_path", str(whisper_base_dir), "--do_eval",
-        "--predict_with_generate", "--dataset_name", str(data), "--eval_split_name", "validation",
-        "--output_dir", str(tmp_path / "eval"), "--language_column_name", "language", "--eval_batch_size", "4",
-        "--generation_max_length", "40", "--report_to", "none",
-    ]  # fmt: skip
-    env = one_device(distil_env, optimised=True)
-    result = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    predictions = tmp_path / "eval" / "predictions" / "eval" / "validation" / "step_0.jsonl"
+def test_real_pseudo_labels_equal_eval_transcripts(real_pseudo_labels, whisper_base_language_eval):
+    """Pseudo-labels are our evaluation's transcripts of the same rows, and their WER column is jiwer's."""
+    predictions = whisper_base_language_eval[1] / "predictions" / "eval" / "validation" / "step_0.jsonl"
     evaluated = {row["id"]: row["prediction"] for row in map(json.loads, predictions.read_text().splitlines())}
-    rows = pq.read_table(labelled / "data" / "validation-00000-of-00001.parquet").to_pylist()
+    rows = pq.read_table(real_pseudo_labels / "data" / "validation-00000-of-00001.parquet").to_pylist()
     assert {r["id"]: r["whisper_transcript"] for r in rows} == evaluated and len(evaluated) == 4
     for row in rows:
         assert row["whisper_transcript_wer"] == pytest.approx(normalised_wer(row["text"], row["whisper_transcript"]))
@@ -685,7 +662,7 @@ def test_real_pseudo_labels_equal_eval_transcripts(whisper_base_dir, real_pseudo
 
 # A 2-layer student memorises the teacher's transcripts of 2 clips in batches of both; a step takes
 # ~2 s on this 2-core CPU. (At commit 5047274, 4 clips in batches of 2 needed 36 steps: WER 100 -> 3.)
-REAL_STEPS, REAL_CLIPS, REAL_BATCH = 12, 2, 2
+REAL_STEPS, REAL_CLIPS, REAL_BATCH = 16, 2, 2
 
 
 def median_steps_per_s(output_dir: Path) -> float:
@@ -699,7 +676,7 @@ def test_real_whisper_base_distils_into_a_two_layer_student(whisper_base_dir, re
     distilled on the teacher's transcripts of 2 clips: its WER against them falls below half the
     initial student's. Speed is a benchmark's, not a test's: with SCREAM_DISTIL_VS_PLAIN=1 it also
     times plain fine-tuning of the same student and prints both steps/s (BENCHMARKS.md)."""
-    _, labelled = real_pseudo_labels
+    labelled = real_pseudo_labels
     env = one_device(distil_env, optimised=True)
     data = [
         "--dataset_name", str(labelled), "--train_split_name", "validation", "--eval_split_name", "validation",

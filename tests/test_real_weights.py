@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import run_scream as rs
 from tests.support import (
+    EVALSETS_REAL_CLIPS,
     REAL_SAMPLE_RATE,
     assert_config_error,
     eval_lines,
@@ -494,26 +495,14 @@ def test_tiny_en_fine_tunes_and_evaluates_with_the_english_only_prompt(
     assert abs(loss - evals[0]["eval/loss"]) <= 1e-3 * loss, (loss, evals[0]["eval/loss"])
 
 
-EVALSETS_REAL_CLIPS = (0, 8, 1, 9)  # nb, en, nb, en: each eval batch of 2 holds both languages
-
-
 def test_evalsets_whisper_base_decodes_each_row_in_its_own_language(
-    whisper_base_dir, whisper_base, whisper_base_torch, espeak_clips, optimised_env, tmp_path
+    whisper_base, whisper_base_torch, espeak_clips, whisper_base_language_eval
 ):
     """Issue 13's Must show 3: real whisper-base evaluated on a language column decodes each row with
     its own language token (as transformers' generate(language=...) does, row by row), and logs WER per
     language within the set."""
     clips = [espeak_clips[i] for i in EVALSETS_REAL_CLIPS]
-    data = write_speech_dataset(tmp_path / "data", {"validation": clips})
-    out = tmp_path / "run"
-    flags = [
-        *("--model_name_or_path", str(whisper_base_dir), "--dataset_name", str(data), "--output_dir", str(out)),
-        *("--language", "no", "--language_column_name", "language", "--do_eval", "--predict_with_generate"),
-        *("--eval_batch_size", "2", "--max_label_length", "32", "--generation_max_length", str(REAL_MAX_NEW_TOKENS)),
-        *("--preprocessing_num_workers", "1", "--report_to", "none"),
-    ]
-    run_to_end(optimised_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
-
+    _, out = whisper_base_language_eval
     rows = {r["id"]: r for r in prediction_rows(out / "predictions" / "eval" / "validation" / "step_0.jsonl")}
     assert [rows[f"validation-{i}"]["language"] for i in range(len(clips))] == [c["language"] for c in clips]
     languages = [c["language"] for c in clips]

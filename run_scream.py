@@ -1983,11 +1983,13 @@ def eval_step(params, batch: dict, *, model: Whisper, mel_filters, decoding: Dec
         losses, mask = token_losses(logits, batch["labels"])
         out = {"loss_sum": losses.sum(), "num_tokens": mask.sum()}
         if decoding is not None:
-            # The loss's all-reduces finish before decoding's begin: XLA:CPU could otherwise run one
-            # inside generate's loop beside one outside it and deadlock its 8-device rendezvous.
-            out, features = jax.lax.optimization_barrier((out, features))
             # Each row's forced prefix; until collate emits "prompt_ids", the start of its decoder input.
             prompt_ids = batch.get("prompt_ids", batch["decoder_input_ids"][:, : decoding.prompt_length])
+            # Decoding waits for the loss's all-reduces through a term that is always 0: XLA:CPU runs
+            # independent collectives at once, and one inside generate's loop beside one outside it
+            # deadlocked its 8-device rendezvous (an optimization_barrier is removed before that).
+            never = (out["num_tokens"] < 0) & (out["loss_sum"] < 0)
+            prompt_ids = prompt_ids + never.astype(prompt_ids.dtype)
             out["generated"] = generate(model, params, features, prompt_ids, decoding)
         return out
 

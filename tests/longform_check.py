@@ -15,8 +15,8 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import jiwer
 import numpy as np
 import pyarrow as pa
@@ -24,19 +24,21 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
-import tests.support as T
-from tests.test_export_formats import NORWEGIAN
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the repository's tests package
+import tests.support as support  # noqa: E402
+from tests.test_export_formats import NORWEGIAN  # noqa: E402
 
 PROB = sys.argv[1] if len(sys.argv) > 1 else "0.5"
 STEPS = sys.argv[2] if len(sys.argv) > 2 else "40"
-root = __import__("pathlib").Path(sys.argv[3] if len(sys.argv) > 3 else "/tmp/longform") / f"p{PROB}_s{STEPS}"
+root = Path(sys.argv[3] if len(sys.argv) > 3 else "/tmp/longform") / f"p{PROB}_s{STEPS}"
 root.mkdir(parents=True, exist_ok=True)
 base = root.parent / "whisper_base"
 if not (base / "model.safetensors").exists():
-    first, second = T.whisper_base_wheel_dirs()
-    T.convert_ctranslate2([first / "model.bin.part1", second / "model.bin.part2"], second, base)
+    first, second = support.whisper_base_wheel_dirs()
+    support.convert_ctranslate2([first / "model.bin.part1", second / "model.bin.part2"], second, base)
 NO = list(NORWEGIAN)  # the 16 sentences of the whisper.cpp check
-clips = T.espeak_synthesize([("no", "nb", s) for s in NO])
+clips = support.espeak_synthesize([("no", "nb", s) for s in NO])
 rows = []
 wrng = random.Random(1)
 
@@ -118,13 +120,13 @@ if not (out / "ggml-model.bin").exists():
         "1000",
     ]
     t = time.time()
-    r = subprocess.run(
-        [sys.executable, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "run_scream.py"), *flags],
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_scream.py"), *flags],
         capture_output=True,
         text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
     )
-    print("train rc", r.returncode, time.time() - t, r.stderr[-1500:] if r.returncode else "")
+    print("train rc", result.returncode, time.time() - t, result.stderr[-1500:] if result.returncode else "")
 rng = random.Random(0)
 order = [i for _ in range(3) for i in rng.sample(range(len(clips)), len(clips))]
 pieces, ref = [], []

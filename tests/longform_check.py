@@ -161,6 +161,10 @@ segs, _ = WhisperModel(str(out / "ctranslate2"), device="cpu", cpu_threads=2).tr
 )
 res["faster-whisper"] = [(s.start, s.end, s.text) for s in segs]
 print("fw s", time.time() - t)
+segs, _ = WhisperModel(str(out / "ctranslate2"), device="cpu", cpu_threads=2).transcribe(
+    long, language="no", beam_size=1, temperature=0.0, condition_on_previous_text=False
+)
+res["faster-whisper, no previous-text prompt"] = [(s.start, s.end, s.text) for s in segs]
 from pywhispercpp.model import Model  # noqa: E402
 
 t = time.time()
@@ -169,6 +173,15 @@ segs = Model(
 ).transcribe(long, language="no")
 res["whisper.cpp"] = [(s.t0 / 100, s.t1 / 100, s.text) for s in segs]
 print("cpp s", time.time() - t)
+segs = Model(
+    str(out / "ggml-model.bin"),
+    n_threads=2,
+    print_progress=False,
+    print_realtime=False,
+    temperature_inc=0.0,
+    no_context=True,
+).transcribe(long, language="no")
+res["whisper.cpp, no previous-text prompt"] = [(s.t0 / 100, s.t1 / 100, s.text) for s in segs]
 for k, segs in res.items():
     text = " ".join(s[2].strip() for s in segs)
     starts = [s[0] for s in segs]

@@ -431,11 +431,8 @@ def labelling_batches(setup: rs.RunSetup, split: str, state: dict | None) -> rs.
             labelling_collate, batch_size=batch_size, n_samples=setup.n_samples, default_prefix=setup.prompt_ids
         ),
         repeat=False,
-        num_workers=data_args.preprocessing_num_workers,
-        prefetch_batches=data_args.prefetch_batches,
         state=state,
-        read_retries=data_args.read_retries,
-        read_retry_wait_s=data_args.read_retry_wait_s,
+        **rs.reading_options(data_args),
     )
 
 

@@ -3042,14 +3042,8 @@ def make_batches(
     audio_settings = AudioSettings(rate, setup.n_samples, data_args.min_duration_in_seconds, max_duration_s)
     tokenizer, text_settings, columns = setup.components.tokenizer, setup.text_settings[train], setup.columns[train]
     label_tokenizer = training_tokenizer(tokenizer, data_args.bpe_dropout) if train else tokenizer
-    prepare = functools.partial(
-        prepare_example,
-        tokenizer=tokenizer,
-        audio_settings=audio_settings,
-        text_settings=text_settings,
-        columns=columns,
-        label_tokenizer=label_tokenizer,
-    )
+    settings = dict(audio_settings=audio_settings, text_settings=text_settings, columns=columns)
+    prepare = functools.partial(prepare_example, tokenizer=tokenizer, label_tokenizer=label_tokenizer, **settings)
     if train and setup.wrap_train_prepare is not None:
         prepare = setup.wrap_train_prepare(prepare)
     make_source = functools.partial(
@@ -3079,12 +3073,15 @@ def make_batches(
         batch_size=batch_size,
         collate_fn=collate_fn,
         repeat=train,
-        num_workers=data_args.preprocessing_num_workers,
-        prefetch_batches=data_args.prefetch_batches,
         state=state,
-        read_retries=data_args.read_retries,
-        read_retry_wait_s=data_args.read_retry_wait_s,
+        **reading_options(data_args),
     )
+
+
+def reading_options(data_args: DataArguments) -> dict:
+    """SpeechBatches' reader threads, prefetch and read retries, as the flags set them."""
+    retries = dict(read_retries=data_args.read_retries, read_retry_wait_s=data_args.read_retry_wait_s)
+    return dict(num_workers=data_args.preprocessing_num_workers, prefetch_batches=data_args.prefetch_batches, **retries)
 
 
 def eval_batches(setup: RunSetup, eval_set: EvalSet):

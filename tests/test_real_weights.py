@@ -430,7 +430,7 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     the export) decodes the eval clips as our eval did, and the model card says how to run it.
     The fine-tune makes the model sure of its 5 clips, where whisper-base was not: whisper.cpp on
     OUTPUT_DIR/ggml-model.bin (--export_ggml f16) gives our evaluation's text on at least 4 of them
-    (measured: all 5; whisper-base itself: WER 80 on such clips)."""
+    (measured: all 5)."""
     norwegian = [c for c in espeak_clips if c["language"] == "no"]
     train, validation = norwegian[:5], norwegian[6:]
     data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})

@@ -959,6 +959,11 @@ def load_source(
 datasets.utils.logging.get_logger("datasets.iterable_dataset").addFilter(
     lambda record: "without the buffer content" not in record.getMessage()
 )
+# datasets sleeps 5 s whenever a stream of several shards closes (every epoch of a shuffled or
+# interleaved training stream, and its end), for a pyarrow hang at exit (apache/arrow#45214) that the
+# pinned pyarrow 26 no longer has (datasets itself skips its other workaround above pyarrow 24). The
+# reader stalls meanwhile and the accelerator waits on its batches.
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
 
 class ShuffleBuffer:

@@ -89,9 +89,9 @@ COMPILATION_CACHE_MAX_BYTES = 8 << 30
 TOY_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
-# Toy runs start as a TPU host that installed requirements.txt does: torch, a test-only dependency
-# here, is hidden from them, so transformers and datasets do not import it (measured: 3 s of the 7 s
-# import of a run). Real-weight runs keep it: --export_ctranslate2's converter reads the export with it.
+# Runs start as a TPU host that installed requirements.txt does: torch, a test-only dependency here,
+# is hidden from them, so transformers and datasets do not import it (measured: 3 s of the 7 s import
+# of a run). Runs with --export_ctranslate2 keep it: ctranslate2's converter reads the export with it.
 RUNTIME_ONLY_SITECUSTOMIZE = '''
 import importlib.machinery
 import sys
@@ -118,13 +118,12 @@ def runtime_only_pythonpath() -> str:
     return f"{site}{os.pathsep}{REPO}"
 
 
-def with_devices(env: dict, num_devices: int, optimised: bool = False) -> dict:
-    """`env` for a process with `num_devices` fake CPU devices: toy runs with TOY_COMPILE_FLAG and
-    without torch; `optimised` ones (real weights, 30 s windows) at XLA's default level, with torch."""
+def with_devices(env: dict, num_devices: int, optimised: bool = False, torch: bool = False) -> dict:
+    """`env` for a process with `num_devices` fake CPU devices: toy runs with TOY_COMPILE_FLAG,
+    `optimised` ones (real weights, 30 s windows) at XLA's default level; torch hidden unless asked."""
     flags = f"--xla_force_host_platform_device_count={num_devices} {COLLECTIVE_TIMEOUT_FLAG}"
-    if optimised:
-        return {**env, "XLA_FLAGS": flags, "PYTHONPATH": str(REPO)}
-    return {**env, "XLA_FLAGS": f"{flags} {TOY_COMPILE_FLAG}", "PYTHONPATH": runtime_only_pythonpath()}
+    flags += "" if optimised else f" {TOY_COMPILE_FLAG}"
+    return {**env, "XLA_FLAGS": flags, "PYTHONPATH": str(REPO) if torch else runtime_only_pythonpath()}
 
 
 @pytest.fixture(scope="session")

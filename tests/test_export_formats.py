@@ -1,10 +1,7 @@
 """What users ship, on real whisper-base: whisper.cpp's model file (--export_ggml) transcribes as
 we do, and the export keeps the alignment heads that word-level timestamps need (transformers'
-pipeline, CTranslate2's config). Long recordings after fine-tuning: tests/longform_check.py."""
+pipeline). Long recordings after fine-tuning: tests/longform_check.py."""
 
-import json
-
-import jiwer
 import numpy as np
 import pytest
 from transformers import GenerationConfig, pipeline
@@ -26,28 +23,6 @@ CLEAR_ENGLISH = (
 )
 
 
-# Norwegian sentences whisper-base is unsure of (about 70% WER zero-shot): 16, so that one flipped clip
-# moves the WER by a few points, not twelve.
-NORWEGIAN = (
-    "Det regner i Bergen i dag.",
-    "Jeg liker å gå på tur i skogen.",
-    "Toget til Oslo går klokken ni.",
-    "Hun kjøpte brød og melk i butikken.",
-    "Vi skal spise middag sammen i kveld.",
-    "Barna leker ute i snøen.",
-    "Kan du hjelpe meg med dette?",
-    "Sola skinner over fjorden.",
-    "Bestefar leser avisen hver morgen.",
-    "Katten sover på sofaen.",
-    "Vi reiser til fjellet i påsken.",
-    "Butikken stenger klokken åtte.",
-    "Hunden løper etter ballen.",
-    "Det er kaldt ute om vinteren.",
-    "Mamma lager pannekaker til frokost.",
-    "Skolen begynner i august.",
-)
-
-
 @pytest.fixture(scope="session")
 def english_clips() -> list[dict]:
     return espeak_synthesize([("en", "en", sentence) for sentence in CLEAR_ENGLISH])
@@ -59,28 +34,14 @@ def ours(pretrained, clips, language: str) -> list[str]:
     return [text.strip() for text in pretrained.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
-def wer(references: list[str], hypotheses: list[str]) -> float:
-    normalise = BasicTextNormalizer()
-    return 100 * jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses])
-
-
 def test_ggml_export_of_whisper_base_transcribes_in_whisper_cpp_as_we_do(whisper_base, english_clips, tmp_path):
     """Must show 1: the f16 file of unchanged whisper-base, written by export_ggml, loads and runs in
-    whisper.cpp; on clips the model hears clearly its text is ours, word for word; on Norwegian
-    espeak-ng clips, where whisper-base is unsure, its WER is within 10 points of ours."""
+    whisper.cpp; on clips the model hears clearly its text is ours, word for word. (Norwegian, where
+    unchanged whisper-base is unsure: whisper.cpp after a fine-tune, test_whisper_base_fine_tunes_*.)"""
     path = rs.export_ggml(whisper_base.params, whisper_base, tmp_path / "m.bin")
     english = ours(whisper_base, english_clips, "en")
     assert [BasicTextNormalizer()(t) for t in english] == [BasicTextNormalizer()(s) for s in CLEAR_ENGLISH]
     assert whisper_cpp(path, english_clips, "en") == english
-
-    norwegian = espeak_synthesize([("no", "nb", sentence) for sentence in NORWEGIAN])
-    references = [c["text"] for c in norwegian]
-    ours_no, cpp_no = ours(whisper_base, norwegian, "no"), whisper_cpp(path, norwegian, "no")
-    print(
-        f"Norwegian WER: ours {wer(references, ours_no):.1f}, whisper.cpp {wer(references, cpp_no):.1f}, "
-        f"between the engines {wer(ours_no, cpp_no):.1f}"
-    )
-    assert abs(wer(references, cpp_no) - wer(references, ours_no)) <= 10
 
 
 def test_export_ggml_with_an_unknown_type_is_exit_2(capsys, tmp_path):
@@ -90,14 +51,12 @@ def test_export_ggml_with_an_unknown_type_is_exit_2(capsys, tmp_path):
 
 
 def test_export_keeps_the_alignment_heads_for_word_timestamps(whisper_base, english_clips, tmp_path):
-    """Must show 4: the export carries whisper-base's alignment heads into its generation config and
-    CTranslate2's config.json; transformers' pipeline gives one timestamp per word, increasing, inside
-    the audio."""
+    """Must show 4: the export carries whisper-base's alignment heads into its generation config
+    (CTranslate2's config.json: test_export_ctranslate2_*); transformers' pipeline gives one timestamp
+    per word, increasing, inside the audio."""
     out = real_export(whisper_base, tmp_path / "export")
     heads = GenerationConfig.from_pretrained(out).alignment_heads
     assert heads == whisper_base.generation_config.alignment_heads and len(heads) == 8
-    ct2_dir = rs.export_ctranslate2(out, "int8")
-    assert json.loads((ct2_dir / "config.json").read_text())["alignment_heads"] == heads
 
     pause = np.zeros(REAL_SAMPLE_RATE // 2, np.float32)
     audio = np.concatenate([english_clips[0]["audio"], pause, english_clips[4]["audio"]])

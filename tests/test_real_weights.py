@@ -315,7 +315,7 @@ def test_export_ctranslate2_float16_and_int8_transcribe_as_we_do(
     """Must show 4: export_ctranslate2 (ctranslate2's own converter on our transformers export) in
     float16 rebuilds the original model.bin byte for byte; ctranslate2 decodes the float16 export with
     our greedy tokens, faster-whisper (given 30 s windows) transcribes it with our text on every clip,
-    and int8 stays close. (The float32 export is decoded after a fine-tune: test_whisper_base_fine_tunes_*.)"""
+    and int8 stays close; both keep the alignment heads. (A float32 export is decoded after distillation: test_distillation.py.)"""
     import faster_whisper
     import jiwer
 
@@ -329,6 +329,9 @@ def test_export_ctranslate2_float16_and_int8_transcribe_as_we_do(
         exports[quantization] = written.rename(tmp_path / quantization)
     assert (exports["float16"] / "model.bin").read_bytes() == (whisper_base_joined_dir / "model.bin").read_bytes()
     assert ctranslate2_greedy(exports["float16"], features, prompts) == ours
+    for written in exports.values():  # the cross-attention heads faster-whisper's word timestamps use
+        heads = json.loads((written / "config.json").read_text())["alignment_heads"]
+        assert heads == whisper_base.generation_config.alignment_heads
 
     int8 = ctranslate2_greedy(exports["int8"], features, prompts, compute_type="int8")
     int8_texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(int8, skip_special_tokens=True)]
@@ -424,11 +427,9 @@ def real_flags(model_dir: Path, data_dir: Path, output_dir: Path, language: str,
 def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     whisper_base_dir, whisper_base, whisper_base_parity, espeak_clips, optimised_env, tmp_path
 ):
-    """Must show 2 (and 4 through the flag): run_scream fine-tunes whisper-base, 10 steps of one
-    synthesized Norwegian clip each (scanned layers) over 5 clips; the eval loss on 2 other clips
-    falls below 0.9x the base model's (measured: 2.24 -> 1.28); OUTPUT_DIR/ctranslate2 (float32, ctranslate2's converter on
-    the export) decodes the eval clips as our eval did, and the model card says how to run it.
-    The fine-tune makes the model sure of its 5 clips, where whisper-base was not: whisper.cpp on
+    """Must show 2: run_scream fine-tunes whisper-base, 10 steps of one synthesized Norwegian clip
+    each (scanned layers) over 5 clips; the eval loss on 2 other clips falls below 0.9x the base
+    model's (measured: 2.24 -> 1.28), and the model card says how to run the export. The fine-tune makes the model sure of its 5 clips, where whisper-base was not: whisper.cpp on
     OUTPUT_DIR/ggml-model.bin (--export_ggml f16) gives our evaluation's text on at least 4 of them
     (measured: all 5)."""
     norwegian = [c for c in espeak_clips if c["language"] == "no"]
@@ -436,7 +437,7 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     data = write_speech_dataset(tmp_path / "data", {"train": train, "validation": validation})
     out = tmp_path / "run"
     flags = [*real_flags(whisper_base_dir, data, out, "no", 10, 1)]
-    flags += ["--eval_split_name", "validation,train", "--export_ctranslate2", "float32", "--export_ggml", "f16"]
+    flags += ["--eval_split_name", "validation,train", "--export_ggml", "f16"]
     run_to_end(optimised_env, flags, tmp_path / "logs", timeout=REAL_RUN_TIMEOUT_S)
 
     # The base model's eval loss on these clips, from its logits of the parity clips (which hold them).
@@ -444,7 +445,6 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
     assert [parity["clips"][row]["text"] for row in rows] == [c["text"] for c in validation]
     labels = real_labels(whisper_base, parity["clips"], parity["prompts"])[1][rows]
     base_loss = token_mean_loss(parity["logits"][rows], labels)
-    features, prompts = parity["features"][rows], [real_prompt(whisper_base, "no")] * len(validation)
     evals = [line for line in metrics_lines(out) if "eval/validation/loss" in line]
     print(f"eval loss: base {base_loss:.4f}, after 10 steps {evals[-1]['eval/validation/loss']:.4f}")
     assert evals[-1]["eval/validation/loss"] < 0.9 * base_loss
@@ -453,14 +453,9 @@ def test_whisper_base_fine_tunes_on_norwegian_and_exports(
         lines = (out / "predictions" / "eval" / eval_set / "step_10.jsonl").read_text().splitlines()
         return {row["reference"]: row["prediction"] for row in map(json.loads, lines)}
 
-    by_text = predictions("validation")
-    assert sorted(by_text) == sorted(c["text"] for c in validation)
-    decoded = ctranslate2_greedy(out / "ctranslate2", features, prompts)
-    texts = [t.strip() for t in whisper_base.tokenizer.batch_decode(decoded, skip_special_tokens=True)]
-    assert texts == [by_text[c["text"]] for c in validation]
+    assert sorted(predictions("validation")) == sorted(c["text"] for c in validation)
     card = (out / "README.md").read_text()
-    assert "from faster_whisper import WhisperModel" in card and 'language="no"' in card
-    assert "whisper-cli -m ggml-model.bin -l no" in card
+    assert '"language": "no"' in card and "whisper-cli -m ggml-model.bin -l no" in card
 
     ours = predictions("train")
     cpp = whisper_cpp(out / "ggml-model.bin", train, "no")

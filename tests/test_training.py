@@ -506,7 +506,8 @@ def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_pat
 
 def test_nb_recipe_run_trains_and_resumes_in_bfloat16(reliability_in_process, tmp_path):
     """run_scream.main with the recipe's flags on the demo data: a bfloat16 state is saved as
-    bfloat16 and resumed; a prompt too long for the decoder is a ConfigError naming the flags."""
+    bfloat16 (resumed exactly: test_nb_bfloat16_parameters_train_and_resume); a prompt too long for
+    the decoder is a ConfigError naming the flags."""
     import orbax.checkpoint as ocp
 
     flags = [
@@ -536,10 +537,8 @@ def test_nb_recipe_run_trains_and_resumes_in_bfloat16(reliability_in_process, tm
     )
     returncode, stderr = reliability_in_process(*flags)
     assert returncode == 0, stderr[-3000:]
-    returncode, stderr = reliability_in_process(*flags, "--num_train_steps", "3")
-    assert returncode == 0, stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3]
+    assert [line["step"] for line in lines if "train/loss" in line] == [1, 2]
     assert all(math.isfinite(line["train/loss"]) for line in lines if "train/loss" in line)
-    saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "3" / "state")
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "2" / "state")
     assert {np.asarray(x).dtype for x in jax.tree.leaves(saved["params"])} == {np.dtype(jnp.bfloat16)}

@@ -1,14 +1,19 @@
 """The experiment scripts: dry runs show each pins the 2023 runs' and the 2024 release recipe's settings,
 copies write elsewhere, and the learning-rate search runs its four settings and tabulates them."""
 
+import contextlib
 import functools
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from unittest import mock
 
+import huggingface_hub
 import pytest
 from transformers import WhisperConfig, WhisperFeatureExtractor
 
@@ -162,26 +167,30 @@ def scripts_hub_cache(tmp_path_factory):
 
 
 @functools.cache  # several tests read one script's plan; a dry run is a 5 s process
+def script_arguments(script: Path, *extra: str) -> list[str]:
+    """The arguments the script gives run_scream.py: bash runs the script as a user does, with $PYTHON
+    a stand-in that writes them down instead of starting Python (a process that imports the
+    trainer costs 3 s; the plan comes from run_scream.main in this process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = Path(tmp) / "python"
+        recorder.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$(dirname "$0")/arguments"\n')
+        recorder.chmod(0o755)
+        env = dict(os.environ, PYTHON=str(recorder))
+        subprocess.run(["bash", str(script), *extra], env=env, capture_output=True, timeout=60, check=True)
+        program, *arguments = (Path(tmp) / "arguments").read_text().split("\0")[:-1]
+    assert program == "run_scream.py", program
+    return arguments
+
+
 def dry_run(script: Path, cache: Path, *extra: str) -> dict:
-    env = dict(
-        os.environ,
-        PYTHON=sys.executable,
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(cache),
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=runtime_only_pythonpath(),
-    )
-    result = subprocess.run(
-        ["bash", str(script), *extra, "--dry_run", "--no_dry_run_compile"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    plan_lines = [line for line in result.stdout.splitlines() if line.startswith("plan_json: ")]
-    assert len(plan_lines) == 1, result.stdout[-3000:]
+    """The plan that `bash SCRIPT [extra] --dry_run --no_dry_run_compile` prints, reading the base
+    models' configs from `cache` offline."""
+    arguments = script_arguments(script, *extra, "--dry_run", "--no_dry_run_compile")
+    printed = io.StringIO()
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True), contextlib.redirect_stdout(printed):
+        assert rs.main([*arguments, "--cache_dir", str(cache)]) == 0
+    plan_lines = [line for line in printed.getvalue().splitlines() if line.startswith("plan_json: ")]
+    assert len(plan_lines) == 1, printed.getvalue()[-3000:]
     return json.loads(plan_lines[0].removeprefix("plan_json: "))
 
 

@@ -6,9 +6,9 @@
 #             with the previous text as a prompt, as the 2024 NB-Whisper recipe trains (no BPE
 #             dropout: the demo tokenizer has no merges to drop)
 #   expect:   normalized eval WER 103 -> 30 -> 7.3 -> 2.1% at steps 200/400/600/800, about 4 minutes of
-#             training on 2 cores, ~110 examples/s (measured 2026-12-06, 4 min 17 s in all from a fresh
-#             clone; the run of 2026-12-03, with a CPU-only attention kernel since removed, read 101 ->
-#             20.8 -> 6.8 -> 3.6% in about 5 minutes at 85-100 examples/s)
+#             training on 2 cores, ~110 examples/s (measured 2026-12-07, 4 min 9 s in all from a fresh
+#             checkout of 9ce7d74; the run of 2026-12-03, with a CPU-only attention kernel since removed,
+#             read 101 -> 20.8 -> 6.8 -> 3.6% in about 5 minutes at 85-100 examples/s)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}

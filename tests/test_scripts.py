@@ -166,7 +166,7 @@ def scripts_hub_cache(tmp_path_factory):
     return cache
 
 
-@functools.cache  # several tests read one script's plan; a dry run is a 5 s process
+@functools.cache  # several tests read one script's plan: bash runs each script once
 def script_arguments(script: Path, *extra: str) -> list[str]:
     """The arguments the script gives run_scream.py: bash runs the script as a user does, with $PYTHON
     a stand-in that writes them down instead of starting Python (a process that imports the

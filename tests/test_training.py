@@ -504,7 +504,7 @@ def test_nb_bfloat16_parameters_train_and_resume(nb_tokenizer, nb_model, tmp_pat
         assert a.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def test_nb_recipe_run_trains_and_resumes_in_bfloat16(reliability_in_process, tmp_path):
+def test_nb_recipe_run_trains_and_saves_bfloat16(reliability_in_process, tmp_path):
     """run_scream.main with the recipe's flags on the demo data: a bfloat16 state is saved as
     bfloat16 (resumed exactly: test_nb_bfloat16_parameters_train_and_resume); a prompt too long for
     the decoder is a ConfigError naming the flags."""
